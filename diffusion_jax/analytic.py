@@ -1,0 +1,51 @@
+"""Closed forms for Gaussian data `x0 ~ N(mu, diag(s²))`: the truth that tests and benchmarks use.
+
+For Gaussian data every quantity a diffusion model learns is known exactly (DESIGN §6):
+  x_t ~ N(alpha mu, diag(alpha² s² + sigma²)),
+  E[x0 | x_t] = mu + alpha s² / (alpha² s² + sigma²) (x_t - alpha mu),
+and the probability-flow ODE moves every point along `x_t = alpha mu + r(t) z` with
+`r(t) = sqrt(alpha² s² + sigma²)` and `z` fixed.
+"""
+
+import jax.numpy as jnp
+
+from diffusion_jax.parameterization import expand_like
+
+
+def _r2(process, t, s2, x):
+  alpha, sigma = expand_like(process.alpha(t), x), expand_like(process.sigma(t), x)
+  return alpha, sigma, alpha**2 * s2 + sigma**2
+
+
+def gaussian_denoiser(mu, s2, process):
+  """The optimal denoiser `(x_t, t, cond) -> (E[x0|x_t], E[eps|x_t])` for N(mu, diag(s2)) data."""
+  mu, s2 = jnp.asarray(mu), jnp.asarray(s2)
+
+  def denoiser(x_t, t, cond=None):
+    del cond
+    t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), x_t.shape[:1])
+    alpha, sigma, r2 = _r2(process, t, s2, x_t)
+    resid = x_t - alpha * mu
+    x0 = mu + alpha * s2 / r2 * resid
+    eps = sigma / r2 * resid     # = (x_t - alpha x0) / sigma, without dividing by sigma
+    return x0, eps
+
+  return denoiser
+
+
+def gaussian_eps_mse_minimum(s2, process, t):
+  """Per-example `min E||eps - eps_hat(x_t)||²` averaged over dims: `mean_d alpha² s²/r²` at `t [B]`."""
+  s2 = jnp.asarray(s2)
+  alpha, sigma = process.alpha(t)[:, None], process.sigma(t)[:, None]
+  flat = s2.reshape(1, -1)
+  return jnp.mean(alpha**2 * flat / (alpha**2 * flat + sigma**2), axis=-1)
+
+
+def gaussian_pf_ode_solution(x_start, t_start, t_end, mu, s2, process):
+  """Maps `x_start` at `t_start` along the probability-flow ODE to `t_end` (exact)."""
+  t0 = jnp.broadcast_to(jnp.asarray(t_start, x_start.dtype), x_start.shape[:1])
+  t1 = jnp.broadcast_to(jnp.asarray(t_end, x_start.dtype), x_start.shape[:1])
+  a0, _, r2_0 = _r2(process, t0, s2, x_start)
+  a1, _, r2_1 = _r2(process, t1, s2, x_start)
+  z = (x_start - a0 * mu) / jnp.sqrt(r2_0)
+  return a1 * mu + jnp.sqrt(r2_1) * z

@@ -1,0 +1,42 @@
+"""diffusion_jax: diffusion and flow models in JAX/Flax, on one convention."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    'jax>=0.10.0,<0.11',
+    'flax>=0.12.0,<0.13',
+    'optax>=0.2.4,<0.3',
+    'orbax-checkpoint>=0.12.0,<0.13',
+    'ml-collections>=1.0,<2',
+    'tensorflow-datasets>=4.9.6,<5',
+    'numpy>=1.26,<3',
+    'scipy>=1.11,<2',
+    'scikit-learn>=1.4,<2',
+    'pillow>=10,<14',
+    'matplotlib>=3.8,<4',
+    'absl-py>=2.1,<3',
+    'tqdm>=4.66,<5',
+]
+
+EXTRAS_REQUIRE = {
+    # JAX's CUDA 12 wheels (plugin + pip-installed CUDA libraries), for GPU clusters.
+    'cuda': ['jax[cuda12]>=0.10.0,<0.11'],
+    'dev': [
+        'pytest>=8,<10',
+        'pytest-xdist>=3.5,<4',
+        'ruff>=0.6',
+        'chex>=0.1.87,<0.2',
+    ],
+}
+
+setuptools.setup(
+    name='diffusion_jax',
+    version='0.1.0',
+    description='Diffusion and flow models in JAX/Flax: objectives, samplers, models, training.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=setuptools.find_packages(include=['diffusion_jax', 'diffusion_jax.*']),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

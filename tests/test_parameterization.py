@@ -1,0 +1,71 @@
+"""Prediction kinds: conversions round-trip, and the Gaussian optimum is consistent."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import analytic
+from diffusion_jax import parameterization as param
+from diffusion_jax import processes
+
+
+@pytest.mark.parametrize('kind', param.KINDS)
+@pytest.mark.parametrize('schedule', ['linear', 'cosine'])
+def test_target_and_inverse_round_trip(kind, schedule):
+  proc = processes.DiscreteVP.from_name(schedule, 1000)
+  with jax.enable_x64(True):
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    x0 = jax.random.normal(k1, (64, 4, 4, 1), jnp.float64)
+    eps = jax.random.normal(k2, x0.shape, jnp.float64)
+    # Off-grid times too: the piecewise-linear embedding must be consistent everywhere.
+    t = jax.random.uniform(k3, (64,), jnp.float64, 1e-3, 1.0)
+    x_t = proc.marginal(x0, eps, t)
+    out = param.target(kind, x0, eps, proc, t)
+    x0_hat, eps_hat = param.to_x0_eps(kind, out, x_t, proc, t)
+    np.testing.assert_allclose(x0_hat, x0, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(eps_hat, eps, rtol=1e-9, atol=1e-9)
+
+
+def test_v_is_salimans_ho():
+  proc = processes.DiscreteVP.from_name('cosine', 1000)
+  x0, eps, t = jnp.ones((1, 3)), 2 * jnp.ones((1, 3)), jnp.array([0.5])
+  a, s = proc.alpha(t), proc.sigma(t)
+  np.testing.assert_allclose(param.target('v', x0, eps, proc, t), a * eps - s * x0, rtol=1e-6)
+
+
+def test_velocity_is_time_derivative_of_path():
+  """`velocity` must equal d/dt (alpha(t) x0 + sigma(t) eps), checked by finite differences."""
+  proc = processes.DiscreteVP.from_name('linear', 1000)
+  with jax.enable_x64(True):
+    x0, eps = jnp.full((1, 2), 0.3, jnp.float64), jnp.full((1, 2), -1.2, jnp.float64)
+    t, h = jnp.array([0.4003]), 1e-6  # inside a grid cell, where the path is smooth
+    fd = (proc.marginal(x0, eps, t + h) - proc.marginal(x0, eps, t - h)) / (2 * h)
+    np.testing.assert_allclose(param.target('velocity', x0, eps, proc, t), fd, rtol=1e-6)
+
+
+def test_denoiser_from_optimal_eps_model_is_the_posterior_mean():
+  """Wrapping the exact E[eps|x_t] as an eps-model must give back exactly E[x0|x_t]."""
+  proc = processes.DiscreteVP.from_name('linear', 1000)
+  mu, s2 = jnp.array([0.5, -0.3]), jnp.array([0.2, 1.5])
+  truth = analytic.gaussian_denoiser(mu, s2, proc)
+  model_fn = lambda x, t, c: truth(x, t)[1]
+  den = param.make_denoiser(model_fn, proc, 'eps')
+  x = jax.random.normal(jax.random.key(1), (16, 2))
+  t = jnp.linspace(0.05, 1.0, 16)
+  np.testing.assert_allclose(den(x, t)[0], truth(x, t)[0], rtol=2e-5, atol=2e-5)
+
+
+def test_clip_keeps_pair_consistent():
+  proc = processes.DiscreteVP.from_name('linear', 1000)
+  den = param.make_denoiser(lambda x, t, c: 5.0 * x, proc, 'x0', clip_x0=1.0)
+  x = jax.random.normal(jax.random.key(2), (8, 3))
+  t = jnp.full((8,), 0.3)
+  x0, eps = den(x, t)
+  assert float(jnp.max(jnp.abs(x0))) <= 1.0
+  np.testing.assert_allclose(proc.marginal(x0, eps, t), x, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_kind():
+  with pytest.raises(ValueError, match='unknown prediction kind'):
+    param.target('noise', 0, 0, None, 0)
