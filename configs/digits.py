@@ -1,0 +1,35 @@
+"""Default quick-start config: DDPM (eps, L_simple) on scikit-learn's 8x8 digits.
+
+Variants: `--config=configs/digits.py` (the default, sized to train, sample and evaluate in
+under 10 minutes on 2 CPU cores) and `--config=configs/digits.py:smoke` (seconds; for tests).
+Override anything from the command line, e.g. `--config.train.num_steps=200`.
+"""
+
+import ml_collections
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = dict(name='digits')
+  c.process = dict(name='vp_discrete', schedule='linear', num_steps=1000)
+  c.objective = dict(name='ddpm_eps')
+  c.model = dict(
+      name='unet', ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+      num_heads=1, dropout=0.0, num_groups=8)
+  c.optim = dict(lr=2e-3, warmup_steps=100, schedule='cosine', final_lr_fraction=0.1,
+                 b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=1.0)
+  c.train = dict(num_steps=2000, batch_size=128, ema_decay=0.999, log_every=50,
+                 checkpoint_every=500, keep_checkpoints=3)
+  c.sample = dict(sampler='ddim', steps=100, eta=0.0, variance='small', spacing='trailing',
+                  clip_x0=1.0, batch_size=500, grid_size=100)
+  c.eval = dict(num_samples=1000, cache_dir='', enabled=True)
+
+  if variant == 'smoke':
+    c.model.ch, c.model.num_groups = 16, 4
+    c.train.update(num_steps=20, batch_size=32, log_every=5, checkpoint_every=10)
+    c.sample.update(steps=10, batch_size=100, grid_size=20)
+    c.eval.num_samples = 100
+  elif variant not in (None, ''):
+    raise ValueError(f"configs/digits.py: unknown variant {variant!r}; use '' or 'smoke'")
+  return ml_collections.ConfigDict(c)

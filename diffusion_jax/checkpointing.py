@@ -1,0 +1,106 @@
+"""Orbax checkpoints that resume from the newest *readable* step.
+
+`orbax.checkpoint.CheckpointManager` saves asynchronously and atomically and keeps the last N
+steps. What it does not do is distrust its own directory: a damaged or empty latest step is
+still listed and a plain restore of it can silently return an empty tree. `Checkpointer`
+restores newest-first against the expected tree structure, shapes and dtypes, moves a step it
+cannot read aside (renamed, never deleted: no work is lost) and says which step it fell back to.
+"""
+
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in the directory could be restored."""
+
+
+class Checkpointer:
+  """Keep-N async checkpoints of a pytree under `directory/<step>`."""
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
+               async_save: bool = True):
+    self.directory = os.path.abspath(os.fspath(directory))
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    # A named item (not the default one) lets orbax read a step without inferring handlers
+    # from the folder's contents, which fails for every step once any step folder is empty.
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state',))
+
+  def save(self, step: int, state: Any) -> None:
+    """Starts an (async) save of `state` at `step`; returns before the write finishes."""
+    self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def restore_latest(self, target: Any) -> tuple[Any, int | None]:
+    """Restores the newest step that matches `target`'s structure; `(None, None)` if none exist.
+
+    `target` is a pytree of arrays or `jax.ShapeDtypeStruct`s (with shardings, if any) giving
+    the expected structure. Unreadable steps are renamed to `<step>.unreadable-<time>` and
+    reported with a warning; if steps exist but none is readable, raises `CheckpointError`.
+    """
+    self._manager.reload()
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None, None
+    abstract = jax.tree.map(_abstract, target)
+    failures = []
+    for step in steps:
+      try:
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
+        _check_matches(restored, abstract)
+      except Exception as e:  # pylint: disable=broad-except  # any damage means "try older"
+        reason = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
+        failures.append((step, reason))
+        moved = self._quarantine(step)
+        log.warning('checkpoint step %d in %s is unreadable (%s); moved it to %s and trying an '
+                    'older step', step, self.directory, reason, moved)
+        continue
+      if failures:
+        log.warning('resumed from checkpoint step %d instead of the newer unreadable step(s) %s',
+                    step, ', '.join(str(s) for s, _ in failures))
+      self._manager.reload()
+      return restored, step
+    raise CheckpointError(
+        f'no readable checkpoint in {self.directory}: tried steps '
+        + ', '.join(f'{s} ({r})' for s, r in failures))
+
+  def _quarantine(self, step: int) -> str:
+    src = os.path.join(self.directory, str(step))
+    dst = f'{src}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}'
+    if jax.process_index() == 0 and os.path.exists(src):
+      os.replace(src, dst)
+    return dst
+
+
+def _abstract(x):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return x
+  x = jax.numpy.asarray(x) if not hasattr(x, 'shape') else x
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None))
+
+
+def _check_matches(restored, abstract):
+  if jax.tree.structure(restored) != jax.tree.structure(abstract):
+    raise ValueError('restored tree structure differs from the expected state')
+  for r, a in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract)):
+    if tuple(r.shape) != tuple(a.shape) or np.dtype(r.dtype) != np.dtype(a.dtype):
+      raise ValueError(f'restored leaf {r.shape}/{r.dtype} differs from expected '
+                       f'{a.shape}/{a.dtype}')

@@ -1,0 +1,35 @@
+"""Sample grids as PNG: what a person looks at instead of reading numbers."""
+
+import os
+
+import numpy as np
+
+
+def make_grid(images, ncol: int = 10, pad: int = 1, upscale: int = 4) -> np.ndarray:
+  """Tiles `[N, H, W, C]` images in [-1, 1] into one uint8 `[H', W', C]` image.
+
+  `upscale` enlarges pixels by nearest neighbour so 8x8 digits are visible; `pad` pixels of
+  mid-grey separate the tiles.
+  """
+  x = np.asarray(images, np.float32)
+  if x.ndim != 4:
+    raise ValueError(f'make_grid expects [N, H, W, C] images, got shape {x.shape}')
+  x = np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  if upscale > 1:
+    x = x.repeat(upscale, axis=1).repeat(upscale, axis=2)
+  n, h, w, c = x.shape
+  nrow = -(-n // ncol)
+  grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 128, np.uint8)
+  for i in range(n):
+    r, q = divmod(i, ncol)
+    grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x[i]
+  return grid
+
+
+def save_png(path: str | os.PathLike, grid: np.ndarray) -> None:
+  """Writes a uint8 `[H, W, C]` array (C = 1 or 3) to `path` atomically."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  arr = grid[..., 0] if grid.shape[-1] == 1 else grid
+  tmp = f'{os.fspath(path)}.tmp'
+  Image.fromarray(arr).save(tmp, format='PNG')
+  os.replace(tmp, path)

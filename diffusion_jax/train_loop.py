@@ -1,0 +1,328 @@
+"""One explicit loop: init → restore → {train step, log, checkpoint} → sample → evaluate.
+
+`train_and_evaluate(config, workdir)` is what `python -m experiments.train` runs. Re-running it
+with the same work dir resumes from the newest readable checkpoint; a finished run skips
+straight to sampling and evaluation. Everything the run leaves is in `workdir`:
+
+  config.json       the resolved config
+  checkpoints/      orbax checkpoints (keep-N, async)
+  metrics.jsonl     training scalars and the final evaluation
+  samples.png       a grid of samples from the EMA parameters
+  eval.json         the final evaluation (FD, its floor, classifier accuracy)
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from diffusion_jax import checkpointing
+from diffusion_jax import configuration
+from diffusion_jax import images as images_lib
+from diffusion_jax import metric_writer
+from diffusion_jax import objectives
+from diffusion_jax import parameterization
+from diffusion_jax import processes
+from diffusion_jax import samplers
+from diffusion_jax import training
+from diffusion_jax.configuration import ConfigError
+from diffusion_jax.data import digits
+from diffusion_jax.data import sampler as data_sampler
+from diffusion_jax.metrics import digits_classifier
+from diffusion_jax.models import MODELS
+
+log = logging.getLogger(__name__)
+
+DATASETS = ('digits',)
+# Keyword arguments each named sampler accepts from `config.sample`.
+SAMPLER_OPTIONS = {'ddpm': ('variance', 'spacing'), 'ddim': ('eta', 'spacing')}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  num_steps: int = 2000
+  batch_size: int = 128
+  ema_decay: float = 0.999
+  log_every: int = 50
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  sampler: str = 'ddim'
+  steps: int = 100
+  eta: float = 0.0
+  variance: str = 'small'
+  spacing: str = 'trailing'
+  clip_x0: float = 1.0          # clip x0_hat to the data range; 0 disables
+  batch_size: int = 500
+  grid_size: int = 100          # images in samples.png
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  num_samples: int = 1000       # generated digits for the Fréchet distance
+  cache_dir: str = ''           # where the feature classifier is cached ('' = no cache)
+  enabled: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything built from a validated config; no side effects on disk."""
+  train: TrainConfig
+  sample: SampleConfig
+  eval: EvalConfig
+  optim: training.OptimConfig
+  process: Any
+  objective: Any
+  kind: str
+  model: Any
+  conditional: bool
+
+
+def build(config: ml_collections.ConfigDict) -> Setup:
+  """Validates `config` and builds the pieces; raises `ConfigError` naming the bad key."""
+  known = {'seed', 'data', 'process', 'objective', 'model', 'optim', 'train', 'sample', 'eval'}
+  for k in config:
+    if k not in known:
+      raise ConfigError(f'config.{k}: unknown section; valid sections are {sorted(known)}')
+  if not isinstance(config.get('seed'), int):
+    raise ConfigError(f'config.seed={config.get("seed")!r}: expected int')
+  configuration.choice('data.name', config.data.name, DATASETS)
+  configuration.check_keys('data', config.data, {'name': str})
+
+  process_cfg = dict(config.process)
+  configuration.choice('process.name', process_cfg.pop('name'), processes.PROCESSES)
+  configuration.check_keys('process', process_cfg, {'schedule': str, 'num_steps': int})
+  configuration.choice('process.schedule', process_cfg.get('schedule', 'linear'),
+                       processes.BETA_SCHEDULES)
+  configuration.positive('process.num_steps', process_cfg.get('num_steps', 1000))
+  process = processes.make_process(config.process.name, **process_cfg)
+
+  objective_cfg = dict(config.objective)
+  name = configuration.choice('objective.name', objective_cfg.pop('name'), objectives.OBJECTIVES)
+  configuration.check_keys('objective', objective_cfg, {})
+  objective = objectives.make_objective(name, process, **objective_cfg)
+
+  model_cfg = dict(config.model)
+  model_name = configuration.choice('model.name', model_cfg.pop('name'), MODELS)
+  model = configuration.from_section(MODELS[model_name], 'model', model_cfg)
+
+  train = configuration.from_section(TrainConfig, 'train', config.train)
+  for k in ('num_steps', 'batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+    configuration.positive(f'train.{k}', getattr(train, k))
+  if not 0 <= train.ema_decay < 1:
+    raise ConfigError(f'config.train.ema_decay={train.ema_decay}: must lie in [0, 1)')
+
+  optim = configuration.from_section(training.OptimConfig, 'optim', config.optim)
+  configuration.positive('optim.lr', optim.lr)
+  configuration.choice('optim.schedule', optim.schedule, ('constant', 'cosine'))
+
+  sample = configuration.from_section(SampleConfig, 'sample', config.sample)
+  configuration.choice('sample.sampler', sample.sampler, SAMPLER_OPTIONS)
+  configuration.choice('sample.spacing', sample.spacing, samplers.SPACINGS)
+  configuration.choice('sample.variance', sample.variance, ('small', 'large'))
+  if not 1 <= sample.steps <= process.num_steps:
+    raise ConfigError(f'config.sample.steps={sample.steps}: must lie in [1, '
+                      f'{process.num_steps}] (config.process.num_steps)')
+  configuration.positive('sample.batch_size', sample.batch_size)
+
+  ev = configuration.from_section(EvalConfig, 'eval', config.eval)
+  configuration.positive('eval.num_samples', ev.num_samples)
+  return Setup(train=train, sample=sample, eval=ev, optim=optim, process=process,
+               objective=objective, kind=objectives.PREDICTION_KIND[name], model=model,
+               conditional=getattr(model, 'num_classes', 0) > 0)
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Creates `workdir` and checks it is writable; a one-line `ConfigError` otherwise."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  probe = os.path.join(workdir, f'.write_test_{os.getpid()}')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, 'w', encoding='utf-8') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'work dir {workdir} is not writable: {e.strerror or e}') from None
+  return workdir
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the resolved config as JSON (and keeps the first one if a resumed run differs)."""
+  path = os.path.join(workdir, 'config.json')
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      old = f.read()
+    if old != text:
+      stamp = time.strftime('%Y%m%d-%H%M%S')
+      log.warning('config differs from the one this work dir was started with; keeping the '
+                  'old one as config.%s.json', stamp)
+      os.replace(path, os.path.join(workdir, f'config.{stamp}.json'))
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(text + '\n')
+  os.replace(tmp, path)
+
+
+def _init_state(setup: Setup, key, image_shape, optimizer, ema_fn):
+  # Jitted: eager Flax init dispatches (and compiles) every op separately, ~30 s on CPU.
+  @jax.jit
+  def init(key):
+    k_params, k_state = jax.random.split(key)
+    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.float32)
+    cond = jnp.zeros((1,), jnp.int32) if setup.conditional else None
+    params = setup.model.init({'params': k_params}, x, t, cond)['params']
+    return training.init_train_state(params, optimizer, ema_fn, k_state)
+  return init(key)
+
+
+def make_sample_fn(setup: Setup):
+  """`sample(params, x_T, key, cond) -> x0` compiled whole, for the configured sampler."""
+  s = setup.sample
+  clip = s.clip_x0 if s.clip_x0 > 0 else None
+  options = {k: getattr(s, k) for k in SAMPLER_OPTIONS[s.sampler]}
+  sampler = samplers.SAMPLERS[s.sampler]
+
+  @jax.jit
+  def sample(params, x_T, key, cond=None):
+    def model_fn(x, t, c):
+      return setup.model.apply({'params': params}, x, t, c)
+    den = parameterization.make_denoiser(model_fn, setup.process, setup.kind, clip_x0=clip)
+    x0, _ = sampler(den, setup.process, x_T, key, steps=s.steps, cond=cond, **options)
+    return x0
+
+  return sample
+
+
+def generate(sample_fn, params, key, num: int, batch_size: int, image_shape):
+  """Draws `num` samples; sample i's prior noise and sampler key derive from `fold_in(key, i)`,
+  so results do not depend on the batch size."""
+  k_noise, k_sampler = jax.random.split(key)
+  prior = jax.jit(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k_noise, i),
+                                                       tuple(image_shape))))
+  out = []
+  for start in range(0, num, batch_size):
+    idx = jnp.arange(start, min(start + batch_size, num))
+    out.append(np.asarray(sample_fn(params, prior(idx), jax.random.fold_in(k_sampler, start))))
+  return np.concatenate(out, axis=0)
+
+
+def evaluate_digits(generated: np.ndarray, cache_dir: str | None, seed: int) -> dict:
+  """FD of `generated` vs the test split in the classifier's feature space, with its floor."""
+  params, info = digits_classifier.load_or_train_digits_classifier(cache_dir, seed=seed)
+  result = digits_classifier.digits_fd_eval(params, generated, seed=seed)
+  result['classifier_test_accuracy'] = float(info['test_accuracy'])
+  return result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, checkpoints, samples and evaluates; returns the evaluation dict."""
+  setup = build(config)
+  workdir = prepare_workdir(workdir)
+  write_config(config, workdir)
+  is_main = jax.process_index() == 0
+
+  x_train, y_train = digits.load_digits('train')
+  image_shape = x_train.shape[1:]
+  num_steps = setup.train.num_steps
+  optimizer = training.make_optimizer(setup.optim, num_steps)
+  ema_fn = training.ema(setup.train.ema_decay)
+  root = jax.random.key(config.seed)
+  k_init, k_sample = jax.random.split(root)
+  state = _init_state(setup, k_init, image_shape, optimizer, ema_fn)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                    max_to_keep=setup.train.keep_checkpoints)
+  restored, restored_step = ckpt.restore_latest(state)
+  if restored is not None:
+    state = restored
+    log.info('resumed from checkpoint step %d in %s', restored_step, ckpt.directory)
+    print(f'Resuming from checkpoint step {restored_step} ({ckpt.directory})', flush=True)
+  start = int(state.step)
+  if start > num_steps:
+    raise ConfigError(f'config.train.num_steps={num_steps} is below the checkpointed step '
+                      f'{start} in {ckpt.directory}; raise it or use a new work dir')
+  writer = metric_writer.JsonlWriter(os.path.join(workdir, 'metrics.jsonl'),
+                                     resume_step=start if restored is not None else 0)
+
+  train_step = jax.jit(training.make_train_step(setup.objective, setup.model.apply, optimizer,
+                                                ema_fn, conditional=setup.conditional),
+                       donate_argnums=(0,))
+  print(f'Model: {type(setup.model).__name__}, {n_params / 1e6:.2f} M parameters; '
+        f'{num_steps} steps at batch {setup.train.batch_size}', flush=True)
+
+  t0 = time.time()
+  bar = tqdm.tqdm(total=num_steps, initial=start, desc='train', unit='step', dynamic_ncols=True,
+                  mininterval=1.0, disable=not is_main)
+  running = []
+  for step in range(start, num_steps):
+    idx = data_sampler.batch_indices(config.seed, step, setup.train.batch_size, len(x_train))
+    batch = {'image': x_train[idx], 'label': y_train[idx]}
+    state, metrics = train_step(state, batch)
+    running.append(metrics)
+    done = step + 1
+    if done % setup.train.log_every == 0 or done == num_steps:
+      scalars = {k: float(np.mean([m[k] for m in running])) for k in running[0]}
+      running = []
+      scalars['steps_per_sec'] = bar.format_dict.get('rate') or 0.0
+      if is_main:
+        writer.write(done, scalars)
+      bar.set_postfix(loss=f'{scalars["loss"]:.4f}', refresh=False)
+    if done % setup.train.checkpoint_every == 0 or done == num_steps:
+      ckpt.save(done, state)
+    bar.update(1)
+  bar.close()
+  ckpt.wait()
+  train_seconds = time.time() - t0
+  if start < num_steps:
+    print(f'Trained steps {start}..{num_steps} in {train_seconds:.1f} s '
+          f'({(num_steps - start) / max(train_seconds, 1e-9):.2f} steps/s)', flush=True)
+
+  # Sampling and evaluation always use the EMA parameters.
+  t1 = time.time()
+  sample_fn = make_sample_fn(setup)
+  s = setup.sample
+  num = max(setup.eval.num_samples if setup.eval.enabled else 0, s.grid_size)
+  samples = generate(sample_fn, state.ema_params, k_sample, num, s.batch_size, image_shape)
+  sample_seconds = time.time() - t1
+  print(f'Sampled {num} images with {s.sampler} ({s.steps} steps) in {sample_seconds:.1f} s',
+        flush=True)
+  if is_main:
+    images_lib.save_png(os.path.join(workdir, 'samples.png'),
+                        images_lib.make_grid(samples[:s.grid_size], ncol=10))
+    np.save(os.path.join(workdir, 'samples.npy'), samples[:s.grid_size])
+
+  result = {'step': num_steps, 'num_params': int(n_params), 'sample_seconds': sample_seconds}
+  if setup.eval.enabled:
+    result.update(evaluate_digits(samples[:setup.eval.num_samples],
+                                  setup.eval.cache_dir or None, config.seed))
+    result['fd_ratio'] = result['fd'] / result['fd_floor']
+  if is_main:
+    writer.write(num_steps, {f'eval/{k}': v for k, v in result.items() if k != 'step'})
+    with open(os.path.join(workdir, 'eval.json'), 'w', encoding='utf-8') as f:
+      json.dump(result, f, indent=2)
+  writer.close()
+  ckpt.close()
+  return result
+
+
+def format_eval_line(result: dict) -> str:
+  if 'fd' not in result:
+    return f'EVAL step={result["step"]}: evaluation disabled'
+  return (f'EVAL step={result["step"]}: FD={result["fd"]:.3f} '
+          f'floor={result["fd_floor"]:.3f} (real train vs real test, n={result["num_generated"]}) '
+          f'FD/floor={result["fd_ratio"]:.2f} '
+          f'classifier_test_acc={result["classifier_test_accuracy"]:.4f}')

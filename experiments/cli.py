@@ -1,0 +1,62 @@
+"""Shared command-line plumbing for entry points: one-line errors, runtime set-up."""
+
+import contextlib
+import os
+import re
+import sys
+
+from absl import flags
+
+
+def fail(message: str, code: int = 2):
+  """Prints `error: <message>` as one line on stderr and exits; no traceback for user errors."""
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags(argv):
+  """absl flag parsing, with config mistakes reported as one line naming the flag or key."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0])
+  except AttributeError as e:  # ml_collections: an override names a key the config lacks
+    text = str(e).strip('\'"').replace('\\n', '\n')
+    key = text.splitlines()[0].strip('\'"')
+    hint = next((ln for ln in text.splitlines()[1:] if 'Did you mean' in ln), '')
+    arg = next((a for a in argv[1:] if re.match(rf'--config\.(\S+\.)?{re.escape(key)}(=|$)', a)),
+               None)
+    where = f' in {arg.split("=")[0]}' if arg else ''
+    fail(f'unknown config key {key!r}{where}' + (f'; {hint.strip()}' if hint else ''))
+  except (OSError, ImportError, SyntaxError, ValueError, TypeError) as e:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    fail(f'could not load the config: {lines[-1] if lines else type(e).__name__}')
+
+
+@contextlib.contextmanager
+def user_errors():
+  """Turns the library's user-facing errors into one-line messages with exit status 2."""
+  from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.configuration import ConfigError  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except (ConfigError, checkpointing.CheckpointError) as e:
+    fail(str(e))
+
+
+def default_cache_dir() -> str:
+  return os.environ.get('DIFFUSION_JAX_CACHE',
+                        os.path.join(os.path.expanduser('~'), '.cache', 'diffusion_jax'))
+
+
+def setup_runtime():
+  """Persistent XLA compilation cache (a second run compiles in seconds), threefry
+  partitionable keys (random numbers do not depend on the sharding), and warnings-only
+  library logging unless `--verbosity` is given."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  jax.config.update('jax_compilation_cache_dir', os.path.join(default_cache_dir(), 'xla'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  jax.config.update('jax_threefry_partitionable', True)

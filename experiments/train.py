@@ -1,0 +1,45 @@
+r"""Train, sample and evaluate a diffusion model: the main entry point.
+
+  python -m experiments.train --config=configs/digits.py --workdir=runs/digits \
+      [--config.train.num_steps=200 ...]
+
+Re-running with the same --workdir resumes from its latest readable checkpoint.
+"""
+
+import os
+import sys
+
+# Before jax is imported: keep TensorFlow (pulled in by tfds) off any GPU, and quiet its logs.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from experiments import cli  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.setup_runtime()
+  from diffusion_jax import train_loop  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  if not config.eval.cache_dir:
+    with config.unlocked():
+      config.eval.cache_dir = cli.default_cache_dir()
+  with cli.user_errors():
+    result = train_loop.train_and_evaluate(config, _WORKDIR.value)
+  print(train_loop.format_eval_line(result), flush=True)
+  logging.flush()
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)
+  sys.exit(0)

@@ -1,0 +1,105 @@
+"""The real CLI end to end: a short run, resume, and one-line errors for user mistakes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = 'configs/digits.py:smoke'
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  """One classifier / XLA cache for the module, so only the first run trains the classifier."""
+  return str(tmp_path_factory.mktemp('cache'))
+
+
+def _train(workdir, *overrides, cache_dir, config=SMOKE):
+  env = dict(os.environ, DIFFUSION_JAX_CACHE=cache_dir, PYTHONUNBUFFERED='1')
+  cmd = [sys.executable, '-m', 'experiments.train', f'--config={config}', f'--workdir={workdir}',
+         *overrides]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _error_line(proc):
+  lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert len(lines) == 1, proc.stderr[-2000:]   # one line, no traceback wall
+  assert lines[0].startswith('error: ')
+  return lines[0]
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory, cache_dir):
+  workdir = tmp_path_factory.mktemp('run')
+  proc = _train(workdir, cache_dir=cache_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_short_run_leaves_all_outputs(finished_run):
+  workdir, proc = finished_run
+  for name in ('config.json', 'metrics.jsonl', 'samples.png', 'eval.json', 'checkpoints'):
+    assert os.path.exists(workdir / name), name
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20']
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['train']['num_steps'] == 20 and config['objective']['name'] == 'ddpm_eps'
+  records = [json.loads(ln) for ln in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records if 'loss' in r] == [5, 10, 15, 20]
+  assert all(r['loss'] == r['loss'] for r in records if 'loss' in r)  # finite, not NaN
+  result = json.loads((workdir / 'eval.json').read_text())
+  assert result['fd'] > 0 and result['fd_floor'] > 0 and result['num_generated'] == 100
+  last = proc.stdout.strip().splitlines()[-1]
+  assert last.startswith('EVAL step=20: FD=') and 'floor=' in last
+  assert 'step/s' in proc.stderr  # the progress bar reports speed
+
+
+def test_rerun_resumes_instead_of_retraining(finished_run, cache_dir):
+  workdir, _ = finished_run
+  proc = _train(workdir, cache_dir=cache_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Resuming from checkpoint step 20' in proc.stdout
+  assert 'Trained steps' not in proc.stdout
+
+
+def test_corrupted_latest_checkpoint_falls_back(finished_run, cache_dir, tmp_path):
+  workdir = tmp_path / 'copy'
+  shutil.copytree(finished_run[0], workdir)
+  for root, _, files in os.walk(workdir / 'checkpoints' / '20'):
+    for f in files:
+      if 'METADATA' not in f and 'commit' not in f:
+        with open(os.path.join(root, f), 'wb') as fh:
+          fh.write(b'garbage')
+  proc = _train(workdir, cache_dir=cache_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Resuming from checkpoint step 10' in proc.stdout
+  assert 'checkpoint step 20' in proc.stderr and 'unreadable' in proc.stderr
+  assert 'Trained steps 10..20' in proc.stdout
+  assert '20' in os.listdir(workdir / 'checkpoints')
+
+
+@pytest.mark.parametrize('override, expected', [
+    ('--config.train.num_step=3', "unknown config key 'num_step' in --config.train.num_step"),
+    ('--config.train.num_steps=abc', '--config.train.num_steps=abc'),
+    ('--config.sample.sampler=euler', "config.sample.sampler='euler': unknown"),
+    ('--config.sample.steps=5000', 'config.sample.steps=5000'),
+])
+def test_config_errors_are_one_line(tmp_path, cache_dir, override, expected):
+  line = _error_line(_train(tmp_path / 'w', override, cache_dir=cache_dir))
+  assert expected in line, line
+
+
+def test_missing_config_file_is_one_line(tmp_path, cache_dir):
+  line = _error_line(_train(tmp_path / 'w', cache_dir=cache_dir, config='configs/nope.py'))
+  assert 'configs/nope.py' in line
+
+
+def test_unwritable_workdir_is_one_line(tmp_path, cache_dir):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('x')
+  line = _error_line(_train(blocker / 'sub', cache_dir=cache_dir))
+  assert str(blocker / 'sub') in line and 'not writable' in line
