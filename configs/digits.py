@@ -14,19 +14,21 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(name='digits')
   c.process = dict(name='vp_discrete', schedule='linear', num_steps=1000)
   c.objective = dict(name='ddpm_eps')
+  # 177k parameters: ~11 steps/s at batch 128 on 2 CPU cores (experiments/benchmark_unet.py).
   c.model = dict(
-      name='unet', ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+      name='unet', ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
       num_heads=1, dropout=0.0, num_groups=8)
   c.optim = dict(lr=2e-3, warmup_steps=100, schedule='cosine', final_lr_fraction=0.1,
                  b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=1.0)
-  c.train = dict(num_steps=2000, batch_size=128, ema_decay=0.999, log_every=50,
+  c.train = dict(num_steps=3000, batch_size=128, ema_decay=0.999, log_every=50,
                  checkpoint_every=500, keep_checkpoints=3)
-  c.sample = dict(sampler='ddim', steps=100, eta=0.0, variance='small', spacing='trailing',
+  # Ancestral DDPM on 100 respaced steps: FD 4.36 vs 5.94 for DDIM-100 on the same model.
+  c.sample = dict(sampler='ddpm', steps=100, eta=0.0, variance='small', spacing='trailing',
                   clip_x0=1.0, batch_size=500, grid_size=100)
   c.eval = dict(num_samples=1000, cache_dir='', enabled=True)
 
   if variant == 'smoke':
-    c.model.ch, c.model.num_groups = 16, 4
+    c.model.ch, c.model.num_groups = 8, 4
     c.train.update(num_steps=20, batch_size=32, log_every=5, checkpoint_every=10)
     c.sample.update(steps=10, batch_size=100, grid_size=20)
     c.eval.num_samples = 100

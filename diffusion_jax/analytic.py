@@ -34,7 +34,7 @@ def gaussian_denoiser(mu, s2, process):
 
 
 def gaussian_eps_mse_minimum(s2, process, t):
-  """Per-example `min E||eps - eps_hat(x_t)||²` averaged over dims: `mean_d alpha² s²/r²` at `t [B]`."""
+  """Per-example `min E||eps - eps_hat(x_t)||²` / d at `t [B]`: `mean_d alpha² s² / r²`."""
   s2 = jnp.asarray(s2)
   alpha, sigma = process.alpha(t)[:, None], process.sigma(t)[:, None]
   flat = s2.reshape(1, -1)

@@ -100,7 +100,7 @@ def _abstract(x):
 def _check_matches(restored, abstract):
   if jax.tree.structure(restored) != jax.tree.structure(abstract):
     raise ValueError('restored tree structure differs from the expected state')
-  for r, a in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract)):
+  for r, a in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract), strict=True):
     if tuple(r.shape) != tuple(a.shape) or np.dtype(r.dtype) != np.dtype(a.dtype):
       raise ValueError(f'restored leaf {r.shape}/{r.dtype} differs from expected '
                        f'{a.shape}/{a.dtype}')

@@ -22,7 +22,8 @@ def make_grid(images, ncol: int = 10, pad: int = 1, upscale: int = 4) -> np.ndar
   grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 128, np.uint8)
   for i in range(n):
     r, q = divmod(i, ncol)
-    grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x[i]
+    top, left = pad + r * (h + pad), pad + q * (w + pad)
+    grid[top:top + h, left:left + w] = x[i]
   return grid
 
 

@@ -27,7 +27,9 @@ def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.0
 
 
 def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
-  """Cosine schedule (Nichol & Dhariwal 2021, Eq. 17): abar(t) = f(t)/f(0), f = cos²(((t+s)/(1+s))·π/2).
+  """Cosine schedule (Nichol & Dhariwal 2021, Eq. 17): abar(t) = f(t) / f(0),
+
+  with f(t) = cos²(((t/T + s) / (1 + s)) · π/2).
 
   Betas are clipped at `max_beta` = 0.999 as in the paper, to avoid a singularity at t = 1.
   """

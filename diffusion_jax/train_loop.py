@@ -48,7 +48,7 @@ SAMPLER_OPTIONS = {'ddpm': ('variance', 'spacing'), 'ddim': ('eta', 'spacing')}
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  num_steps: int = 2000
+  num_steps: int = 3000
   batch_size: int = 128
   ema_decay: float = 0.999
   log_every: int = 50
@@ -58,7 +58,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-  sampler: str = 'ddim'
+  sampler: str = 'ddpm'
   steps: int = 100
   eta: float = 0.0
   variance: str = 'small'
@@ -71,7 +71,7 @@ class SampleConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   num_samples: int = 1000       # generated digits for the Fréchet distance
-  cache_dir: str = ''           # where the feature classifier is cached ('' = no cache)
+  cache_dir: str = ''           # where the feature classifier is cached ('' = workdir/cache)
   enabled: bool = True
 
 
@@ -116,6 +116,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   model_cfg = dict(config.model)
   model_name = configuration.choice('model.name', model_cfg.pop('name'), MODELS)
   model = configuration.from_section(MODELS[model_name], 'model', model_cfg)
+  _check_model(model, digits.IMAGE_SHAPE)
 
   train = configuration.from_section(TrainConfig, 'train', config.train)
   for k in ('num_steps', 'batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
@@ -141,6 +142,17 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   return Setup(train=train, sample=sample, eval=ev, optim=optim, process=process,
                objective=objective, kind=objectives.PREDICTION_KIND[name], model=model,
                conditional=getattr(model, 'num_classes', 0) > 0)
+
+
+def _check_model(model, image_shape):
+  """Traces `model.init` abstractly (no compile, no allocation) to surface config errors now."""
+  x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  cond = jax.ShapeDtypeStruct((1,), jnp.int32) if getattr(model, 'num_classes', 0) > 0 else None
+  try:
+    jax.eval_shape(lambda x, t, c: model.init(jax.random.key(0), x, t, c), x, t, cond)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f'config.model: {str(e).splitlines()[0]}') from None
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -219,12 +231,16 @@ def generate(sample_fn, params, key, num: int, batch_size: int, image_shape):
   return np.concatenate(out, axis=0)
 
 
-def evaluate_digits(generated: np.ndarray, cache_dir: str | None, seed: int) -> dict:
-  """FD of `generated` vs the test split in the classifier's feature space, with its floor."""
-  params, info = digits_classifier.load_or_train_digits_classifier(cache_dir, seed=seed)
-  result = digits_classifier.digits_fd_eval(params, generated, seed=seed)
-  result['classifier_test_accuracy'] = float(info['test_accuracy'])
-  return result
+def evaluate_digits(generated: np.ndarray, cache_dir: str) -> dict:
+  """FD of `generated` vs the test split in the classifier's feature space, with its floor.
+
+  The feature classifier is trained once (seed 0, independent of the run's seed, so FDs of
+  different runs share one feature space) and cached in `cache_dir`.
+  """
+  params, info = digits_classifier.load_or_train_digits_classifier(cache_dir, seed=0)
+  result = digits_classifier.digits_fd_eval(
+      params, generated, classifier_test_accuracy=float(info['test_accuracy']))
+  return dict(result)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -272,7 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     idx = data_sampler.batch_indices(config.seed, step, setup.train.batch_size, len(x_train))
     batch = {'image': x_train[idx], 'label': y_train[idx]}
     state, metrics = train_step(state, batch)
-    running.append(metrics)
+    # Wait for the step: the progress bar's rate and ETA then measure compute, not dispatch.
+    running.append(jax.block_until_ready(metrics))
     done = step + 1
     if done % setup.train.log_every == 0 or done == num_steps:
       scalars = {k: float(np.mean([m[k] for m in running])) for k in running[0]}
@@ -308,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result = {'step': num_steps, 'num_params': int(n_params), 'sample_seconds': sample_seconds}
   if setup.eval.enabled:
     result.update(evaluate_digits(samples[:setup.eval.num_samples],
-                                  setup.eval.cache_dir or None, config.seed))
+                                  setup.eval.cache_dir or os.path.join(workdir, 'cache')))
     result['fd_ratio'] = result['fd'] / result['fd_floor']
   if is_main:
     writer.write(num_steps, {f'eval/{k}': v for k, v in result.items() if k != 'step'})

@@ -40,8 +40,8 @@ def learning_rate_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
   """Linear warm-up to `lr`, then constant or cosine decay to `final_lr_fraction * lr`."""
   if cfg.schedule == 'constant':
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)), optax.constant_schedule(cfg.lr)],
-        [max(cfg.warmup_steps, 1)])
+        [optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)),
+         optax.constant_schedule(cfg.lr)], [max(cfg.warmup_steps, 1)])
   if cfg.schedule == 'cosine':
     decay = cfg.decay_steps or num_steps
     return optax.warmup_cosine_decay_schedule(

@@ -19,18 +19,36 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(str(e).splitlines()[0])
-  except AttributeError as e:  # ml_collections: an override names a key the config lacks
-    text = str(e).strip('\'"').replace('\\n', '\n')
-    key = text.splitlines()[0].strip('\'"')
-    hint = next((ln for ln in text.splitlines()[1:] if 'Did you mean' in ln), '')
+    fail(_first_and_last_line(str(e)))
+  except (AttributeError, KeyError) as e:  # ml_collections: an override names a missing key
+    # The message is a repr of a KeyError: quotes, backslashes and an escaped newline.
+    text = str(e).replace('\\n', '\n')
+    key = text.splitlines()[0].strip('\\\'" ')
+    hint = next((ln.strip('\\\'" ') for ln in text.splitlines()[1:] if 'Did you mean' in ln), '')
     arg = next((a for a in argv[1:] if re.match(rf'--config\.(\S+\.)?{re.escape(key)}(=|$)', a)),
                None)
     where = f' in {arg.split("=")[0]}' if arg else ''
     fail(f'unknown config key {key!r}{where}' + (f'; {hint.strip()}' if hint else ''))
-  except (OSError, ImportError, SyntaxError, ValueError, TypeError) as e:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    fail(f'could not load the config: {lines[-1] if lines else type(e).__name__}')
+  except Exception as e:  # pylint: disable=broad-except  # a config file that fails to load
+    fail(f'could not load the config: {_first_and_last_line(str(e)) or type(e).__name__}')
+
+
+def config_value(holder):
+  """The parsed config of a `DEFINE_config_file` holder; a file that failed to load (its error
+  is deferred by ml_collections until first access) becomes a one-line error."""
+  try:
+    value = holder.value
+    value.keys()  # forces the deferred load error, if any
+    return value
+  except Exception as e:  # pylint: disable=broad-except
+    fail(f'could not load the config: {_first_and_last_line(str(e)) or type(e).__name__}')
+
+
+def _first_and_last_line(text: str) -> str:
+  lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+  if not lines:
+    return ''
+  return lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}'
 
 
 @contextlib.contextmanager

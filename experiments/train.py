@@ -30,7 +30,7 @@ def main(argv):
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   cli.setup_runtime()
   from diffusion_jax import train_loop  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
+  config = cli.config_value(_CONFIG)
   if not config.eval.cache_dir:
     with config.unlocked():
       config.eval.cache_dir = cli.default_cache_dir()

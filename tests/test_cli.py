@@ -87,6 +87,9 @@ def test_corrupted_latest_checkpoint_falls_back(finished_run, cache_dir, tmp_pat
     ('--config.train.num_steps=abc', '--config.train.num_steps=abc'),
     ('--config.sample.sampler=euler', "config.sample.sampler='euler': unknown"),
     ('--config.sample.steps=5000', 'config.sample.steps=5000'),
+    ('--config.trains.lr=1', "unknown config key 'trains'"),
+    ('--config.model.ch=10', 'config.model: UNet: num_groups=4 must divide'),
+    ('--config.train.batch_size=0', 'config.train.batch_size=0: must be > 0'),
 ])
 def test_config_errors_are_one_line(tmp_path, cache_dir, override, expected):
   line = _error_line(_train(tmp_path / 'w', override, cache_dir=cache_dir))

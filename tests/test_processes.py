@@ -54,7 +54,8 @@ def test_log_snr_strictly_decreasing_and_invertible(schedule):
 
 
 def test_forward_chain_matches_closed_form_marginal():
-  """Iterating q(x_n | x_{n-1}) = N(sqrt(1-beta_n) x_{n-1}, beta_n) gives N(sqrt(abar_n) x0, 1-abar_n)."""
+  """Iterating q(x_n | x_{n-1}) = N(sqrt(1-beta_n) x_{n-1}, beta_n) from x0 gives
+  N(sqrt(abar_n) x0, 1 - abar_n)."""
   T, num = 50, 200_000
   proc = processes.DiscreteVP.from_name('linear', T)
   x0 = 0.7
