@@ -34,6 +34,7 @@ class Checkpointer:
     # A named item (not the default one) lets orbax read a step without inferring handlers
     # from the folder's contents, which fails for every step once any step folder is empty.
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state',))
+    self._closed = False
 
   def save(self, step: int, state: Any) -> None:
     """Starts an (async) save of `state` at `step`; returns before the write finishes."""
@@ -43,7 +44,15 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    if not self._closed:
+      self._manager.close()
+      self._closed = True
+
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
