@@ -9,6 +9,7 @@ and the probability-flow ODE moves every point along `x_t = alpha mu + r(t) z` w
 
 import jax.numpy as jnp
 
+from diffusion_jax import parameterization
 from diffusion_jax.parameterization import expand_like
 
 
@@ -49,3 +50,47 @@ def gaussian_pf_ode_solution(x_start, t_start, t_end, mu, s2, process):
   a1, _, r2_1 = _r2(process, t1, s2, x_start)
   z = (x_start - a0 * mu) / jnp.sqrt(r2_0)
   return a1 * mu + jnp.sqrt(r2_1) * z
+
+
+def _target_coefficients(kind, process, t, sigma_data):
+  """`(A, B)` with `target_kind(x0, eps) = A x0 + B eps` (every kind's target is linear)."""
+  one, zero = jnp.ones((t.shape[0], 1), t.dtype), jnp.zeros((t.shape[0], 1), t.dtype)
+  a = parameterization.target(kind, one, zero, process, t, sigma_data)[:, 0]
+  b = parameterization.target(kind, zero, one, process, t, sigma_data)[:, 0]
+  return a, b
+
+
+def gaussian_target_min_mse(kind, s2, process, t, sigma_data=0.5):
+  """Per-example `min E mean_d (f(x_t) - target_kind)²` at `t [B]`: `mean_d Var[target | x_t]`.
+
+  For `target = A x0 + B eps` with `x0 ~ N(mu, s²)`, `eps ~ N(0, 1)` and `x_t = alpha x0 +
+  sigma eps` jointly Gaussian: `Var = A² s² + B² - (A s² alpha + B sigma)² / (alpha² s² +
+  sigma²)`. Derived from the joint law alone, independent of the eps-MSE equivalences.
+  """
+  s2 = jnp.asarray(s2).reshape(1, -1)
+  a, b = (c[:, None] for c in _target_coefficients(kind, process, t, sigma_data))
+  alpha, sigma = process.alpha(t)[:, None], process.sigma(t)[:, None]
+  var = a**2 * s2 + b**2 - (a * s2 * alpha + b * sigma) ** 2 / (alpha**2 * s2 + sigma**2)
+  return jnp.mean(var, axis=-1)
+
+
+def gaussian_optimal_model(kind, mu, s2, process, sigma_data=0.5):
+  """The optimal network `(x_in, t_in, cond) -> E[target_kind | x_t]` for N(mu, diag(s2)) data.
+
+  It takes what `parameterization.network_input` gives the network: for 'edm' that is
+  `(c_in x_t / alpha, c_noise)`, which is inverted here to recover `(x_t, t)`.
+  """
+  den = gaussian_denoiser(mu, s2, process)
+
+  def model_fn(x_in, t_in, cond=None):
+    del cond
+    if kind == 'edm':
+      t = process.t_of_log_snr(-8.0 * t_in)             # c_noise = ln(sigma~) / 4
+      _, _, c_in, _ = parameterization.edm_coefficients(process, t, sigma_data)
+      x_t = x_in * expand_like(process.alpha(t) / c_in, x_in)
+    else:
+      x_t, t = x_in, t_in
+    x0, eps = den(x_t, t)
+    return parameterization.target(kind, x0, eps, process, t, sigma_data)
+
+  return model_fn

@@ -7,6 +7,12 @@ With `x_t = alpha x0 + sigma eps`, a prediction kind fixes the network's target:
   v          alpha eps - sigma x0                      (Salimans & Ho 2022, §4)
   score      -eps / sigma  = grad log q(x_t)           (for the Gaussian perturbation)
   velocity   d x_t / dt = alpha' x0 + sigma' eps       (flow matching target)
+  edm        F with D = c_skip x~ + c_out F(c_in x~, c_noise)   (Karras et al. 2022, Eq. 7)
+
+For `edm`, `x~ = x_t / alpha` is the input rescaled to EDM's `alpha = 1` form, with noise level
+`sigma~ = sigma / alpha = exp(-lambda / 2)`; for EDM's own process (`alpha = 1`) this is exactly
+the paper's preconditioning. It is the one kind whose network sees transformed inputs: call
+`network_input` before the network (objectives and `make_denoiser` do).
 
 `to_x0_eps` maps any kind's output back to `(x0_hat, eps_hat)` and `target` maps `(x0, eps)`
 to any kind's target; the pair round-trips exactly up to float rounding. Samplers only ever
@@ -18,7 +24,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-KINDS = ('eps', 'x0', 'v', 'score', 'velocity')
+KINDS = ('eps', 'x0', 'v', 'score', 'velocity', 'edm')
+SIGMA_DATA = 0.5  # EDM's default data standard deviation (Karras et al. 2022, Table 1)
 
 ModelFn = Callable[..., jax.Array]   # (x_t [B, ...], t [B], cond) -> out [B, ...]
 Denoiser = Callable[..., tuple[jax.Array, jax.Array]]
@@ -42,7 +49,27 @@ def _coefficients(process, t):
   return alpha, sigma, d_alpha, d_sigma
 
 
-def target(kind: str, x0, eps, process, t):
+def edm_coefficients(process, t, sigma_data: float = SIGMA_DATA):
+  """`(c_skip, c_out, c_in, c_noise)` at `t [B]` (Karras et al. 2022, Table 1, "Ours").
+
+  With `s = sigma / alpha`: `c_skip = sd² / (s² + sd²)`, `c_out = s sd / sqrt(s² + sd²)`,
+  `c_in = 1 / sqrt(s² + sd²)` (applied to `x~ = x_t / alpha`), `c_noise = ln(s) / 4`.
+  """
+  s = process.sigma(t) / process.alpha(t)
+  sd2 = sigma_data**2
+  norm = s**2 + sd2
+  return sd2 / norm, s * sigma_data / jnp.sqrt(norm), 1.0 / jnp.sqrt(norm), 0.25 * jnp.log(s)
+
+
+def network_input(kind: str, x_t, t, process, sigma_data: float = SIGMA_DATA):
+  """What the network is called with: `(x_t, t)`, or `(c_in x_t / alpha, c_noise)` for `edm`."""
+  if kind != 'edm':
+    return x_t, t
+  _, _, c_in, c_noise = edm_coefficients(process, t, sigma_data)
+  return expand_like(c_in / process.alpha(t), x_t) * x_t, c_noise
+
+
+def target(kind: str, x0, eps, process, t, sigma_data: float = SIGMA_DATA):
   """The regression target of prediction `kind` for the pair `(x0, eps)` at time `t [B]`."""
   _check_kind(kind)
   if kind == 'eps':
@@ -54,15 +81,22 @@ def target(kind: str, x0, eps, process, t):
     return alpha * eps - sigma * x0
   if kind == 'score':
     return -eps / sigma
-  return d_alpha * x0 + d_sigma * eps  # velocity
+  if kind == 'velocity':
+    return d_alpha * x0 + d_sigma * eps
+  # edm: F_target = (x0 - c_skip x~) / c_out with x~ = x0 + (sigma / alpha) eps.
+  c_skip, c_out, _, _ = (expand_like(c, x0) for c in edm_coefficients(process, t, sigma_data))
+  x_tilde = x0 + sigma / alpha * eps
+  return (x0 - c_skip * x_tilde) / c_out
 
 
-def to_x0_eps(kind: str, out, x_t, process, t):
+def to_x0_eps(kind: str, out, x_t, process, t, sigma_data: float = SIGMA_DATA):
   """Converts a network output of `kind` at `(x_t, t)` into `(x0_hat, eps_hat)`.
 
   Uses `x_t = alpha x0 + sigma eps` to recover the other half. For `v`,
   `x0 = (alpha x_t - sigma v) / (alpha² + sigma²)` and `eps = (sigma x_t + alpha v) / (...)`,
   which is Salimans & Ho's `x0 = alpha x_t - sigma v` when the process is variance preserving.
+  Where a coefficient vanishes (`alpha = 0` for eps/score/edm, `sigma = 0` for x0) the division
+  is by zero: such endpoints are excluded by the processes' `t_min` / `t_max`.
   """
   _check_kind(kind)
   alpha, sigma, d_alpha, d_sigma = (expand_like(c, x_t) for c in _coefficients(process, t))
@@ -78,12 +112,17 @@ def to_x0_eps(kind: str, out, x_t, process, t):
   if kind == 'score':
     eps = -sigma * out
     return (x_t - sigma * eps) / alpha, eps
-  # velocity: solve [alpha sigma; alpha' sigma'] [x0; eps] = [x_t; v].
-  det = alpha * d_sigma - sigma * d_alpha
-  return (d_sigma * x_t - sigma * out) / det, (alpha * out - d_alpha * x_t) / det
+  if kind == 'velocity':
+    # Solve [alpha sigma; alpha' sigma'] [x0; eps] = [x_t; v].
+    det = alpha * d_sigma - sigma * d_alpha
+    return (d_sigma * x_t - sigma * out) / det, (alpha * out - d_alpha * x_t) / det
+  c_skip, c_out, _, _ = (expand_like(c, x_t) for c in edm_coefficients(process, t, sigma_data))
+  x0 = c_skip * (x_t / alpha) + c_out * out
+  return x0, (x_t - alpha * x0) / sigma
 
 
-def make_denoiser(model_fn: ModelFn, process, kind: str, clip_x0: float | None = None) -> Denoiser:
+def make_denoiser(model_fn: ModelFn, process, kind: str, clip_x0: float | None = None,
+                  sigma_data: float = SIGMA_DATA) -> Denoiser:
   """Wraps a network into the denoiser `(x_t, t, cond) -> (x0_hat, eps_hat)` samplers consume.
 
   `clip_x0` (e.g. 1.0 for data in [-1, 1]) clips `x0_hat` to the data range and recomputes
@@ -93,7 +132,8 @@ def make_denoiser(model_fn: ModelFn, process, kind: str, clip_x0: float | None =
 
   def denoiser(x_t, t, cond: Any = None):
     t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), x_t.shape[:1])
-    x0, eps = to_x0_eps(kind, model_fn(x_t, t, cond), x_t, process, t)
+    out = model_fn(*network_input(kind, x_t, t, process, sigma_data), cond)
+    x0, eps = to_x0_eps(kind, out, x_t, process, t, sigma_data)
     if clip_x0 is not None:
       x0 = jnp.clip(x0, -clip_x0, clip_x0)
       alpha, sigma = expand_like(process.alpha(t), x_t), expand_like(process.sigma(t), x_t)

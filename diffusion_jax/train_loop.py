@@ -102,16 +102,17 @@ def build(config: ml_collections.ConfigDict) -> Setup:
 
   process_cfg = dict(config.process)
   configuration.choice('process.name', process_cfg.pop('name'), processes.PROCESSES)
-  configuration.check_keys('process', process_cfg, {'schedule': str, 'num_steps': int})
-  configuration.choice('process.schedule', process_cfg.get('schedule', 'linear'),
-                       processes.BETA_SCHEDULES)
-  configuration.positive('process.num_steps', process_cfg.get('num_steps', 1000))
-  process = processes.make_process(config.process.name, **process_cfg)
+  try:
+    process = processes.make_process(config.process.name, **process_cfg)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.process: {str(e).splitlines()[0]}') from None
 
   objective_cfg = dict(config.objective)
   name = configuration.choice('objective.name', objective_cfg.pop('name'), objectives.OBJECTIVES)
-  configuration.check_keys('objective', objective_cfg, {})
-  objective = objectives.make_objective(name, process, **objective_cfg)
+  try:
+    objective = objectives.make_objective(name, process, **objective_cfg)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.objective: {str(e).splitlines()[0]}') from None
 
   model_cfg = dict(config.model)
   model_name = configuration.choice('model.name', model_cfg.pop('name'), MODELS)
@@ -132,6 +133,9 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   configuration.choice('sample.sampler', sample.sampler, SAMPLER_OPTIONS)
   configuration.choice('sample.spacing', sample.spacing, samplers.SPACINGS)
   configuration.choice('sample.variance', sample.variance, ('small', 'large'))
+  if not hasattr(process, 'num_steps'):
+    raise ConfigError(f'config.sample.sampler={sample.sampler!r} runs on the discrete DDPM grid; '
+                      f'config.process.name={config.process.name!r} has none')
   if not 1 <= sample.steps <= process.num_steps:
     raise ConfigError(f'config.sample.steps={sample.steps}: must lie in [1, '
                       f'{process.num_steps}] (config.process.num_steps)')
