@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import elbo
 from diffusion_jax import parameterization as param
 
 # --- which t ------------------------------------------------------------------------------
@@ -274,10 +275,13 @@ OBJECTIVES = {
     'flow_matching': flow_matching,
     'rectified_flow': flow_matching,
     'ot_flow_matching': ot_flow_matching,
+    'vdm_elbo': elbo.vdm_elbo,
+    'ddpm_vlb': elbo.ddpm_vlb,
 }
 
 # The prediction kind each named objective's network outputs (what samplers must be told).
 PREDICTION_KIND = {
     'ddpm_eps': 'eps', 'ddpm_x0': 'x0', 'v_prediction': 'v', 'dsm': 'score', 'edm': 'edm',
     'flow_matching': 'velocity', 'rectified_flow': 'velocity', 'ot_flow_matching': 'velocity',
+    'vdm_elbo': 'eps', 'ddpm_vlb': 'eps',
 }

@@ -4,16 +4,28 @@
 strictly decreasing. Everything a sampler or objective needs follows from `alpha` and `sigma`;
 the SDE coefficients are derived from them, never hand-written per family (DESIGN §1).
 
-This module holds the discrete variance-preserving process of DDPM (Ho et al. 2020). The
-continuous VP, VE, EDM and linear-interpolant families follow the same interface.
+This module holds DDPM's discrete variance-preserving process (Ho et al. 2020) with its beta
+schedules, `make_process` and `PROCESSES`; the shared continuous-time view (`Process`, with the
+SDE coefficients) and the continuous families live in `processes_continuous` and are
+re-exported here.
 """
 
 import dataclasses
+import inspect
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from diffusion_jax.processes_continuous import EDM
+from diffusion_jax.processes_continuous import VE
+from diffusion_jax.processes_continuous import LinearInterpolant
+from diffusion_jax.processes_continuous import Process
+from diffusion_jax.processes_continuous import VPCosine
+from diffusion_jax.processes_continuous import VPLinear
+from diffusion_jax.processes_continuous import _as_float
+from diffusion_jax.processes_continuous import _float_dtype
 
 
 def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -39,27 +51,66 @@ def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> n
   return np.asarray(betas, dtype=np.float64)
 
 
-def _float_dtype(x):
-  # float32 unless the input is already a wider float (tests run some checks in float64).
-  return jnp.promote_types(x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) \
-      else jnp.dtype(jnp.float32)
+def scaled_linear_betas(num_steps: int, beta_start: float = 0.00085,
+                        beta_end: float = 0.012) -> np.ndarray:
+  """Latent diffusion / Stable Diffusion (Rombach et al. 2022): linear in sqrt(beta).
+
+  Not rescaled with T. At T = 1000, sqrt(abar_T) = 0.068265 (Lin et al. 2024, §3.1).
+  """
+  return np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_steps, dtype=np.float64)**2
+
+
+def sigmoid_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+  """GeoDiff (Xu et al. 2022): sigmoid(linspace(-6, 6, T)) (beta_end - beta_start) + beta_start.
+
+  The end points are therefore 1.49e-4 and 0.01995, not beta_start and beta_end. Not rescaled
+  with T.
+  """
+  x = np.linspace(-6.0, 6.0, num_steps, dtype=np.float64)
+  return beta_start + (beta_end - beta_start) / (1.0 + np.exp(-x))
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+  """Lin et al. 2024, Algorithm 1: shift, scale sqrt(abar) to sqrt(abar_T) = 0, keeping abar_1.
+
+  The last beta becomes exactly 1. With alpha(1) = 0, an eps-prediction cannot be turned into
+  x0 at t = 1 (x0 = (x - sigma eps) / alpha divides by 0); pair it with v-prediction (§3.2).
+  """
+  root = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+  first, last = root[0], root[-1]
+  root = (root - last) * first / (first - last)
+  abar = root**2
+  return 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
 
 
 BETA_SCHEDULES = {
     'linear': linear_betas,
     'cosine': cosine_betas,
+    'scaled_linear': scaled_linear_betas,
+    'sigmoid': sigmoid_betas,
 }
+
+# Floor on abar in the log-alpha grid: log 0 at zero terminal SNR would make the interpolation
+# on the last segment NaN (0 * -inf).
+_ABAR_FLOOR = 1e-20
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class DiscreteVP:
+class DiscreteVP(Process):
   """DDPM's discrete variance-preserving process, embedded in continuous time.
 
   Step `n = 1..T` sits at `t_n = n / T` with `alpha(t_n)^2 = alphas_cumprod[n-1]` exactly, and
   `t = 0` is clean data (`alpha = 1`, `sigma = 0`). Between grid points `log alpha` is linear in
   `t` (as DPM-Solver does for discrete models), so `t(lambda)` has an exact inverse and
   continuous-time samplers can run on a discretely trained model. Discrete samplers (DDPM
-  ancestral, DDIM) only ever evaluate grid points, where the values are exact.
+  ancestral, DDIM) only ever evaluate grid points, where the values are exact. `t_min = 1 / T`
+  (the first step); prior N(0, I).
+
+  Zero terminal SNR (`from_name(..., zero_terminal_snr=True)`, abar_T = 0): the log-alpha grid
+  floors abar at 1e-20, so on the last segment log alpha runs linearly down to log(1e-10)
+  (finite, as are `log_alpha`, `drift_coefficient` and `diffusion_squared` there), and at
+  t >= 1 `alpha` is exactly 0, `sigma` 1, `log_snr` -inf and `t_of_log_snr(-inf)` = 1. Use
+  v-prediction: eps-prediction cannot be converted to x0 at t = 1 (it divides by alpha = 0).
 
   Hashing is by identity (`eq=False`), so an instance can be closed over or passed as a static
   argument to `jax.jit`.
@@ -70,15 +121,28 @@ class DiscreteVP:
     betas = np.asarray(self.betas, dtype=np.float64)
     if betas.ndim != 1 or betas.size == 0:
       raise ValueError(f'DiscreteVP: betas must be a non-empty 1-D array, got shape {betas.shape}')
-    if not np.all((betas > 0) & (betas < 1)):
-      raise ValueError('DiscreteVP: every beta must lie in (0, 1)')
+    # Only the last beta may be 1 (zero terminal SNR); an earlier 1 would zero abar twice.
+    if not (np.all((betas[:-1] > 0) & (betas[:-1] < 1)) and 0 < betas[-1] <= 1):
+      raise ValueError('DiscreteVP: every beta must lie in (0, 1), the last in (0, 1]')
+    abar = np.cumprod(1.0 - betas)
+    if np.any(abar[:-1] <= _ABAR_FLOOR) or 0 < abar[-1] <= _ABAR_FLOOR:
+      raise ValueError(f'DiscreteVP: alphas_cumprod must stay above {_ABAR_FLOOR} (or end in '
+                       'exactly 0, zero terminal SNR)')
     object.__setattr__(self, 'betas', betas)
 
   @classmethod
-  def from_name(cls, schedule: str = 'linear', num_steps: int = 1000, **kwargs) -> 'DiscreteVP':
+  def from_name(cls, schedule: str = 'linear', num_steps: int = 1000,
+                zero_terminal_snr: bool = False, **kwargs) -> 'DiscreteVP':
+    """`BETA_SCHEDULES[schedule](num_steps, **kwargs)`, optionally rescaled to zero terminal SNR."""
     if schedule not in BETA_SCHEDULES:
       raise ValueError(f'unknown beta schedule {schedule!r}; choose from {sorted(BETA_SCHEDULES)}')
-    return cls(BETA_SCHEDULES[schedule](num_steps, **kwargs))
+    make_betas = BETA_SCHEDULES[schedule]
+    try:
+      inspect.signature(make_betas).bind(num_steps, **kwargs)
+    except TypeError as e:
+      raise ValueError(f'beta schedule {schedule!r}: {e}') from None
+    betas = make_betas(num_steps, **kwargs)
+    return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
 
   # --- the discrete view -------------------------------------------------------------------
   @property
@@ -89,6 +153,14 @@ class DiscreteVP:
   def alphas_cumprod(self) -> np.ndarray:
     """`abar_n = prod_{i<=n} (1 - beta_i)`, n = 1..T, float64 `[T]`."""
     return np.cumprod(1.0 - self.betas)
+
+  @property
+  def zero_terminal_snr(self) -> bool:
+    return bool(self.betas[-1] == 1.0)
+
+  @property
+  def t_min(self) -> float:
+    return 1.0 / self.num_steps
 
   def t_of_step(self, n, dtype=jnp.float32):
     """Continuous time of integer step `n` (0 = data, T = last step)."""
@@ -103,25 +175,31 @@ class DiscreteVP:
   @property
   def _log_alpha_grid(self) -> np.ndarray:
     # [T + 1]: knot 0 at t = 0 (clean data), then 0.5 * log abar_n at t = n / T.
-    return np.concatenate([[0.0], 0.5 * np.log(self.alphas_cumprod)])
+    return np.concatenate([[0.0], 0.5 * np.log(np.maximum(self.alphas_cumprod, _ABAR_FLOOR))])
 
   def log_alpha(self, t):
-    t = jnp.asarray(t)
-    dtype = _float_dtype(t)
-    grid_t = jnp.linspace(0.0, 1.0, self.num_steps + 1, dtype=dtype)
-    return jnp.interp(t.astype(dtype), grid_t, jnp.asarray(self._log_alpha_grid, dtype))
+    t = _as_float(t)
+    grid_t = jnp.linspace(0.0, 1.0, self.num_steps + 1, dtype=t.dtype)
+    return jnp.interp(t, grid_t, jnp.asarray(self._log_alpha_grid, t.dtype))
 
   def alpha(self, t):
-    return jnp.exp(self.log_alpha(t))
+    t = _as_float(t)
+    alpha = jnp.exp(self.log_alpha(t))
+    return jnp.where(t >= 1.0, 0.0, alpha) if self.zero_terminal_snr else alpha
+
+  def sigma_squared(self, t):
+    # 1 - alpha² = -expm1(2 log alpha), accurate where alpha is close to 1.
+    return -jnp.expm1(2.0 * self.log_alpha(t))
 
   def sigma(self, t):
-    # sqrt(1 - alpha^2) = sqrt(-expm1(2 log alpha)), accurate where alpha is close to 1.
-    return jnp.sqrt(-jnp.expm1(2.0 * self.log_alpha(t)))
+    return jnp.sqrt(self.sigma_squared(t))
 
   def log_snr(self, t):
     """lambda(t) = log(alpha² / sigma²) = 2 log alpha - log(1 - alpha²); +inf at t = 0."""
+    t = _as_float(t)
     la = self.log_alpha(t)
-    return 2.0 * la - jnp.log(-jnp.expm1(2.0 * la))
+    lam = 2.0 * la - jnp.log(-jnp.expm1(2.0 * la))
+    return jnp.where(t >= 1.0, -jnp.inf, lam) if self.zero_terminal_snr else lam
 
   def t_of_log_snr(self, lam):
     """Exact inverse of `log_snr` on [0, 1] (log alpha is piecewise linear in t)."""
@@ -134,23 +212,28 @@ class DiscreteVP:
     # jnp.interp needs increasing x: log alpha decreases in t, so flip both.
     return jnp.interp(la, grid_la[::-1], grid_t[::-1])
 
-  def marginal(self, x0, eps, t):
-    """Draws from q(x_t | x0): `alpha(t) x0 + sigma(t) eps`, with `t` of shape [B]."""
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    return self.alpha(t).reshape(shape) * x0 + self.sigma(t).reshape(shape) * eps
-
-  def prior_sample(self, key, shape, dtype=jnp.float32):
-    """x_1 ~ N(0, I): the prior the samplers start from (alpha(1) ≈ 0 for standard schedules)."""
-    return jax.random.normal(key, shape, dtype)
-
 
 def make_process(name: str, **kwargs):
   """Builds a process from its name in `PROCESSES` and keyword arguments (e.g. from a config)."""
   if name not in PROCESSES:
     raise ValueError(f'unknown process {name!r}; choose from {sorted(PROCESSES)}')
-  return PROCESSES[name](**kwargs)
+  build = PROCESSES[name]
+  signature = inspect.signature(build)
+  try:
+    signature.bind(**kwargs)
+  except TypeError as e:
+    valid = sorted(k for k, p in signature.parameters.items() if p.kind != p.VAR_KEYWORD)
+    raise ValueError(f'process {name!r}: {e}; valid arguments are {valid}') from None
+  return build(**kwargs)
 
 
 PROCESSES = {
     'vp_discrete': DiscreteVP.from_name,
+    'vp_linear': VPLinear,
+    'vp_cosine': VPCosine,
+    'vp_cosine_shifted': VPCosine.shifted,
+    'vp_cosine_interpolated': VPCosine.interpolated,
+    've': VE,
+    'edm': EDM,
+    'linear': LinearInterpolant,
 }

@@ -117,8 +117,52 @@ def ddpm_sample(denoiser, process, x_T, key, *, steps: int | None = None, cond=N
   return _scan(step, x_T, (n, m, keys), return_trajectory)
 
 
+def continuous_time_grid(process, steps: int, t_min: float, t_max: float = 1.0,
+                         grid: str = 'log_snr', log_snr_clip: float = 20.0):
+  """`steps` decreasing times from `t_max` to `t_min`: uniform in `t` or in log-SNR.
+
+  Uniform log-SNR (`grid='log_snr'`) is DPM-Solver's default (Lu et al. 2022, §3.4); infinite
+  log-SNR at an end (e.g. t = 0 or 1 of the linear interpolant) is clipped to `±log_snr_clip`.
+  """
+  if grid == 't':
+    return jnp.linspace(t_max, t_min, steps)
+  if grid != 'log_snr':
+    raise ValueError(f"grid={grid!r}; choose 'log_snr' or 't'")
+  lam = jnp.clip(process.log_snr(jnp.asarray([t_max, t_min], jnp.float32)), -log_snr_clip,
+                 log_snr_clip)
+  return process.t_of_log_snr(jnp.linspace(lam[0], lam[1], steps))
+
+
+def ddim_continuous_sample(denoiser, process, x_T, key=None, *, steps: int, t_min=None,
+                           t_max: float = 1.0, grid: str = 'log_snr', cond=None,
+                           return_trajectory: bool = False):
+  """DDIM's deterministic update on a continuous time grid, for any process (Song et al. 2021a,
+  Eq. 12).
+
+  `x_s = alpha(s) x0_hat + sigma(s) eps_hat` from `t_max` down to `t_min` (the process's by
+  default); the last of the `steps` evaluations returns `x0_hat` at `t_min`. This is the
+  first-order DPM-Solver (Lu et al. 2022, §3.3) and works on VP, VE, EDM and the linear
+  interpolant alike. `key` is unused (deterministic).
+  """
+  del key
+  if steps < 1:
+    raise ValueError(f'steps={steps} must be >= 1')
+  t_min = float(getattr(process, 't_min', 0.0) if t_min is None else t_min)
+  t = continuous_time_grid(process, steps, t_min, t_max, grid).astype(x_T.dtype)   # [S]
+  s = jnp.concatenate([t[1:], t[-1:]])
+  last = jnp.arange(steps) == steps - 1
+
+  def step(x, t, s, last):
+    x0, eps = denoiser(x, t, cond)
+    x_s = process.alpha(s) * x0 + process.sigma(s) * eps
+    return jnp.where(last, x0, x_s)
+
+  return _scan(step, x_T, (t, s, last), return_trajectory)
+
+
 # name -> sampler(denoiser, process, x_T, key, *, steps, cond, ...) -> (x0, info).
 SAMPLERS = {
     'ddpm': ddpm_sample,
     'ddim': ddim_sample,
+    'ddim_continuous': ddim_continuous_sample,
 }

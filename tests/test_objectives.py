@@ -153,7 +153,8 @@ def test_stated_equivalences_per_example(proc_name, proc_kwargs):
 
 ALL_OBJECTIVES = [('ddpm_eps', {}), ('ddpm_x0', {}), ('v_prediction', {'min_snr_gamma': 5.0}),
                   ('dsm', {}), ('dsm', {'weighting': 'likelihood'}), ('edm', {}),
-                  ('flow_matching', {}), ('ot_flow_matching', {})]
+                  ('flow_matching', {}), ('ot_flow_matching', {}), ('vdm_elbo', {}),
+                  ('ddpm_vlb', {}), ('ddpm_vlb', {'variance': 'large'})]
 
 
 @pytest.mark.parametrize('obj_name, kwargs', ALL_OBJECTIVES,
@@ -161,7 +162,7 @@ ALL_OBJECTIVES = [('ddpm_eps', {}), ('ddpm_x0', {}), ('v_prediction', {'min_snr_
 def test_gradients_are_finite_and_match_finite_differences(obj_name, kwargs):
   """Parameter gradients of each objective on a tiny model agree with central differences."""
   proc_name = {'dsm': 'vp_linear', 'edm': 'edm', 'flow_matching': 'linear',
-               'ot_flow_matching': 'linear'}.get(obj_name, 'vp_discrete')
+               'ot_flow_matching': 'linear', 'vdm_elbo': 'vp_linear'}.get(obj_name, 'vp_discrete')
   proc = _process(proc_name)
   with jax.enable_x64(True):
     objective = objectives.make_objective(obj_name, proc, **kwargs)

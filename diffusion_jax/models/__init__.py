@@ -1,11 +1,13 @@
 """Denoising networks, selected by name through `MODELS` (name → constructor).
 
-Only the DDPM U-Net exists so far; a DiT (Peebles & Xie 2023) and an MLP for 2-D toy data
-come later.
+The DDPM U-Net for images and an MLP for low-dimensional (2-D toy) data; a DiT
+(Peebles & Xie 2023) comes later.
 """
 
+from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 
 MODELS = {
     'unet': UNet,
+    'mlp': MLP,
 }

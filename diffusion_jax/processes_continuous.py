@@ -1,0 +1,391 @@
+"""The continuous-time view every process shares, and the continuous families (DESIGN §1).
+
+`Process` derives the SDE view from `alpha` and `sigma` by autodiff, once for every family (the
+discrete VP of `processes` included). The families: VP SDE with linear beta (`VPLinear`),
+cosine in log-SNR form with resolution shift (`VPCosine`), VE SDE (`VE`), EDM (`EDM`) and the
+linear interpolant / rectified flow (`LinearInterpolant`). Import them from
+`diffusion_jax.processes`, which re-exports them and holds `PROCESSES`.
+
+Every method accepts scalar or array `t`, works under `jit` / `vmap`, and computes in the
+input's float dtype (float32 for integer or float16 input, float64 under `jax.enable_x64`).
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def _float_dtype(x):
+  # float32 unless the input is already a wider float (tests run some checks in float64).
+  return jnp.promote_types(x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) \
+      else jnp.dtype(jnp.float32)
+
+
+def _as_float(t):
+  t = jnp.asarray(t)
+  return t.astype(_float_dtype(t))
+
+
+def _time_derivative(fn, t):
+  """`(fn(t), d fn / dt)` by forward-mode autodiff, elementwise for array `t`."""
+  t = _as_float(t)
+  return jax.jvp(fn, (t,), (jnp.ones_like(t),))
+
+
+def _check(ok: bool, cls, message: str):
+  if not ok:
+    raise ValueError(f'{cls.__name__}: {message}')
+
+
+def _floats(obj, *names):
+  # Configs hand over ints and numpy scalars; Python floats keep the computation's dtype.
+  for name in names:
+    value = getattr(obj, name)
+    if value is not None:
+      object.__setattr__(obj, name, float(value))
+
+
+class Process:
+  """What every process provides, with the SDE view derived from `alpha` and `sigma`.
+
+  A family defines `log_alpha(t)` and `sigma_squared(t)`, and overrides `alpha`, `sigma`,
+  `log_snr` and `t_of_log_snr` where a closed form is more accurate. `t_min` (a field or
+  property of each family) and `t_max = 1` bound the interval samplers integrate over; the
+  prior is `N(0, prior_std² I)`.
+  """
+
+  t_max = 1.0
+
+  @property
+  def prior_std(self) -> float:
+    return 1.0
+
+  def log_alpha(self, t):
+    raise NotImplementedError
+
+  def sigma_squared(self, t):
+    raise NotImplementedError
+
+  def alpha(self, t):
+    return jnp.exp(self.log_alpha(t))
+
+  def sigma(self, t):
+    return jnp.sqrt(self.sigma_squared(t))
+
+  def log_snr(self, t):
+    """lambda(t) = log(alpha² / sigma²)."""
+    return 2.0 * self.log_alpha(t) - jnp.log(self.sigma_squared(t))
+
+  def t_of_log_snr(self, lam):
+    """Inverse of `log_snr` by bisection on [0, 1], for schedules without a closed form.
+
+    Resolves `t` to the float's resolution (nmant + 2 halvings); `lam` beyond the range of
+    `log_snr` on [0, 1] gives the nearer end point.
+    """
+    lam = _as_float(lam)
+
+    def halve(_, bounds):
+      lo, hi = bounds
+      mid = 0.5 * (lo + hi)
+      early = self.log_snr(mid) > lam   # lambda decreases, so the root lies after mid
+      return jnp.where(early, mid, lo), jnp.where(early, hi, mid)
+
+    steps = jnp.finfo(lam.dtype).nmant + 2
+    lo, hi = jax.lax.fori_loop(0, steps, halve, (jnp.zeros_like(lam), jnp.ones_like(lam)))
+    return 0.5 * (lo + hi)
+
+  def marginal(self, x0, eps, t):
+    """Draws from q(x_t | x0): `alpha(t) x0 + sigma(t) eps`, with `t` of shape [B] (or scalar)."""
+    t = jnp.asarray(t)
+    shape = t.shape + (1,) * (x0.ndim - t.ndim)
+    return self.alpha(t).reshape(shape) * x0 + self.sigma(t).reshape(shape) * eps
+
+  def prior_sample(self, key, shape, dtype=jnp.float32):
+    """x_1 ~ N(0, prior_std² I): where samplers start."""
+    return self.prior_std * jax.random.normal(key, shape, dtype)
+
+  # --- the SDE view: dx = f(t) x dt + g(t) dW has exactly the marginals q(x_t | x0) --------
+  def drift_coefficient(self, t):
+    """f(t) = d log alpha / dt, from E[x_t | x0] = alpha x0 and dE/dt = f E."""
+    return _time_derivative(self.log_alpha, t)[1]
+
+  def diffusion_squared(self, t):
+    """g²(t) = d sigma²/dt - 2 f sigma², from dVar/dt = 2 f Var + g² (Song et al. 2021, Eq. 5).
+
+    Differentiates `sigma_squared`, not `sigma`: sqrt has an infinite slope where sigma = 0.
+    """
+    f = self.drift_coefficient(t)
+    var, d_var = _time_derivative(self.sigma_squared, t)
+    return d_var - 2.0 * f * var
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VPLinear(Process):
+  """VP SDE with beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021, Eq. 11, App. B).
+
+  `log alpha(t) = -t² (beta_max - beta_min) / 4 - t beta_min / 2`, `sigma² = 1 - alpha²`.
+  Song et al. sample down to `t_min = 1e-3` and evaluate likelihoods from 1e-5. Prior N(0, I)
+  (alpha(1) = 6.57e-3 with the defaults).
+  """
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  t_min: float = 1e-3
+
+  def __post_init__(self):
+    _floats(self, 'beta_min', 'beta_max', 't_min')
+    _check(0 < self.beta_min <= self.beta_max, type(self), 'need 0 < beta_min <= beta_max, got '
+           f'beta_min={self.beta_min}, beta_max={self.beta_max}')
+
+  def log_alpha(self, t):
+    t = _as_float(t)
+    return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+  def sigma_squared(self, t):
+    # 1 - alpha² without cancellation where alpha is close to 1.
+    return -jnp.expm1(2.0 * self.log_alpha(t))
+
+  def log_snr(self, t):
+    la = self.log_alpha(t)
+    return 2.0 * la - jnp.log(-jnp.expm1(2.0 * la))
+
+  def t_of_log_snr(self, lam):
+    """Root t >= 0 of `a t² + b t + c = 0`, a = (beta_max - beta_min)/4, b = beta_min/2,
+
+    c = log alpha = -softplus(-lambda)/2 (alpha² = sigmoid(lambda)), in the cancellation-free
+    form `t = -2c / (b + sqrt(b² - 4ac))`.
+    """
+    lam = _as_float(lam)
+    c = -0.5 * jax.nn.softplus(-lam)
+    a, b = 0.25 * (self.beta_max - self.beta_min), 0.5 * self.beta_min
+    t = -2.0 * c / (b + jnp.sqrt(b * b - 4.0 * a * c))
+    return jnp.where(jnp.isneginf(lam), jnp.inf, t)   # inf / inf above
+
+
+def _angle(lam: float) -> float:
+  """atan(exp(-lam / 2)) without overflow: the angle at which -2 log tan(angle) = lam."""
+  if lam >= 0:
+    return math.atan(math.exp(-0.5 * lam))
+  return 0.5 * math.pi - math.atan(math.exp(0.5 * lam))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VPCosine(Process):
+  """Cosine schedule in log-SNR form (Nichol & Dhariwal 2021 with s -> 0; Hoogeboom et al. 2023).
+
+  `lambda(t) = -2 log tan(theta(t)) + shift(t)` with `theta = theta_0 + t (theta_1 - theta_0)`
+  clipped so that the unshifted lambda runs from `logsnr_max` at t = 0 to `logsnr_min` at
+  t = 1 (Hoogeboom et al. 2023, §3.1; the whole range, alpha = cos(pi t / 2), with
+  `logsnr_min = -inf, logsnr_max = inf`); `alpha² = sigmoid(lambda)`, `sigma² = sigmoid(-lambda)`.
+
+  `shift` adds `2 log(base_resolution / resolution)` for higher-resolution data ("shifted
+  schedule", `VPCosine.shifted`). With `shift_end`, the shift moves linearly from `shift` at
+  t = 0 to `shift_end` at t = 1 ("interpolated schedule", `VPCosine.interpolated`); that
+  schedule has no closed-form inverse, so `t_of_log_snr` bisects. Prior N(0, I); t_min = 0.
+  """
+  logsnr_min: float = -15.0
+  logsnr_max: float = 15.0
+  shift: float = 0.0
+  shift_end: float | None = None
+  t_min: float = 0.0
+
+  def __post_init__(self):
+    _floats(self, 'logsnr_min', 'logsnr_max', 'shift', 'shift_end', 't_min')
+    _check(self.logsnr_min < self.logsnr_max, type(self),
+           f'need logsnr_min < logsnr_max, got {self.logsnr_min} >= {self.logsnr_max}')
+    # |d lambda_cos / dt| = 4 (theta_1 - theta_0) / sin(2 theta) >= 4 (theta_1 - theta_0), so
+    # a shift growing slower than that keeps lambda strictly decreasing.
+    theta_0, theta_1 = self._angles
+    _check(self.shift_end is None or self.shift_end - self.shift < 4 * (theta_1 - theta_0),
+           type(self), f'shift_end - shift = {self.shift_end} - {self.shift} is too large for '
+           'a strictly decreasing log-SNR')
+
+  @classmethod
+  def shifted(cls, resolution: float = 256.0, base_resolution: float = 64.0,
+              logsnr_min: float = -15.0, logsnr_max: float = 15.0, t_min: float = 0.0):
+    """Hoogeboom et al. 2023, §3.1: lambda + 2 log(base_resolution / resolution)."""
+    return cls(logsnr_min, logsnr_max, 2.0 * math.log(base_resolution / resolution), None, t_min)
+
+  @classmethod
+  def interpolated(cls, resolution: float = 512.0, base_resolution_low: float = 32.0,
+                   base_resolution_high: float = 256.0, logsnr_min: float = -15.0,
+                   logsnr_max: float = 15.0, t_min: float = 0.0):
+    """Hoogeboom et al. 2023, §3.1: `t lambda_low(t) + (1 - t) lambda_high(t)`, where
+
+    `lambda_low` / `lambda_high` are shifted to `base_resolution_low` / `_high`: the low
+    resolution's shift rules at high noise (t = 1). The defaults are an example, not the paper's.
+    """
+    return cls(logsnr_min, logsnr_max, 2.0 * math.log(base_resolution_high / resolution),
+               2.0 * math.log(base_resolution_low / resolution), t_min)
+
+  @property
+  def _angles(self) -> tuple[float, float]:
+    return _angle(self.logsnr_max), _angle(self.logsnr_min)
+
+  def log_snr(self, t):
+    t = _as_float(t)
+    theta_0, theta_1 = self._angles
+    # log tan(theta) = log sin(theta) - log sin(pi/2 - theta), with pi/2 - theta formed from
+    # its own end point: no cancellation near theta = pi/2, and -inf exactly there.
+    theta = theta_0 + t * (theta_1 - theta_0)
+    psi = (0.5 * math.pi - theta_1) + (1.0 - t) * (theta_1 - theta_0)
+    lam = 2.0 * (jnp.log(jnp.sin(psi)) - jnp.log(jnp.sin(theta)))
+    if self.shift_end is None:
+      return lam + self.shift
+    return lam + self.shift + t * (self.shift_end - self.shift)
+
+  def log_alpha(self, t):
+    return 0.5 * jax.nn.log_sigmoid(self.log_snr(t))
+
+  def sigma_squared(self, t):
+    return jax.nn.sigmoid(-self.log_snr(t))
+
+  def sigma(self, t):
+    # exp(log_sigmoid / 2) stays accurate where sigma is tiny (sigmoid -> 0 loses digits).
+    return jnp.exp(0.5 * jax.nn.log_sigmoid(-self.log_snr(t)))
+
+  def t_of_log_snr(self, lam):
+    """Closed form `theta = atan(exp(-(lambda - shift) / 2))` for a constant shift; bisection
+    for the interpolated one. Not clipped: lambda outside the range gives t outside [0, 1]."""
+    if self.shift_end is not None:
+      return super().t_of_log_snr(lam)
+    x = _as_float(lam) - self.shift
+    theta_0, theta_1 = self._angles
+    acute = jnp.arctan(jnp.exp(-0.5 * jnp.abs(x)))   # atan(e^{-x/2}) = pi/2 - atan(e^{x/2})
+    theta = jnp.where(x >= 0, acute, 0.5 * math.pi - acute)
+    return (theta - theta_0) / (theta_1 - theta_0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VE(Process):
+  """VE SDE (NCSN, Song et al. 2021, Eq. 9): alpha = 1, sigma = sigma_min (sigma_max/sigma_min)^t.
+
+  sigma(0) = sigma_min > 0, so even t = 0 is slightly noisy. Defaults are the CIFAR-10 values;
+  Song et al.'s VE samplers stop at t_min = 1e-5. Prior N(0, sigma_max² I).
+  """
+  sigma_min: float = 0.01
+  sigma_max: float = 50.0
+  t_min: float = 1e-5
+
+  def __post_init__(self):
+    _floats(self, 'sigma_min', 'sigma_max', 't_min')
+    _check(0 < self.sigma_min < self.sigma_max, type(self), 'need 0 < sigma_min < sigma_max, got '
+           f'sigma_min={self.sigma_min}, sigma_max={self.sigma_max}')
+
+  @property
+  def prior_std(self) -> float:
+    return self.sigma_max
+
+  @property
+  def _log_ratio(self) -> float:
+    return math.log(self.sigma_max / self.sigma_min)
+
+  def _log_sigma(self, t):
+    return math.log(self.sigma_min) + _as_float(t) * self._log_ratio
+
+  def log_alpha(self, t):
+    return jnp.zeros_like(_as_float(t))
+
+  def alpha(self, t):
+    return jnp.ones_like(_as_float(t))
+
+  def sigma(self, t):
+    return jnp.exp(self._log_sigma(t))
+
+  def sigma_squared(self, t):
+    return jnp.exp(2.0 * self._log_sigma(t))
+
+  def log_snr(self, t):
+    return -2.0 * self._log_sigma(t)
+
+  def t_of_log_snr(self, lam):
+    return (-0.5 * _as_float(lam) - math.log(self.sigma_min)) / self._log_ratio
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EDM(Process):
+  """EDM (Karras et al. 2022, Table 1): alpha = 1 and sigma is time, here sigma(t) = sigma_max t.
+
+  t_min = sigma_min / sigma_max; prior N(0, sigma_max² I). `sigma_data` is stored for the
+  preconditioning, `p_mean` / `p_std` for `sample_training_t`. log_snr(0) = +inf (sigma = 0).
+  """
+  sigma_min: float = 0.002
+  sigma_max: float = 80.0
+  sigma_data: float = 0.5
+  p_mean: float = -1.2
+  p_std: float = 1.2
+
+  def __post_init__(self):
+    _floats(self, 'sigma_min', 'sigma_max', 'sigma_data', 'p_mean', 'p_std')
+    _check(0 < self.sigma_min < self.sigma_max, type(self), 'need 0 < sigma_min < sigma_max, got '
+           f'sigma_min={self.sigma_min}, sigma_max={self.sigma_max}')
+    _check(self.sigma_data > 0 and self.p_std > 0, type(self), 'sigma_data, p_std must be > 0')
+
+  @property
+  def t_min(self) -> float:
+    return self.sigma_min / self.sigma_max
+
+  @property
+  def prior_std(self) -> float:
+    return self.sigma_max
+
+  def log_alpha(self, t):
+    return jnp.zeros_like(_as_float(t))
+
+  def alpha(self, t):
+    return jnp.ones_like(_as_float(t))
+
+  def sigma(self, t):
+    return self.sigma_max * _as_float(t)
+
+  def sigma_squared(self, t):
+    return self.sigma(t) ** 2
+
+  def log_snr(self, t):
+    return -2.0 * jnp.log(self.sigma(t))
+
+  def t_of_log_snr(self, lam):
+    return jnp.exp(-0.5 * _as_float(lam)) / self.sigma_max
+
+  def sample_training_t(self, key, shape, dtype=jnp.float32):
+    """EDM's training noise, ln sigma ~ N(P_mean, P_std²) (Karras et al. 2022, Table 1), as t.
+
+    Returns `t = sigma / sigma_max`; t > 1 (sigma > sigma_max) happens with probability
+    1.6e-6 at the defaults and is kept: the formulas hold for any t > 0.
+    """
+    return jnp.exp(self.p_mean + self.p_std * jax.random.normal(key, shape, dtype)) / self.sigma_max
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LinearInterpolant(Process):
+  """Rectified flow / linear interpolant (Liu et al. 2022, Eq. 1; Lipman et al. 2022, Eq. 20).
+
+  alpha = 1 - t, sigma = t (Lipman's OT path with sigma_min = 0, time reversed), lambda =
+  2 log((1 - t) / t), t(lambda) = sigmoid(-lambda / 2). log_snr is +inf at t = 0 (sigma = 0)
+  and -inf at t = 1 (alpha = 0), where f = -1 / (1 - t) and g² = 2t / (1 - t) are -inf and
+  +inf. t_min = 0; prior N(0, I).
+  """
+  t_min: float = 0.0
+
+  def __post_init__(self):
+    _floats(self, 't_min')
+
+  def alpha(self, t):
+    return 1.0 - _as_float(t)
+
+  def log_alpha(self, t):
+    return jnp.log1p(-_as_float(t))
+
+  def sigma(self, t):
+    return _as_float(t)
+
+  def sigma_squared(self, t):
+    return _as_float(t) ** 2
+
+  def log_snr(self, t):
+    t = _as_float(t)
+    return 2.0 * (jnp.log1p(-t) - jnp.log(t))
+
+  def t_of_log_snr(self, lam):
+    return jax.nn.sigmoid(-0.5 * _as_float(lam))
