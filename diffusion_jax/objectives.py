@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import consistency
 from diffusion_jax import elbo
 from diffusion_jax import parameterization as param
 
@@ -277,6 +278,10 @@ OBJECTIVES = {
     'ot_flow_matching': ot_flow_matching,
     'vdm_elbo': elbo.vdm_elbo,
     'ddpm_vlb': elbo.ddpm_vlb,
+    # These two take `step=` (the discretisation curriculum) and, optionally, an EMA
+    # `target_model_fn`; distillation also needs a `teacher_denoiser` (not config-buildable).
+    'consistency_training': consistency.consistency_training,
+    'consistency_distillation': consistency.consistency_distillation,
 }
 
 # The prediction kind each named objective's network outputs (what samplers must be told).
@@ -284,4 +289,5 @@ PREDICTION_KIND = {
     'ddpm_eps': 'eps', 'ddpm_x0': 'x0', 'v_prediction': 'v', 'dsm': 'score', 'edm': 'edm',
     'flow_matching': 'velocity', 'rectified_flow': 'velocity', 'ot_flow_matching': 'velocity',
     'vdm_elbo': 'eps', 'ddpm_vlb': 'eps',
+    'consistency_training': 'consistency', 'consistency_distillation': 'consistency',
 }

@@ -8,11 +8,18 @@ With `x_t = alpha x0 + sigma eps`, a prediction kind fixes the network's target:
   score      -eps / sigma  = grad log q(x_t)           (for the Gaussian perturbation)
   velocity   d x_t / dt = alpha' x0 + sigma' eps       (flow matching target)
   edm        F with D = c_skip x~ + c_out F(c_in x~, c_noise)   (Karras et al. 2022, Eq. 7)
+  consistency  F with f = c_skip x~ + c_out F(c_in x~, c_noise), f(x, sigma_min) = x
+             (Song et al. 2023, Eq. 5 and App. C; Song & Dhariwal 2023, §2)
 
 For `edm`, `x~ = x_t / alpha` is the input rescaled to EDM's `alpha = 1` form, with noise level
 `sigma~ = sigma / alpha = exp(-lambda / 2)`; for EDM's own process (`alpha = 1`) this is exactly
 the paper's preconditioning. It is the one kind whose network sees transformed inputs: call
 `network_input` before the network (objectives and `make_denoiser` do).
+
+`consistency` wraps its network the same way, with the scalings shifted so that the consistency
+function is the identity at `sigma~ = sigma_min`. A consistency model is trained by
+self-consistency (`diffusion_jax.consistency`), not by regression: `target` raises for it, which
+is why it is not in `KINDS` (the kinds with a regression target) but only in `ALL_KINDS`.
 
 `to_x0_eps` maps any kind's output back to `(x0_hat, eps_hat)` and `target` maps `(x0, eps)`
 to any kind's target; the pair round-trips exactly up to float rounding. Samplers only ever
@@ -24,7 +31,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-KINDS = ('eps', 'x0', 'v', 'score', 'velocity', 'edm')
+KINDS = ('eps', 'x0', 'v', 'score', 'velocity', 'edm')   # kinds with a regression target
+ALL_KINDS = KINDS + ('consistency',)                      # kinds a network's output may have
 SIGMA_DATA = 0.5  # EDM's default data standard deviation (Karras et al. 2022, Table 1)
 
 ModelFn = Callable[..., jax.Array]   # (x_t [B, ...], t [B], cond) -> out [B, ...]
@@ -38,8 +46,8 @@ def expand_like(a, x):
 
 
 def _check_kind(kind):
-  if kind not in KINDS:
-    raise ValueError(f'unknown prediction kind {kind!r}; choose from {KINDS}')
+  if kind not in ALL_KINDS:
+    raise ValueError(f'unknown prediction kind {kind!r}; choose from {ALL_KINDS}')
 
 
 def _coefficients(process, t):
@@ -61,9 +69,36 @@ def edm_coefficients(process, t, sigma_data: float = SIGMA_DATA):
   return sd2 / norm, s * sigma_data / jnp.sqrt(norm), 1.0 / jnp.sqrt(norm), 0.25 * jnp.log(s)
 
 
+def consistency_coefficients(sigma, sigma_min: float, sigma_data: float = SIGMA_DATA):
+  """`(c_skip, c_out, c_in, c_noise)` at noise level `sigma` (Song et al. 2023, App. C).
+
+  `c_skip = sd² / ((sigma - sigma_min)² + sd²)`, `c_out = sd (sigma - sigma_min) / sqrt(sd² +
+  sigma²)` (also Song & Dhariwal 2023, §2), so `c_skip = 1`, `c_out = 0` at `sigma = sigma_min`;
+  `c_in = 1 / sqrt(sigma² + sd²)` and `c_noise = ln(sigma) / 4` are EDM's (Karras et al. 2022,
+  Table 1), whose networks CM's experiments reuse. Takes `sigma` itself, not `t`: the
+  boundary condition holds exactly only when `sigma == sigma_min` bitwise.
+  """
+  sd2 = sigma_data**2
+  shifted = sigma - sigma_min
+  return (sd2 / (shifted**2 + sd2), sigma_data * shifted / jnp.sqrt(sd2 + sigma**2),
+          1.0 / jnp.sqrt(sigma**2 + sd2), 0.25 * jnp.log(sigma))
+
+
+def consistency_sigma_min(process) -> float:
+  """Where a consistency model is the identity: `process.sigma_min`, else sigma / alpha at t_min."""
+  if getattr(process, 'sigma_min', None) is not None:
+    return float(process.sigma_min)
+  with jax.ensure_compile_time_eval():   # callable under jit: the process's constants only
+    t_min = jnp.asarray(getattr(process, 't_min', 0.0), jnp.float32)
+    return float(process.sigma(t_min) / process.alpha(t_min))
+
+
 def network_input(kind: str, x_t, t, process, sigma_data: float = SIGMA_DATA):
-  """What the network is called with: `(x_t, t)`, or `(c_in x_t / alpha, c_noise)` for `edm`."""
-  if kind != 'edm':
+  """What the network is called with: `(x_t, t)`, or `(c_in x_t / alpha, c_noise)` for `edm`
+
+  and `consistency` (whose `c_in`, `c_noise` are EDM's).
+  """
+  if kind not in ('edm', 'consistency'):
     return x_t, t
   _, _, c_in, c_noise = edm_coefficients(process, t, sigma_data)
   return expand_like(c_in / process.alpha(t), x_t) * x_t, c_noise
@@ -72,6 +107,10 @@ def network_input(kind: str, x_t, t, process, sigma_data: float = SIGMA_DATA):
 def target(kind: str, x0, eps, process, t, sigma_data: float = SIGMA_DATA):
   """The regression target of prediction `kind` for the pair `(x0, eps)` at time `t [B]`."""
   _check_kind(kind)
+  if kind == 'consistency':
+    raise NotImplementedError(
+        "kind 'consistency' has no fixed regression target: a consistency model is trained "
+        'against its own output at a lower noise level (diffusion_jax.consistency)')
   if kind == 'eps':
     return eps
   if kind == 'x0':
@@ -89,7 +128,8 @@ def target(kind: str, x0, eps, process, t, sigma_data: float = SIGMA_DATA):
   return (x0 - c_skip * x_tilde) / c_out
 
 
-def to_x0_eps(kind: str, out, x_t, process, t, sigma_data: float = SIGMA_DATA):
+def to_x0_eps(kind: str, out, x_t, process, t, sigma_data: float = SIGMA_DATA,
+              sigma_min: float | None = None):
   """Converts a network output of `kind` at `(x_t, t)` into `(x0_hat, eps_hat)`.
 
   Uses `x_t = alpha x0 + sigma eps` to recover the other half. For `v`,
@@ -97,9 +137,17 @@ def to_x0_eps(kind: str, out, x_t, process, t, sigma_data: float = SIGMA_DATA):
   which is Salimans & Ho's `x0 = alpha x_t - sigma v` when the process is variance preserving.
   Where a coefficient vanishes (`alpha = 0` for eps/score/edm, `sigma = 0` for x0) the division
   is by zero: such endpoints are excluded by the processes' `t_min` / `t_max`.
+
+  For `consistency`, `x0_hat` is the consistency function `f(x_t, sigma~)`; `sigma_min` defaults
+  to `consistency_sigma_min(process)`.
   """
   _check_kind(kind)
   alpha, sigma, d_alpha, d_sigma = (expand_like(c, x_t) for c in _coefficients(process, t))
+  if kind == 'consistency':
+    sigma_min = consistency_sigma_min(process) if sigma_min is None else sigma_min
+    c_skip, c_out, _, _ = consistency_coefficients(sigma / alpha, sigma_min, sigma_data)
+    x0 = c_skip * (x_t / alpha) + c_out * out
+    return x0, (x_t - alpha * x0) / sigma
   if kind == 'eps':
     eps = out
     return (x_t - sigma * eps) / alpha, eps
@@ -122,18 +170,19 @@ def to_x0_eps(kind: str, out, x_t, process, t, sigma_data: float = SIGMA_DATA):
 
 
 def make_denoiser(model_fn: ModelFn, process, kind: str, clip_x0: float | None = None,
-                  sigma_data: float = SIGMA_DATA) -> Denoiser:
+                  sigma_data: float = SIGMA_DATA, sigma_min: float | None = None) -> Denoiser:
   """Wraps a network into the denoiser `(x_t, t, cond) -> (x0_hat, eps_hat)` samplers consume.
 
   `clip_x0` (e.g. 1.0 for data in [-1, 1]) clips `x0_hat` to the data range and recomputes
   `eps_hat` from it so the pair stays consistent with `x_t`, as DDPM's sampler does.
+  `sigma_min` is read only by kind `consistency` (see `to_x0_eps`).
   """
   _check_kind(kind)
 
   def denoiser(x_t, t, cond: Any = None):
     t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), x_t.shape[:1])
     out = model_fn(*network_input(kind, x_t, t, process, sigma_data), cond)
-    x0, eps = to_x0_eps(kind, out, x_t, process, t, sigma_data)
+    x0, eps = to_x0_eps(kind, out, x_t, process, t, sigma_data, sigma_min)
     if clip_x0 is not None:
       x0 = jnp.clip(x0, -clip_x0, clip_x0)
       alpha, sigma = expand_like(process.alpha(t), x_t), expand_like(process.sigma(t), x_t)

@@ -6,6 +6,7 @@ uninterrupted one would.
 """
 
 import dataclasses
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -97,7 +98,9 @@ def make_train_step(objective, apply_fn, optimizer: optax.GradientTransformation
 
   `objective(model_fn, x0, key, cond)` as in `diffusion_jax.objectives`; `apply_fn` is a Flax
   `Module.apply`. `batch` holds 'image' `[B, ...]` and, if `conditional`, 'label' `[B]`.
+  Objectives with a `step` argument (consistency training's curriculum) receive the step.
   """
+  takes_step = 'step' in inspect.signature(objective).parameters
 
   def train_step(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
@@ -107,7 +110,8 @@ def make_train_step(objective, apply_fn, optimizer: optax.GradientTransformation
     def loss_fn(params):
       def model_fn(x_t, t, c):
         return apply_fn({'params': params}, x_t, t, c, train=True, rngs={'dropout': key_dropout})
-      loss, aux = objective(model_fn, batch['image'], key_obj, cond)
+      extra = {'step': state.step} if takes_step else {}
+      loss, aux = objective(model_fn, batch['image'], key_obj, cond, **extra)
       return loss, aux
 
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

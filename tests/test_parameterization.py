@@ -10,7 +10,7 @@ from diffusion_jax import parameterization as param
 from diffusion_jax import processes
 
 
-@pytest.mark.parametrize('kind', param.KINDS)
+@pytest.mark.parametrize('kind', param.ALL_KINDS)
 @pytest.mark.parametrize('schedule', ['linear', 'cosine'])
 def test_target_and_inverse_round_trip(kind, schedule):
   proc = processes.DiscreteVP.from_name(schedule, 1000)
@@ -21,6 +21,11 @@ def test_target_and_inverse_round_trip(kind, schedule):
     # Off-grid times too: the piecewise-linear embedding must be consistent everywhere.
     t = jax.random.uniform(k3, (64,), jnp.float64, 1e-3, 1.0)
     x_t = proc.marginal(x0, eps, t)
+    if kind not in param.KINDS:   # only 'consistency': no regression target to round-trip
+      assert kind == 'consistency'
+      with pytest.raises(NotImplementedError, match='no fixed regression target'):
+        param.target(kind, x0, eps, proc, t)
+      pytest.skip('consistency has no target; its to_x0_eps is tested below')
     out = param.target(kind, x0, eps, proc, t)
     x0_hat, eps_hat = param.to_x0_eps(kind, out, x_t, proc, t)
     np.testing.assert_allclose(x0_hat, x0, rtol=1e-9, atol=1e-9)
@@ -69,3 +74,34 @@ def test_clip_keeps_pair_consistent():
 def test_unknown_kind():
   with pytest.raises(ValueError, match='unknown prediction kind'):
     param.target('noise', 0, 0, None, 0)
+
+
+def test_consistency_kind_is_skip_scaled_and_the_identity_at_sigma_min():
+  """Kind 'consistency' (Song et al. 2023, App. C): x0_hat = c_skip x + c_out F with
+  c_skip = sd² / ((sigma - sigma_min)² + sd²), c_out = sd (sigma - sigma_min) / sqrt(sd² + sigma²);
+  the network sees EDM's (c_in x, c_noise); the pair stays consistent with x_t; at sigma_min
+  x0_hat = x_t whatever F is."""
+  proc = processes.make_process('edm')
+  with jax.enable_x64(True):
+    x = 5.0 * jax.random.normal(jax.random.key(3), (32, 3), jnp.float64)
+    out = 1e3 * jax.random.normal(jax.random.key(4), (32, 3), jnp.float64)
+    t = jnp.linspace(0.01, 1.0, 32, dtype=jnp.float64)
+    sigma, sd, smin = 80.0 * t[:, None], 0.5, 0.002
+    x0, eps = param.to_x0_eps('consistency', out, x, proc, t)
+    c_skip = sd**2 / ((sigma - smin) ** 2 + sd**2)
+    c_out = sd * (sigma - smin) / jnp.sqrt(sd**2 + sigma**2)
+    np.testing.assert_allclose(x0, c_skip * x + c_out * out, rtol=1e-12)
+    np.testing.assert_allclose(proc.marginal(x0, eps, t), x, rtol=1e-12, atol=1e-12)
+    for a, b in zip(param.network_input('consistency', x, t, proc),
+                    param.network_input('edm', x, t, proc), strict=True):
+      np.testing.assert_array_equal(a, b)
+    # At sigma_min: exact when sigma(t) is sigma_min bitwise, to rounding through t otherwise.
+    t_min = jnp.full((32,), proc.t_min, jnp.float64)
+    exact, _ = param.to_x0_eps('consistency', out, x, proc, t_min,
+                               sigma_min=float(proc.sigma(t_min)[0]))
+    np.testing.assert_array_equal(exact, x)
+    np.testing.assert_allclose(param.to_x0_eps('consistency', out, x, proc, t_min)[0], x,
+                               rtol=1e-12, atol=1e-12)
+    den = param.make_denoiser(lambda x_in, c, cond: jnp.zeros_like(x_in), proc, 'consistency',
+                              sigma_min=0.5)
+    np.testing.assert_allclose(den(x, jnp.full((32,), 0.5 / 80.0))[0], x, rtol=1e-12)
