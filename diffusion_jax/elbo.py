@@ -73,7 +73,7 @@ def vdm_elbo(process, t_min=None, t_max: float = 1.0):
            + diffusion)
     d = math.prod(x0.shape[1:])
     aux = {'loss_per_example': nll / d, 'nll_nats': nll, 'bits_per_dim': bits_per_dim(nll, d),
-           't': t, 'log_snr': process.log_snr(t), 'eps_weight': weight * d}
+           't': t, 'log_snr': process.log_snr(t), 'eps_weight': weight}  # on the per-dim loss
     return jnp.mean(nll) / d, aux
 
   return objective
