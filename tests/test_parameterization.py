@@ -105,3 +105,35 @@ def test_consistency_kind_is_skip_scaled_and_the_identity_at_sigma_min():
     den = param.make_denoiser(lambda x_in, c, cond: jnp.zeros_like(x_in), proc, 'consistency',
                               sigma_min=0.5)
     np.testing.assert_allclose(den(x, jnp.full((32,), 0.5 / 80.0))[0], x, rtol=1e-12)
+
+
+# Endpoint conventions (documented in `to_x0_eps`): a conversion divides by alpha (eps, score,
+# edm, consistency -> x0) or by sigma (x0 -> eps), so it is exact on the open interval and
+# conditioned like 1/alpha or 1/sigma near the ends. Samplers and objectives therefore stay in
+# [t_min, t_max]: t_min > 0 where sigma(0) = 0, and t < 1 where alpha(1) = 0 (the linear
+# interpolant, zero-terminal-SNR). Here: 1e-4 inside each end, in float64.
+_ALL_PROCESSES = [(n, {}) for n in processes.PROCESSES if n != 'vp_discrete'] + [
+    ('vp_discrete', {'schedule': s}) for s in ('linear', 'cosine', 'scaled_linear', 'sigmoid')]
+
+
+@pytest.mark.parametrize('kind', param.KINDS)
+@pytest.mark.parametrize('name, kwargs', _ALL_PROCESSES,
+                         ids=[f'{n}-{"-".join(k.values())}' for n, k in _ALL_PROCESSES])
+def test_round_trip_near_both_endpoints_on_every_process(kind, name, kwargs):
+  proc = processes.make_process(name, **kwargs)
+  with jax.enable_x64(True):
+    lo = max(float(getattr(proc, 't_min', 0.0)), 1e-4)
+    t = jnp.concatenate([jnp.asarray([lo, lo * 2, 0.5, 1 - 1e-3, 1 - 1e-4], jnp.float64),
+                         jnp.linspace(lo, 1 - 1e-4, 27, dtype=jnp.float64)])
+    k1, k2 = jax.random.split(jax.random.key(5))
+    x0 = jax.random.normal(k1, (t.shape[0], 3), jnp.float64)
+    eps = jax.random.normal(k2, x0.shape, jnp.float64)
+    x_t = proc.marginal(x0, eps, t)
+    out = param.target(kind, x0, eps, proc, t)
+    x0_hat, eps_hat = param.to_x0_eps(kind, out, x_t, proc, t)
+    assert bool(jnp.all(jnp.isfinite(x0_hat)) & jnp.all(jnp.isfinite(eps_hat)))
+    # Relative to the conditioning: errors scale with max(1, 1/alpha, 1/sigma) x rounding.
+    cond = jnp.maximum(1.0, jnp.maximum(1 / proc.alpha(t), 1 / proc.sigma(t)))[:, None]
+    scale = cond * (1.0 + jnp.abs(x_t) + jnp.abs(out))
+    assert float(jnp.max(jnp.abs(x0_hat - x0) / scale)) < 1e-9
+    assert float(jnp.max(jnp.abs(eps_hat - eps) / scale)) < 1e-9
