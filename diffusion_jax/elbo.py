@@ -84,50 +84,77 @@ def _gaussian_kl(mean1, var1, mean2, var2):
   return 0.5 * (jnp.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1.0)
 
 
+def split_learned_variance(out):
+  """`[..., 2C]` network output -> `(eps_hat [..., C], v [..., C] in [0, 1])`.
+
+  Nichol & Dhariwal (2021, Eq. 15) let the network output `v` per dimension with
+  `Sigma = exp(v log beta + (1 - v) log beta~)`; the raw output in [-1, 1] maps to `(out + 1)/2`.
+  """
+  c = out.shape[-1] // 2
+  return out[..., :c], (out[..., c:] + 1.0) / 2.0
+
+
+def _ddpm_vlb_terms(process, x0, key, eps_out_fn, variance, stop_mean_gradient=False):
+  """Per-example `(T · L_{n-1} [nats], prior KL [nats], eps, eps_hat, t)` of one MC draw.
+
+  With `stop_mean_gradient` the KL sees `stop_gradient(eps_hat)`, so it trains only the variance.
+  """
+  T = process.num_steps
+  key_n, key_eps = jax.random.split(key)
+  b = x0.shape[0]
+  n = jax.random.randint(key_n, (b,), 1, T + 1)
+  t = process.t_of_step(n)
+  eps = jax.random.normal(key_eps, x0.shape, x0.dtype)
+  ex = lambda a: param.expand_like(a, x0)
+  abar_n = process.alpha_bar_of_step(n, x0.dtype)
+  abar_m = process.alpha_bar_of_step(n - 1, x0.dtype)
+  x_t = ex(jnp.sqrt(abar_n)) * x0 + ex(jnp.sqrt(1 - abar_n)) * eps
+  eps_hat, v = eps_out_fn(x_t, t)
+  eps_mean = jax.lax.stop_gradient(eps_hat) if stop_mean_gradient else eps_hat
+  x0_hat = (x_t - ex(jnp.sqrt(1 - abar_n)) * eps_mean) / ex(jnp.sqrt(abar_n))
+  beta = 1 - abar_n / abar_m
+  c0 = jnp.sqrt(abar_m) * beta / (1 - abar_n)
+  ct = jnp.sqrt(1 - beta) * (1 - abar_m) / (1 - abar_n)
+  mean_q = ex(c0) * x0 + ex(ct) * x_t
+  mean_p = ex(c0) * x0_hat + ex(ct) * x_t
+  var_q = beta * (1 - abar_m) / (1 - abar_n)
+  if variance == 'learned':
+    # beta~_1 = 0: like Nichol & Dhariwal, clip its log to beta~_2's for the interpolation.
+    abar_1, abar_2 = (process.alpha_bar_of_step(k, x0.dtype) for k in (1, 2))
+    tilde_2 = (1 - abar_2 / abar_1) * (1 - abar_1) / (1 - abar_2)
+    log_tilde = jnp.log(jnp.where(n == 1, tilde_2, var_q))
+    var_p = jnp.exp(v * ex(jnp.log(beta)) + (1 - v) * ex(log_tilde))      # [B, ...]
+    var_dec = var_p
+  else:
+    var_p = ex(jnp.where(n == 1, beta, var_q if variance == 'small' else beta))
+    var_dec = ex(beta)  # n = 1: the posterior is a point; Ho et al.'s decoder variance beta_1
+  kl = _sum_per_example(_gaussian_kl(mean_q, ex(jnp.maximum(var_q, 1e-30)), mean_p, var_p))
+  decoder = _sum_per_example(0.5 * (jnp.log(2 * math.pi * var_dec)
+                                    + (x0 - mean_p) ** 2 / var_dec))
+  terms = T * jnp.where(n == 1, decoder, kl)
+  abar_T = process.alpha_bar_of_step(jnp.full((b,), T, jnp.int32), x0.dtype)
+  prior = prior_kl(_Terminal(abar_T), x0)
+  return terms, prior, eps, eps_hat, t
+
+
 def ddpm_vlb(process, variance: str = 'small'):
   """DDPM's `L_vlb = L_T + sum_{n>1} L_{n-1} + L_0` (Ho et al. 2020, Eq. 5), eps-prediction.
 
   One Monte-Carlo term per example: `n ~ U{1..T}` and `T · L_{n-1}` with `L_{n-1} =
   KL(q(x_{n-1} | x_n, x0) || p(x_{n-1} | x_n))` (Eqs. 6–7), `p`'s mean the posterior mean at
-  `x0_hat` and its variance fixed: 'small' (posterior beta~) or 'large' (beta). For `n = 1`
-  the term is the decoder `-log p(x0 | x_1)`, Gaussian with the same mean and variance
-  (continuous data; Ho et al.'s discretised decoder is for 8-bit images). Learned variances
-  (Nichol & Dhariwal 2021) are not implemented yet.
+  `x0_hat`. Its variance is fixed, 'small' (posterior beta~) or 'large' (beta), or 'learned'
+  (Nichol & Dhariwal 2021, Eq. 15: the network outputs `2C` channels, see
+  `split_learned_variance`). For `n = 1` the term is the decoder `-log p(x0 | x_1)`, Gaussian
+  (continuous data; Ho et al.'s discretised decoder is for 8-bit images).
   """
-  if variance not in ('small', 'large'):
-    raise ValueError(f"ddpm_vlb: variance={variance!r}; choose 'small' or 'large'")
-  T = process.num_steps
+  if variance not in ('small', 'large', 'learned'):
+    raise ValueError(f"ddpm_vlb: variance={variance!r}; choose 'small', 'large' or 'learned'")
 
   def objective(model_fn, x0, key, cond=None):
-    key_n, key_eps = jax.random.split(key)
-    b = x0.shape[0]
-    n = jax.random.randint(key_n, (b,), 1, T + 1)
-    t = process.t_of_step(n)
-    eps = jax.random.normal(key_eps, x0.shape, x0.dtype)
-    abar_n = process.alpha_bar_of_step(n, x0.dtype)
-    abar_m = process.alpha_bar_of_step(n - 1, x0.dtype)
-    x_t = param.expand_like(jnp.sqrt(abar_n), x0) * x0 + param.expand_like(
-        jnp.sqrt(1 - abar_n), x0) * eps
-    eps_hat = model_fn(x_t, t, cond)
-    x0_hat = (x_t - param.expand_like(jnp.sqrt(1 - abar_n), x0) * eps_hat) / param.expand_like(
-        jnp.sqrt(abar_n), x0)
-    beta = 1 - abar_n / abar_m
-    c0 = jnp.sqrt(abar_m) * beta / (1 - abar_n)
-    ct = jnp.sqrt(1 - beta) * (1 - abar_m) / (1 - abar_n)
-    mean_q = param.expand_like(c0, x0) * x0 + param.expand_like(ct, x0) * x_t
-    mean_p = param.expand_like(c0, x0) * x0_hat + param.expand_like(ct, x0) * x_t
-    var_q = beta * (1 - abar_m) / (1 - abar_n)
-    var_p = var_q if variance == 'small' else beta
-    var_p0 = beta  # n = 1: var_q = 0 (the posterior is a point), the decoder needs var > 0
-    var_p = jnp.where(n == 1, var_p0, var_p)
-    kl = _sum_per_example(_gaussian_kl(mean_q, param.expand_like(jnp.maximum(var_q, 1e-30), x0),
-                                       mean_p, param.expand_like(var_p, x0)))
-    decoder = _sum_per_example(0.5 * (jnp.log(2 * math.pi * param.expand_like(var_p0, x0))
-                                      + (x0 - mean_p) ** 2 / param.expand_like(var_p0, x0)))
-    terms = T * jnp.where(n == 1, decoder, kl)
-    one = jnp.ones((b,), x0.dtype)
-    prior = prior_kl(_Terminal(process, abar_T=process.alpha_bar_of_step(T * one.astype(
-        jnp.int32), x0.dtype)), x0)
+    def eps_out(x_t, t):
+      out = model_fn(x_t, t, cond)
+      return split_learned_variance(out) if variance == 'learned' else (out, None)
+    terms, prior, _, _, t = _ddpm_vlb_terms(process, x0, key, eps_out, variance)
     nll = terms + prior
     d = math.prod(x0.shape[1:])
     aux = {'loss_per_example': nll / d, 'nll_nats': nll, 'bits_per_dim': bits_per_dim(nll, d),
@@ -137,11 +164,33 @@ def ddpm_vlb(process, variance: str = 'small'):
   return objective
 
 
+def ddpm_hybrid(process, vlb_weight: float = 0.001):
+  """`L_hybrid = L_simple + lambda L_vlb`, lambda = 0.001 (Nichol & Dhariwal 2021, Eq. 16).
+
+  The network outputs `2C` channels (eps, v). `L_vlb` (here the per-example Monte-Carlo VLB in
+  bits/dim) sees a stop-gradient on the mean, so it trains only the variance and `L_simple`
+  only the mean, as in the paper.
+  """
+  def objective(model_fn, x0, key, cond=None):
+    eps_out = lambda x_t, t: split_learned_variance(model_fn(x_t, t, cond))
+    terms, _, eps, eps_hat, t = _ddpm_vlb_terms(process, x0, key, eps_out, 'learned',
+                                                stop_mean_gradient=True)
+    d = math.prod(x0.shape[1:])
+    mse = jnp.mean(jnp.square(eps - eps_hat).reshape(x0.shape[0], -1), axis=-1)
+    vlb_bpd = terms / (d * math.log(2.0))
+    per_example = mse + vlb_weight * vlb_bpd
+    aux = {'loss_per_example': per_example, 'mse': mse, 'vlb_bits_per_dim': vlb_bpd, 't': t,
+           'log_snr': process.log_snr(t), 'eps_weight': jnp.ones_like(t)}
+    return jnp.mean(per_example), aux
+
+  return objective
+
+
 class _Terminal:
   """The discrete process's exact marginal at step T, for `prior_kl` (prior N(0, I))."""
   prior_std = 1.0
 
-  def __init__(self, process, abar_T):
+  def __init__(self, abar_T):
     self._abar = abar_T
 
   def alpha(self, t):

@@ -278,6 +278,7 @@ OBJECTIVES = {
     'ot_flow_matching': ot_flow_matching,
     'vdm_elbo': elbo.vdm_elbo,
     'ddpm_vlb': elbo.ddpm_vlb,
+    'ddpm_hybrid': elbo.ddpm_hybrid,
     # These two take `step=` (the discretisation curriculum) and, optionally, an EMA
     # `target_model_fn`; distillation also needs a `teacher_denoiser` (not config-buildable).
     'consistency_training': consistency.consistency_training,
@@ -288,6 +289,6 @@ OBJECTIVES = {
 PREDICTION_KIND = {
     'ddpm_eps': 'eps', 'ddpm_x0': 'x0', 'v_prediction': 'v', 'dsm': 'score', 'edm': 'edm',
     'flow_matching': 'velocity', 'rectified_flow': 'velocity', 'ot_flow_matching': 'velocity',
-    'vdm_elbo': 'eps', 'ddpm_vlb': 'eps',
+    'vdm_elbo': 'eps', 'ddpm_vlb': 'eps', 'ddpm_hybrid': 'eps',  # hybrid: 2C outputs (eps, v)
     'consistency_training': 'consistency', 'consistency_distillation': 'consistency',
 }
