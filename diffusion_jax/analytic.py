@@ -7,6 +7,7 @@ and the probability-flow ODE moves every point along `x_t = alpha mu + r(t) z` w
 `r(t) = sqrt(alpha² s² + sigma²)` and `z` fixed.
 """
 
+import jax
 import jax.numpy as jnp
 
 from diffusion_jax import parameterization
@@ -75,22 +76,57 @@ def gaussian_target_min_mse(kind, s2, process, t, sigma_data=0.5):
 
 
 def gaussian_optimal_model(kind, mu, s2, process, sigma_data=0.5):
-  """The optimal network `(x_in, t_in, cond) -> E[target_kind | x_t]` for N(mu, diag(s2)) data.
+  """The optimal network `(x_in, t_in, cond) -> E[target_kind | x_t]` for N(mu, diag(s2)) data."""
+  return optimal_model(kind, gaussian_denoiser(mu, s2, process), process, sigma_data)
 
-  It takes what `parameterization.network_input` gives the network: for 'edm' that is
-  `(c_in x_t / alpha, c_noise)`, which is inverted here to recover `(x_t, t)`.
+
+def gmm_posterior(x_t, t, weights, means, s2, process):
+  """`(E[x0 | x_t], Var[x0_d | x_t])` for a mixture of diagonal Gaussians, `t [B]`.
+
+  Components `k`: weight `w_k`, mean `means[k]`, variances `s2[k]` (`[K, D]`). Per component
+  the posterior is Gaussian (as in `gaussian_denoiser`); responsibilities are
+  `r_k ∝ w_k N(x_t; alpha m_k, alpha² s_k² + sigma²)`, and the mixture's per-dimension variance
+  is `sum_k r_k (v_k + m_k²) - m²`.
   """
-  den = gaussian_denoiser(mu, s2, process)
+  weights, means, s2 = jnp.asarray(weights), jnp.asarray(means), jnp.asarray(s2)
+  t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), x_t.shape[:1])
+  alpha, sigma = process.alpha(t)[:, None, None], process.sigma(t)[:, None, None]  # [B, 1, 1]
+  x = x_t[:, None, :]                                                             # [B, 1, D]
+  r2 = alpha**2 * s2[None] + sigma**2                                             # [B, K, D]
+  log_lik = -0.5 * jnp.sum((x - alpha * means[None]) ** 2 / r2 + jnp.log(2 * jnp.pi * r2), -1)
+  resp = jax.nn.softmax(jnp.log(weights)[None] + log_lik, axis=-1)[..., None]    # [B, K, 1]
+  mean_k = means[None] + alpha * s2[None] / r2 * (x - alpha * means[None])
+  var_k = s2[None] * sigma**2 / r2
+  mean = jnp.sum(resp * mean_k, axis=1)
+  var = jnp.sum(resp * (var_k + mean_k**2), axis=1) - mean**2
+  return mean, jnp.maximum(var, 0.0)
 
-  def model_fn(x_in, t_in, cond=None):
+
+def gmm_denoiser(weights, means, s2, process):
+  """The optimal denoiser `(x_t, t, cond) -> (E[x0|x_t], E[eps|x_t])` for a diagonal GMM."""
+  def denoiser(x_t, t, cond=None):
     del cond
+    t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), x_t.shape[:1])
+    x0, _ = gmm_posterior(x_t, t, weights, means, s2, process)
+    alpha, sigma = expand_like(process.alpha(t), x_t), expand_like(process.sigma(t), x_t)
+    return x0, (x_t - alpha * x0) / sigma
+  return denoiser
+
+
+def optimal_model(kind, denoiser, process, sigma_data=0.5):
+  """The network whose output is `E[target_kind | x_t]`, given the exact `denoiser`.
+
+  Every target is linear in `(x0, eps)`, so its conditional mean is the target of the
+  denoiser's `(E[x0|x_t], E[eps|x_t])`. Takes what `network_input` gives the network (for
+  'edm', `(c_in x_t / alpha, c_noise)`, inverted here).
+  """
+  def model_fn(x_in, t_in, cond=None):
     if kind == 'edm':
       t = process.t_of_log_snr(-8.0 * t_in)             # c_noise = ln(sigma~) / 4
       _, _, c_in, _ = parameterization.edm_coefficients(process, t, sigma_data)
       x_t = x_in * expand_like(process.alpha(t) / c_in, x_in)
     else:
       x_t, t = x_in, t_in
-    x0, eps = den(x_t, t)
+    x0, eps = denoiser(x_t, t, cond)
     return parameterization.target(kind, x0, eps, process, t, sigma_data)
-
   return model_fn
