@@ -108,7 +108,7 @@ def target(kind: str, x0, eps, process, t, sigma_data: float = SIGMA_DATA):
   """The regression target of prediction `kind` for the pair `(x0, eps)` at time `t [B]`."""
   _check_kind(kind)
   if kind == 'consistency':
-    raise NotImplementedError(
+    raise ValueError(
         "kind 'consistency' has no fixed regression target: a consistency model is trained "
         'against its own output at a lower noise level (diffusion_jax.consistency)')
   if kind == 'eps':

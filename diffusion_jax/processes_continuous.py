@@ -10,6 +10,7 @@ Every method accepts scalar or array `t`, works under `jit` / `vmap`, and comput
 input's float dtype (float32 for integer or float16 input, float64 under `jax.enable_x64`).
 """
 
+import abc
 import dataclasses
 import math
 
@@ -47,7 +48,7 @@ def _floats(obj, *names):
       object.__setattr__(obj, name, float(value))
 
 
-class Process:
+class Process(abc.ABC):
   """What every process provides, with the SDE view derived from `alpha` and `sigma`.
 
   A family defines `log_alpha(t)` and `sigma_squared(t)`, and overrides `alpha`, `sigma`,
@@ -62,11 +63,13 @@ class Process:
   def prior_std(self) -> float:
     return 1.0
 
+  @abc.abstractmethod
   def log_alpha(self, t):
-    raise NotImplementedError
+    """log alpha(t); every family defines it."""
 
+  @abc.abstractmethod
   def sigma_squared(self, t):
-    raise NotImplementedError
+    """sigma(t)²; every family defines it (differentiated for g², where sigma's sqrt is not)."""
 
   def alpha(self, t):
     return jnp.exp(self.log_alpha(t))
