@@ -132,8 +132,7 @@ def _ddpm_vlb_terms(process, x0, key, eps_out_fn, variance, stop_mean_gradient=F
   decoder = _sum_per_example(0.5 * (jnp.log(2 * math.pi * var_dec)
                                     + (x0 - mean_p) ** 2 / var_dec))
   terms = T * jnp.where(n == 1, decoder, kl)
-  abar_T = process.alpha_bar_of_step(jnp.full((b,), T, jnp.int32), x0.dtype)
-  prior = prior_kl(_Terminal(abar_T), x0)
+  prior = prior_kl(process, x0)  # alpha(1)² = abar_T exactly: t = 1 is a grid point
   return terms, prior, eps, eps_hat, t
 
 
@@ -184,19 +183,3 @@ def ddpm_hybrid(process, vlb_weight: float = 0.001):
     return jnp.mean(per_example), aux
 
   return objective
-
-
-class _Terminal:
-  """The discrete process's exact marginal at step T, for `prior_kl` (prior N(0, I))."""
-  prior_std = 1.0
-
-  def __init__(self, abar_T):
-    self._abar = abar_T
-
-  def alpha(self, t):
-    del t
-    return jnp.sqrt(self._abar)
-
-  def sigma(self, t):
-    del t
-    return jnp.sqrt(1 - self._abar)

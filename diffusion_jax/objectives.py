@@ -73,7 +73,7 @@ def eps_mse_factor(kind, process, t, sigma_data=param.SIGMA_DATA):
   for VP); score `1 / sigma²`; velocity `(sigma' - alpha' sigma / alpha)²` (= 1/(1-t)² for the
   linear interpolant); edm `(sigma / alpha)² / c_out²`.
   """
-  alpha, sigma, d_alpha, d_sigma = param._coefficients(process, t)  # pylint: disable=protected-access
+  alpha, sigma, d_alpha, d_sigma = param.path_coefficients(process, t)
   if kind == 'eps':
     return jnp.ones_like(t)
   if kind == 'x0':

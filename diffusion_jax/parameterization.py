@@ -50,7 +50,7 @@ def _check_kind(kind):
     raise ValueError(f'unknown prediction kind {kind!r}; choose from {ALL_KINDS}')
 
 
-def _coefficients(process, t):
+def path_coefficients(process, t):
   """alpha, sigma and their time derivatives at `t` (derivatives by forward-mode autodiff)."""
   alpha, d_alpha = jax.jvp(process.alpha, (t,), (jnp.ones_like(t),))
   sigma, d_sigma = jax.jvp(process.sigma, (t,), (jnp.ones_like(t),))
@@ -115,7 +115,7 @@ def target(kind: str, x0, eps, process, t, sigma_data: float = SIGMA_DATA):
     return eps
   if kind == 'x0':
     return x0
-  alpha, sigma, d_alpha, d_sigma = (expand_like(c, x0) for c in _coefficients(process, t))
+  alpha, sigma, d_alpha, d_sigma = (expand_like(c, x0) for c in path_coefficients(process, t))
   if kind == 'v':
     return alpha * eps - sigma * x0
   if kind == 'score':
@@ -142,7 +142,7 @@ def to_x0_eps(kind: str, out, x_t, process, t, sigma_data: float = SIGMA_DATA,
   to `consistency_sigma_min(process)`.
   """
   _check_kind(kind)
-  alpha, sigma, d_alpha, d_sigma = (expand_like(c, x_t) for c in _coefficients(process, t))
+  alpha, sigma, d_alpha, d_sigma = (expand_like(c, x_t) for c in path_coefficients(process, t))
   if kind == 'consistency':
     sigma_min = consistency_sigma_min(process) if sigma_min is None else sigma_min
     c_skip, c_out, _, _ = consistency_coefficients(sigma / alpha, sigma_min, sigma_data)

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.stats as jstats
 
-from diffusion_jax import elbo
 from diffusion_jax import objectives as obj_lib
 
 
@@ -79,4 +78,3 @@ WEIGHTED_OBJECTIVES = {
     'flow_matching': ('linear', {}),
     'vdm_elbo': ('vp_cosine', {}),
 }
-del elbo  # imported so that `objectives` registers the likelihood objectives first
