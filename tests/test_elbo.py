@@ -27,6 +27,18 @@ def _eps_model(proc):
   return analytic.gaussian_optimal_model('eps', jnp.asarray(MU), jnp.asarray(S2), proc)
 
 
+def _assert_mc_matches(objective, proc, exact, key):
+  """Runs `objective` at the exact eps-model on 200,000 examples; its mean NLL must equal
+  `exact` within 5 standard errors. Returns `(x0, objective key, aux)` for further checks."""
+  k_data, k_obj = jax.random.split(key)
+  x0 = _data(k_data, 200_000)
+  _, aux = jax.jit(lambda k: objective(_eps_model(proc), x0, k))(k_obj)
+  nll = np.asarray(aux['nll_nats'], np.float64)
+  se = nll.std() / math.sqrt(nll.size)
+  assert abs(nll.mean() - exact) < 5 * se, (nll.mean(), exact, se)
+  return x0, k_obj, aux
+
+
 def _exact_ddpm_vlb(proc, variance):
   """Sum over n of E[L_{n-1}] with the exact denoiser, in float64: every term is a KL between
   Gaussians whose mean gap is c0 (x0 - E[x0 | x_n]), of variance c0² Var[x0 | x_n]."""
@@ -65,12 +77,7 @@ def test_ddpm_vlb_with_exact_denoiser(variance):
   lo, hi = _VLB_GAP[variance]
   assert TRUE_NLL + lo <= exact <= TRUE_NLL + hi, exact - TRUE_NLL
   objective = elbo.ddpm_vlb(proc, variance=variance)
-  k_data, k_obj = jax.random.split(jax.random.key(0))
-  x0 = _data(k_data, 200_000)
-  _, aux = jax.jit(lambda k: objective(_eps_model(proc), x0, k))(k_obj)
-  nll = np.asarray(aux['nll_nats'], np.float64)
-  se = nll.std() / math.sqrt(nll.size)
-  assert abs(nll.mean() - exact) < 5 * se, (nll.mean(), exact, se)
+  x0, k_obj, aux = _assert_mc_matches(objective, proc, exact, jax.random.key(0))
   worse = jax.jit(lambda k: objective(lambda x, t, c: _eps_model(proc)(x, t, c) + 0.05, x0, k))(
       k_obj)[1]['nll_nats']
   gap = np.asarray(worse - aux['nll_nats'], np.float64)
@@ -101,13 +108,7 @@ def test_vdm_elbo_with_exact_denoiser(name, kwargs, t0):
   proc = processes.make_process(name, **kwargs)
   exact = _exact_vdm_elbo(proc, t0)
   assert TRUE_NLL - 1e-6 <= exact <= TRUE_NLL + 0.01, (exact, TRUE_NLL)
-  objective = elbo.vdm_elbo(proc, t_min=t0)
-  k_data, k_obj = jax.random.split(jax.random.key(1))
-  x0 = _data(k_data, 200_000)
-  _, aux = jax.jit(lambda k: objective(_eps_model(proc), x0, k))(k_obj)
-  nll = np.asarray(aux['nll_nats'], np.float64)
-  se = nll.std() / math.sqrt(nll.size)
-  assert abs(nll.mean() - exact) < 5 * se, (nll.mean(), exact, se)
+  _, _, aux = _assert_mc_matches(elbo.vdm_elbo(proc, t_min=t0), proc, exact, jax.random.key(1))
   np.testing.assert_allclose(aux['bits_per_dim'], aux['nll_nats'] / 3 / math.log(2), rtol=1e-6)
 
 
