@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     'matplotlib>=3.8,<4',
     'absl-py>=2.1,<3',
     'tqdm>=4.66,<5',
+    'diffrax>=0.7,<0.8',
 ]
 
 EXTRAS_REQUIRE = {

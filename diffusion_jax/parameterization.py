@@ -189,4 +189,5 @@ def make_denoiser(model_fn: ModelFn, process, kind: str, clip_x0: float | None =
       eps = (x_t - alpha * x0) / sigma
     return x0, eps
 
+  denoiser.kind = kind   # samplers read it, e.g. to refuse eps-prediction where alpha = 0
   return denoiser

@@ -161,7 +161,7 @@ def test_ddim_eta_needs_key():
 
 
 @pytest.mark.parametrize('name', ['vp_linear', 'vp_cosine', 've', 'edm', 'linear'])
-def test_ddim_continuous_converges_at_first_order_on_every_process(name):
+def test_euler_to_data_converges_at_first_order_on_every_process(name):
   """On a uniform log-SNR grid, the continuous DDIM update converges to its exact limit, the
   posterior mean at the exact PF-ODE point x(t_min) (closed form for Gaussian data), with
   error ∝ 1/steps (fitted slope -1 ± 0.2)."""
@@ -171,14 +171,14 @@ def test_ddim_continuous_converges_at_first_order_on_every_process(name):
     mu, s2 = jnp.asarray(MU), jnp.asarray(S2)
     den = analytic.gaussian_denoiser(mu, s2, proc)
     x_T = proc.prior_sample(jax.random.key(0), (256, 3), jnp.float64)
-    t_start = float(samplers.continuous_time_grid(proc, 2, t_min)[0])  # 1, or clipped log-SNR
+    t_start = float(samplers.time_grid(proc, 1, t_min=t_min).t[0])  # 1, or clipped log-SNR
     x_end = analytic.gaussian_pf_ode_solution(x_T, t_start, t_min, mu, s2, proc)
     exact = den(x_end, t_min)[0]
     steps_list = [20, 40, 80, 160]
     errors = []
     for steps in steps_list:
-      x0, info = jax.jit(lambda x: samplers.ddim_continuous_sample(
-          den, proc, x, steps=steps, t_min=t_min, t_max=t_start))(x_T)
+      x0, info = jax.jit(lambda x: samplers.euler_sample(
+          den, proc, x, steps=steps, grid='log_snr', t_min=t_min, t_max=t_start))(x_T)
       assert info['nfe'] == steps
       errors.append(float(jnp.max(jnp.abs(x0 - exact))))
   slope = np.polyfit(np.log(steps_list), np.log(errors), 1)[0]

@@ -1,0 +1,38 @@
+"""Samplers compiled whole (DESIGN §4): `x0, info = sample(denoiser, process, x_T, key, *,
+steps, cond=None, ...)`.
+
+The prior draw `x_T` is an argument, so comparisons, inversion and interpolation start from
+identical noise. The time grid (`grids`) is separate from the update rule, and each loop is one
+`lax.scan` inside whatever `jit` wraps it. `info['nfe']` is the exact number of network
+evaluations; `info['trajectory']` (with `return_trajectory=True`) stacks the states visited.
+"""
+
+from diffusion_jax.samplers import grids
+from diffusion_jax.samplers.discrete import ddim_sample
+from diffusion_jax.samplers.discrete import ddpm_sample
+from diffusion_jax.samplers.grids import GRIDS
+from diffusion_jax.samplers.grids import SPACINGS
+from diffusion_jax.samplers.grids import Grid
+from diffusion_jax.samplers.grids import discrete_timesteps
+from diffusion_jax.samplers.grids import time_grid
+from diffusion_jax.samplers.ode import FLOW_METHODS
+from diffusion_jax.samplers.ode import euler_sample
+from diffusion_jax.samplers.ode import flow_euler_sample
+from diffusion_jax.samplers.ode import flow_heun_sample
+from diffusion_jax.samplers.ode import flow_midpoint_sample
+from diffusion_jax.samplers.ode import flow_rk4_sample
+from diffusion_jax.samplers.ode import flow_sample
+from diffusion_jax.samplers.ode import heun_sample
+from diffusion_jax.samplers.ode import velocity
+
+# name -> sampler(denoiser, process, x_T, key=None, *, steps, cond=None, ...) -> (x0, info).
+SAMPLERS = {
+    'ddpm': ddpm_sample,
+    'ddim': ddim_sample,
+    'euler': euler_sample,
+    'heun': heun_sample,
+    'flow_euler': flow_euler_sample,
+    'flow_midpoint': flow_midpoint_sample,
+    'flow_heun': flow_heun_sample,
+    'flow_rk4': flow_rk4_sample,
+}

@@ -1,0 +1,79 @@
+"""Pieces every sampler shares: NFE accounting, grid coefficients, the scan driver, the final
+step to data. Samplers are pure functions of `(denoiser, process, x_T, key)`; nothing here holds
+state.
+
+NFE: a denoiser may say how many network evaluations one call costs through an integer
+attribute `evals_per_call` (classifier-free guidance costs 2: conditional and unconditional);
+plain denoisers cost 1. `info['nfe'] = calls * evals_per_call` and `info['denoiser_calls']`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.samplers import grids as grids_lib
+
+
+def evals_per_call(denoiser) -> int:
+  return int(getattr(denoiser, 'evals_per_call', 1))
+
+
+def make_info(denoiser, calls: int, trajectory=None, **extra) -> dict:
+  info = {'nfe': int(calls) * evals_per_call(denoiser), 'denoiser_calls': int(calls)}
+  if trajectory is not None:
+    info['trajectory'] = trajectory
+  info.update(extra)
+  return info
+
+
+def check_terminal_snr(denoiser, alpha_first, who: str):
+  """Refuses eps-prediction where alpha = 0 (zero terminal SNR): there `x0 = (x - sigma eps) /
+  alpha` is 0/0, and the sampler would return inf/NaN (Lin et al. 2024, §3.2)."""
+  if getattr(denoiser, 'kind', None) == 'eps' and float(alpha_first) == 0.0:
+    raise ValueError(f'{who}: the first step is at alpha = 0 (zero terminal SNR), where an eps-'
+                     "prediction model cannot give x0; use a 'v' or 'x0' model, a clipped grid "
+                     "('log_snr', 'karras') or t_max < 1")
+
+
+def require_finite_log_snr(grid: grids_lib.Grid, who: str):
+  if not np.all(np.isfinite(grid.log_snr)):
+    raise ValueError(f'{who} steps in log-SNR / sigma-over-alpha, infinite at t = '
+                     f'{grid.t[0]:.4g} (alpha = 0); use a clipped grid (log_snr, karras) or '
+                     't_max < 1')
+
+
+def make_grid(process, steps, x_T, grid, t_min, t_max, rho, final, log_snr_clip=20.0):
+  return grids_lib.time_grid(process, steps, grid, t_min=t_min, t_max=t_max, rho=rho,
+                             final=final, log_snr_clip=log_snr_clip, dtype=x_T.dtype)
+
+
+def as_arrays(grid: grids_lib.Grid, dtype):
+  """`(t, alpha, sigma, log_snr)` as jnp arrays of `dtype`."""
+  return tuple(jnp.asarray(a, dtype) for a in (grid.t, grid.alpha, grid.sigma, grid.log_snr))
+
+
+def scan(step_fn, carry, xs, return_trajectory: bool, x_of=lambda c: c):
+  """`lax.scan` of `step_fn(carry, x_slice) -> carry`; the trajectory stacks `x_of(carry)`."""
+  def body(c, inputs):
+    c = step_fn(c, inputs)
+    return c, (x_of(c) if return_trajectory else None)
+  return jax.lax.scan(body, carry, xs)
+
+
+def trajectory(x_T, traj, x_last=None):
+  """`[x_T, x_1, ..., x_last]` stacked on a new leading axis."""
+  parts = [x_T[None]] + ([traj] if traj is not None and traj.shape[0] else [])
+  if x_last is not None:
+    parts.append(x_last[None])
+  return jnp.concatenate(parts, axis=0)
+
+
+def to_data(denoiser, x, t_last, cond):
+  """The final step from the last grid time to sigma = 0: `x0_hat` there (1 call)."""
+  x0, _ = denoiser(x, t_last, cond)
+  return x0
+
+
+def need_key(key, who: str, why: str):
+  if key is None:
+    raise ValueError(f'{who}: {why}, so a PRNG key is required (key=jax.random.key(...))')

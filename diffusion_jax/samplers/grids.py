@@ -1,0 +1,147 @@
+"""Time grids, kept separate from the update rules that walk them (DESIGN §4).
+
+A grid is the decreasing sequence of times at which a sampler evaluates the denoiser. Every
+continuous-time sampler takes `grid=` by name:
+
+  't'         uniform in t (flow matching's usual choice);
+  'log_snr'   uniform in log-SNR lambda (DPM-Solver's default, Lu et al. 2022, §3.4);
+  'karras'    Karras et al. (2022, Eq. 5) with exponent `rho` (7 by default) in the noise level
+              `s = sigma / alpha = exp(-lambda / 2)` — EDM's sigma for every process, since
+              `x / alpha = x0 + s eps`;
+  'edm'       the 'karras' grid between EDM's published end points s = 80 and s = 0.002;
+  'leading', 'trailing', 'linspace'
+              the integer DDPM spacings of `discrete_timesteps` (DiscreteVP only), t = n / T.
+
+`final='data'` (the default) ends the grid with one more step from the last grid time to clean
+data (sigma = 0): every sampler makes that step by returning the denoiser's `x0_hat` there,
+which is what every exponential integrator, DDIM and Euler give when sigma_next = 0 (EDM Alg. 2,
+line 8's branch). So `steps` update steps visit `steps` positive noise levels and cost at least
+`steps` evaluations. `final='t_min'` stops at the last grid time instead (`steps + 1` grid
+times, no step to data), which is what convergence tests against a closed-form ODE solution use.
+
+Grids whose log-SNR end point is infinite (zero terminal SNR, the linear interpolant at t = 1)
+start at `lambda = -log_snr_clip` for 'log_snr', 'karras' and 'edm', since an infinite noise level
+cannot be a grid point; 't' and the integer spacings start at `t_max` itself.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SPACINGS = ('leading', 'trailing', 'linspace')
+GRIDS = ('t', 'log_snr', 'karras', 'edm') + SPACINGS
+FINALS = ('data', 't_min')
+EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0
+
+
+def discrete_timesteps(num_train_steps: int, steps: int, spacing: str = 'trailing') -> np.ndarray:
+  """Integer steps `n` (1..T, DDPM's indexing; 0 is clean data) visited, in decreasing order.
+
+  Spacings follow the common definitions, written here in 0-based indices `k = n - 1`
+  (Lin et al. 2024, Table 2): 'linspace' `round(linspace(0, T-1, S))`; 'leading'
+  `arange(S) * (T // S)`; 'trailing' `round(arange(T, 0, -T/S)) - 1`. With S = T all are 1..T.
+  """
+  if spacing not in SPACINGS:
+    raise ValueError(f'unknown timestep spacing {spacing!r}; choose from {SPACINGS}')
+  if not 1 <= steps <= num_train_steps:
+    raise ValueError(f'steps={steps} must lie in [1, {num_train_steps}] (the training steps T)')
+  T, S = num_train_steps, steps
+  if spacing == 'linspace':
+    k = np.round(np.linspace(0, T - 1, S))
+  elif spacing == 'leading':
+    k = np.arange(S) * (T // S)
+  else:
+    k = np.round(np.arange(T, 0, -T / S)) - 1
+  n = np.unique(k.astype(np.int64) + 1)[::-1]
+  if n.size != S:  # rounding collided; cannot happen for S <= T with these rules, but check.
+    raise ValueError(f'spacing {spacing!r} gives {n.size} distinct steps for steps={S}')
+  return n
+
+
+class Grid(NamedTuple):
+  """Decreasing grid times with positive noise, their coefficients, and whether a final step
+  to clean data follows. All arrays are concrete `[K]` (numpy), `K = steps` when `to_data`,
+  else `steps + 1`."""
+  t: np.ndarray
+  alpha: np.ndarray
+  sigma: np.ndarray
+  log_snr: np.ndarray
+  to_data: bool
+
+  @property
+  def s(self) -> np.ndarray:
+    """`sigma / alpha`, EDM's noise level (inf where alpha = 0)."""
+    with np.errstate(divide='ignore'):
+      return self.sigma / self.alpha
+
+  @property
+  def steps(self) -> int:
+    return self.t.shape[0] - 1 + int(self.to_data)
+
+
+def _karras(s_max, s_min, n, rho):
+  ramp = np.linspace(0.0, 1.0, n)
+  return (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+
+
+def time_grid(process, steps: int, grid: str = 'log_snr', *, t_min: float | None = None,
+              t_max: float = 1.0, rho: float = 7.0, final: str = 'data',
+              log_snr_clip: float = 20.0, dtype=None) -> Grid:
+  """The grid of `steps` update steps for `process` (see the module docstring).
+
+  `t_min` defaults to the process's `t_min` (the smallest time it was trained on). Computed
+  eagerly (also inside `jit`), in `dtype` (float32, or float64 under `jax.enable_x64`).
+  """
+  if grid not in GRIDS:
+    raise ValueError(f'unknown time grid {grid!r}; choose from {GRIDS}')
+  if final not in FINALS:
+    raise ValueError(f'final={final!r}; choose from {FINALS}')
+  if int(steps) != steps or steps < 1:
+    raise ValueError(f'steps={steps} must be an integer >= 1')
+  dtype = dtype or jnp.result_type(float)
+  n = steps if final == 'data' else steps + 1           # grid times with positive noise
+  with jax.ensure_compile_time_eval():
+    if grid in SPACINGS:
+      T = getattr(process, 'num_steps', None)
+      if T is None:
+        raise ValueError(f'grid {grid!r} is an integer DDPM spacing and needs a DiscreteVP '
+                         f'process; got {type(process).__name__} (use t, log_snr or karras)')
+      t = jnp.asarray(discrete_timesteps(T, n, grid) / T, dtype)
+    else:
+      t_min = float(getattr(process, 't_min', 0.0) if t_min is None else t_min)
+      if not 0.0 <= t_min < t_max <= 1.0:
+        raise ValueError(f'need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}')
+      if grid == 't':
+        t = jnp.linspace(t_max, t_min, n, dtype=dtype)
+      else:
+        lam_raw = np.asarray(process.log_snr(jnp.asarray([t_max, t_min], dtype)), np.float64)
+        lam_ends = np.clip(lam_raw, -log_snr_clip, log_snr_clip)
+        if grid == 'log_snr':
+          lam = np.linspace(lam_ends[0], lam_ends[1], n)
+        else:
+          s_max, s_min = np.exp(-0.5 * lam_ends)
+          if grid == 'edm':
+            if not s_min <= EDM_SIGMA_MIN < EDM_SIGMA_MAX <= s_max:
+              raise ValueError(f"grid 'edm' spans sigma/alpha in [{EDM_SIGMA_MIN}, "
+                               f'{EDM_SIGMA_MAX}], outside this process range [{s_min:.4g}, '
+                               f"{s_max:.4g}]; use grid='karras'")
+            s_max, s_min = EDM_SIGMA_MAX, EDM_SIGMA_MIN
+          lam = -2.0 * np.log(_karras(s_max, s_min, n, rho))
+        t = process.t_of_log_snr(jnp.asarray(lam, dtype))
+        if grid != 'edm':   # unclipped end points exactly, not through the inverse
+          if abs(lam_raw[0]) <= log_snr_clip:
+            t = t.at[0].set(t_max)
+          if abs(lam_raw[1]) <= log_snr_clip and n > 1:
+            t = t.at[-1].set(t_min)
+    t = jnp.asarray(t, dtype)
+    alpha, sigma, lam = process.alpha(t), process.sigma(t), process.log_snr(t)
+    out = Grid(*(np.asarray(a) for a in (t, alpha, sigma, lam)), to_data=final == 'data')
+  if np.any(np.diff(out.t) >= 0):
+    raise ValueError(f'grid {grid!r} with steps={steps} is not strictly decreasing in t '
+                     f'(t = {out.t}); use fewer steps or another grid')
+  if np.any(out.sigma <= 0) or np.any(~np.isfinite(out.t)):
+    raise ValueError(f'grid {grid!r} has a point with sigma <= 0 or non-finite t: '
+                     f'sigma = {out.sigma}; raise t_min')
+  return out
