@@ -1,12 +1,8 @@
 """Euler, Heun (EDM) and the flow-ODE Runge-Kutta solvers: measured convergence order on
 Gaussian data against the closed-form PF-ODE solution (DESIGN §6)."""
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from diffusion_jax import analytic
 from diffusion_jax import processes
 from diffusion_jax import samplers
 

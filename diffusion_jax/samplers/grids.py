@@ -3,7 +3,8 @@
 A grid is the decreasing sequence of times at which a sampler evaluates the denoiser. Every
 continuous-time sampler takes `grid=` by name:
 
-  't'         uniform in t (flow matching's usual choice);
+  't'         uniform in t (flow matching's usual choice); where sigma(t_min) = 0 the step to
+              data is one of the uniform steps, so t = 1, 1 - 1/N, ..., 1/N, then 0;
   'log_snr'   uniform in log-SNR lambda (DPM-Solver's default, Lu et al. 2022, §3.4);
   'karras'    Karras et al. (2022, Eq. 5) with exponent `rho` (7 by default) in the noise level
               `s = sigma / alpha = exp(-lambda / 2)` — EDM's sigma for every process, since
@@ -114,7 +115,11 @@ def time_grid(process, steps: int, grid: str = 'log_snr', *, t_min: float | None
       if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(f'need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}')
       if grid == 't':
-        t = jnp.linspace(t_max, t_min, n, dtype=dtype)
+        # If t_min is clean data itself (sigma = 0, e.g. the linear interpolant), the final step
+        # to data lands on it: the n grid times are the first n of n + 1 uniform ones.
+        at_data = final == 'data' and float(process.sigma(jnp.asarray(t_min, dtype))) == 0.0
+        t = jnp.linspace(t_max, t_min, n + 1, dtype=dtype)[:-1] if at_data else \
+            jnp.linspace(t_max, t_min, n, dtype=dtype)
       else:
         lam_raw = np.asarray(process.log_snr(jnp.asarray([t_max, t_min], dtype)), np.float64)
         lam_ends = np.clip(lam_raw, -log_snr_clip, log_snr_clip)
@@ -142,6 +147,6 @@ def time_grid(process, steps: int, grid: str = 'log_snr', *, t_min: float | None
     raise ValueError(f'grid {grid!r} with steps={steps} is not strictly decreasing in t '
                      f'(t = {out.t}); use fewer steps or another grid')
   if np.any(out.sigma <= 0) or np.any(~np.isfinite(out.t)):
-    raise ValueError(f'grid {grid!r} has a point with sigma <= 0 or non-finite t: '
-                     f'sigma = {out.sigma}; raise t_min')
+    raise ValueError(f'grid {grid!r} has a point with sigma <= 0 or non-finite t (sigma = '
+                     f"{out.sigma}); use final='data' (it ends at sigma = 0) or raise t_min")
   return out

@@ -163,10 +163,10 @@ def flow_sample(denoiser, process, x_T, key=None, *, steps: int, method: str = '
     t_i, t_n = inputs
     h = t_n - t_i
     ks = []
-    for ci, ai in zip(c, a):
-      xi = x + h * sum((aij * kj for aij, kj in zip(ai, ks) if aij), jnp.zeros_like(x))
+    for ci, ai in zip(c, a, strict=True):
+      xi = x + h * sum((aij * kj for aij, kj in zip(ai, ks, strict=True) if aij), jnp.zeros_like(x))
       ks.append(velocity(denoiser, process, xi, t_i + ci * h, cond))
-    return x + h * sum((bi * ki for bi, ki in zip(b, ks) if bi), jnp.zeros_like(x))
+    return x + h * sum((bi * ki for bi, ki in zip(b, ks, strict=True) if bi), jnp.zeros_like(x))
 
   x, traj = _common.scan(step, x_T, (t[:-1], t[1:]), return_trajectory)
   calls = len(c) * (t.shape[0] - 1)
