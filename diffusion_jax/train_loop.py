@@ -12,6 +12,7 @@ straight to sampling and evaluation. Everything the run leaves is in `workdir`:
 """
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -42,8 +43,10 @@ from diffusion_jax.models import MODELS
 log = logging.getLogger(__name__)
 
 DATASETS = ('digits',)
-# Keyword arguments each named sampler accepts from `config.sample`.
-SAMPLER_OPTIONS = {'ddpm': ('variance', 'spacing'), 'ddim': ('eta', 'spacing')}
+# Sampler keyword options `config.sample` may set (None = the sampler's own default). Only the
+# ones the chosen sampler accepts may be set; others are a ConfigError naming the key.
+SAMPLER_OPTIONS = ('grid', 'spacing', 'variance', 'eta', 'rho', 't_min', 's_churn', 'order',
+                   'method', 'variant', 'rtol', 'atol', 'solver', 'snr', 'corrector_steps')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +61,25 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
+  """`sampler` names an entry of `samplers.SAMPLERS`; the optional fields are its keyword
+  options (None = the sampler's default; in configs, `ml_collections.config_dict.placeholder`)."""
   sampler: str = 'ddpm'
   steps: int = 100
-  eta: float = 0.0
-  variance: str = 'small'
-  spacing: str = 'trailing'
+  grid: str | None = None
+  spacing: str | None = None
+  variance: str | None = None
+  eta: float | None = None
+  rho: float | None = None
+  t_min: float | None = None
+  s_churn: float | None = None
+  order: int | None = None
+  method: str | None = None
+  variant: str | None = None
+  rtol: float | None = None
+  atol: float | None = None
+  solver: str | None = None
+  snr: float | None = None
+  corrector_steps: int | None = None
   clip_x0: float = 1.0          # clip x0_hat to the data range; 0 disables
   batch_size: int = 500
   grid_size: int = 100          # images in samples.png
@@ -109,12 +126,10 @@ def build(config: ml_collections.ConfigDict) -> Setup:
 
   objective_cfg = dict(config.objective)
   name = configuration.choice('objective.name', objective_cfg.pop('name'), objectives.OBJECTIVES)
-  if (name in ('ddpm_hybrid', 'consistency_training', 'consistency_distillation')
-      or objective_cfg.get('variance') == 'learned'):
-    # Their networks need samplers this loop does not have yet (learned-variance DDPM,
-    # consistency sampling); the objectives themselves are usable from the library.
-    raise ConfigError(f'config.objective.name={name!r}: the training loop cannot sample this '
-                      'model yet (learned variance / consistency); use the library API')
+  if name == 'consistency_distillation':
+    # It needs a trained teacher's denoiser, which a from-scratch run does not have.
+    raise ConfigError("config.objective.name='consistency_distillation' needs a teacher "
+                      'denoiser; call objectives.make_objective from the library with one')
   try:
     objective = objectives.make_objective(name, process, **objective_cfg)
   except (TypeError, ValueError) as e:
@@ -136,22 +151,44 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   configuration.choice('optim.schedule', optim.schedule, ('constant', 'cosine'))
 
   sample = configuration.from_section(SampleConfig, 'sample', config.sample)
-  configuration.choice('sample.sampler', sample.sampler, SAMPLER_OPTIONS)
-  configuration.choice('sample.spacing', sample.spacing, samplers.SPACINGS)
-  configuration.choice('sample.variance', sample.variance, ('small', 'large'))
-  if not hasattr(process, 'num_steps'):
-    raise ConfigError(f'config.sample.sampler={sample.sampler!r} runs on the discrete DDPM grid; '
-                      f'config.process.name={config.process.name!r} has none')
-  if not 1 <= sample.steps <= process.num_steps:
-    raise ConfigError(f'config.sample.steps={sample.steps}: must lie in [1, '
-                      f'{process.num_steps}] (config.process.num_steps)')
+  configuration.choice('sample.sampler', sample.sampler, samplers.SAMPLERS)
   configuration.positive('sample.batch_size', sample.batch_size)
+  kind = objectives.PREDICTION_KIND[name]
+  _check_sampler(sample, process, kind, digits.IMAGE_SHAPE)
 
   ev = configuration.from_section(EvalConfig, 'eval', config.eval)
   configuration.positive('eval.num_samples', ev.num_samples)
   return Setup(train=train, sample=sample, eval=ev, optim=optim, process=process,
-               objective=objective, kind=objectives.PREDICTION_KIND[name], model=model,
+               objective=objective, kind=kind, model=model,
                conditional=getattr(model, 'num_classes', 0) > 0)
+
+
+def sampler_options(sample: SampleConfig) -> dict:
+  """The sampler keyword options set in `config.sample` (those not None)."""
+  return {k: getattr(sample, k) for k in SAMPLER_OPTIONS if getattr(sample, k) is not None}
+
+
+def _check_sampler(sample: SampleConfig, process, kind: str, image_shape):
+  """Checks the options against the sampler's signature, then traces it abstractly with a
+  stand-in denoiser (no compile) so that bad grids, step counts or processes fail now."""
+  fn = samplers.SAMPLERS[sample.sampler]
+  options = sampler_options(sample)
+  accepted = [k for k in SAMPLER_OPTIONS if k in inspect.signature(fn).parameters]
+  for k, v in options.items():
+    if k not in accepted:
+      raise ConfigError(f'config.sample.{k}={v!r}: sampler {sample.sampler!r} takes no {k!r}; '
+                        f'its options are {accepted}')
+
+  def denoiser(x, t, cond=None):
+    return x, x
+  denoiser.kind = kind
+  x = jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.float32)
+  try:
+    jax.eval_shape(lambda x: fn(denoiser, process, x, jax.random.key(0), steps=sample.steps,
+                                **options)[0], x)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.sample (sampler={sample.sampler!r}, steps={sample.steps}): '
+                      f'{str(e).splitlines()[0]}') from None
 
 
 def _check_model(model, image_shape):
@@ -214,14 +251,17 @@ def make_sample_fn(setup: Setup):
   """`sample(params, x_T, key, cond) -> x0` compiled whole, for the configured sampler."""
   s = setup.sample
   clip = s.clip_x0 if s.clip_x0 > 0 else None
-  options = {k: getattr(s, k) for k in SAMPLER_OPTIONS[s.sampler]}
+  options = sampler_options(s)
   sampler = samplers.SAMPLERS[s.sampler]
 
   @jax.jit
   def sample(params, x_T, key, cond=None):
     def model_fn(x, t, c):
       return setup.model.apply({'params': params}, x, t, c)
-    den = parameterization.make_denoiser(model_fn, setup.process, setup.kind, clip_x0=clip)
+    den = parameterization.make_denoiser(
+        model_fn, setup.process, setup.kind, clip_x0=clip,
+        sigma_min=(parameterization.consistency_sigma_min(setup.process)
+                   if setup.kind == 'consistency' else None))
     x0, _ = sampler(den, setup.process, x_T, key, steps=s.steps, cond=cond, **options)
     return x0
 

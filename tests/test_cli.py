@@ -118,8 +118,10 @@ def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path, cache_dir):
 @pytest.mark.parametrize('override, expected', [
     ('--config.train.num_step=3', "unknown config key 'num_step' in --config.train.num_step"),
     ('--config.train.num_steps=abc', '--config.train.num_steps=abc'),
-    ('--config.sample.sampler=euler', "config.sample.sampler='euler': unknown"),
-    ('--config.sample.steps=5000', 'config.sample.steps=5000'),
+    ('--config.sample.sampler=dpm_solver_9', "config.sample.sampler='dpm_solver_9': unknown"),
+    ('--config.sample.steps=5000', 'steps=5000 must lie in [1, 1000]'),
+    ('--config.sample.eta=0.5', "config.sample.eta=0.5: sampler 'ddpm' takes no 'eta'"),
+    ('--config.sample.grid=karras', "sampler 'ddpm' takes no 'grid'"),
     ('--config.trains.lr=1', "unknown config key 'trains'"),
     ('--config.model.ch=10', 'config.model: UNet: num_groups=4 must divide'),
     ('--config.train.batch_size=0', 'config.train.batch_size=0: must be > 0'),

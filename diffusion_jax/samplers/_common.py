@@ -26,13 +26,18 @@ def make_info(denoiser, calls: int, trajectory=None, **extra) -> dict:
   return info
 
 
+# Kinds whose conversion to x0 divides by alpha (to_x0_eps): undefined where alpha = 0.
+DIVIDE_BY_ALPHA = ('eps', 'score', 'edm', 'consistency')
+
+
 def check_terminal_snr(denoiser, alpha_first, who: str):
-  """Refuses eps-prediction where alpha = 0 (zero terminal SNR): there `x0 = (x - sigma eps) /
-  alpha` is 0/0, and the sampler would return inf/NaN (Lin et al. 2024, §3.2)."""
-  if getattr(denoiser, 'kind', None) == 'eps' and float(alpha_first) == 0.0:
-    raise ValueError(f'{who}: the first step is at alpha = 0 (zero terminal SNR), where an eps-'
-                     "prediction model cannot give x0; use a 'v' or 'x0' model, a clipped grid "
-                     "('log_snr', 'karras') or t_max < 1")
+  """Refuses eps-type predictions where alpha = 0 (zero terminal SNR): there `x0 = (x - sigma
+  eps) / alpha` is 0/0, and the sampler would return inf/NaN (Lin et al. 2024, §3.2)."""
+  kind = getattr(denoiser, 'kind', None)
+  if kind in DIVIDE_BY_ALPHA and float(alpha_first) == 0.0:
+    raise ValueError(f'{who}: the first step is at alpha = 0 (zero terminal SNR), where a '
+                     f"{kind!r}-prediction model cannot give x0; use a 'v' or 'x0' model, a "
+                     "clipped grid ('log_snr', 'karras') or t_max < 1")
 
 
 def require_finite_log_snr(grid: grids_lib.Grid, who: str):

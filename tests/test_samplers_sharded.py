@@ -1,0 +1,44 @@
+"""Samplers run sharded over devices: the batch axis of `x_T` split over 8 CPU devices gives
+the same samples as one device (DESIGN §4, §5). Runs in a subprocess, since the device count is
+fixed when JAX starts."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from diffusion_jax import analytic, processes, samplers
+    assert jax.device_count() == 8, jax.devices()
+    proc = processes.DiscreteVP.from_name('linear', 1000)
+    den = analytic.gmm_denoiser([0.5, 0.5], [[-1.0, 0.0], [1.0, 0.5]], [[0.05] * 2] * 2, proc)
+    x_T = jax.random.normal(jax.random.key(0), (64, 2))
+    sharding = NamedSharding(Mesh(np.array(jax.devices()), ('data',)), P('data'))
+    names = sorted(samplers.SAMPLERS)
+    for name in names:
+      fn = samplers.SAMPLERS[name]
+      run = jax.jit(lambda x, k: fn(den, proc, x, k, steps=8)[0])
+      try:
+        ref = run(x_T, jax.random.key(1))
+      except (TypeError, ValueError) as e:   # a sampler that needs other arguments
+        print('SKIP', name, e)
+        continue
+      out = run(jax.device_put(x_T, sharding), jax.random.key(1))
+      assert out.sharding.is_equivalent_to(sharding, 2), (name, out.sharding)
+      err = float(jnp.max(jnp.abs(out - ref)))
+      assert err < 1e-5, (name, err)
+      print('OK', name, err)
+""")
+
+
+def test_every_sampler_runs_sharded_and_matches_one_device():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  root = os.path.join(os.path.dirname(__file__), '..')
+  done = subprocess.run([sys.executable, '-c', SCRIPT], cwd=root, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+  ok = [ln for ln in done.stdout.splitlines() if ln.startswith('OK')]
+  assert len(ok) >= 6, done.stdout
