@@ -15,6 +15,14 @@ from diffusion_jax.samplers.grids import SPACINGS
 from diffusion_jax.samplers.grids import Grid
 from diffusion_jax.samplers.grids import discrete_timesteps
 from diffusion_jax.samplers.grids import time_grid
+from diffusion_jax.samplers.dpm_solver import dpm_solver_1_sample
+from diffusion_jax.samplers.dpm_solver import dpm_solver_2_sample
+from diffusion_jax.samplers.dpm_solver import dpm_solver_3_sample
+from diffusion_jax.samplers.dpm_solver import dpm_solver_pp_2m_sample
+from diffusion_jax.samplers.dpm_solver import dpm_solver_pp_3m_sample
+from diffusion_jax.samplers.dpm_solver import dpm_solver_pp_sample
+from diffusion_jax.samplers.dpm_solver import dpm_solver_pp_sde_sample
+from diffusion_jax.samplers.dpm_solver import dpm_solver_sample
 from diffusion_jax.samplers.ode import FLOW_METHODS
 from diffusion_jax.samplers.ode import euler_sample
 from diffusion_jax.samplers.ode import flow_euler_sample
@@ -24,6 +32,9 @@ from diffusion_jax.samplers.ode import flow_rk4_sample
 from diffusion_jax.samplers.ode import flow_sample
 from diffusion_jax.samplers.ode import heun_sample
 from diffusion_jax.samplers.ode import velocity
+from diffusion_jax.samplers.unipc import unipc_bh1_sample
+from diffusion_jax.samplers.unipc import unipc_bh2_sample
+from diffusion_jax.samplers.unipc import unipc_sample
 
 # name -> sampler(denoiser, process, x_T, key=None, *, steps, cond=None, ...) -> (x0, info).
 SAMPLERS = {
@@ -35,4 +46,12 @@ SAMPLERS = {
     'flow_midpoint': flow_midpoint_sample,
     'flow_heun': flow_heun_sample,
     'flow_rk4': flow_rk4_sample,
+    'dpm_solver_1': dpm_solver_1_sample,
+    'dpm_solver_2': dpm_solver_2_sample,
+    'dpm_solver_3': dpm_solver_3_sample,
+    'dpm_solver_pp_2m': dpm_solver_pp_2m_sample,
+    'dpm_solver_pp_3m': dpm_solver_pp_3m_sample,
+    'dpm_solver_pp_2m_sde': dpm_solver_pp_sde_sample,
+    'unipc_bh1': unipc_bh1_sample,
+    'unipc_bh2': unipc_bh2_sample,
 }
