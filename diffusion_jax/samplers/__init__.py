@@ -9,7 +9,10 @@ evaluations; `info['trajectory']` (with `return_trajectory=True`) stacks the sta
 
 from diffusion_jax.samplers import grids
 from diffusion_jax.samplers.discrete import ddim_sample
+from diffusion_jax.samplers.discrete import ddim_invert
 from diffusion_jax.samplers.discrete import ddpm_sample
+from diffusion_jax.samplers.discrete import euler_invert
+from diffusion_jax.samplers.discrete import learned_variance_denoiser
 from diffusion_jax.samplers.grids import GRIDS
 from diffusion_jax.samplers.grids import SPACINGS
 from diffusion_jax.samplers.grids import Grid
@@ -32,6 +35,9 @@ from diffusion_jax.samplers.ode import flow_rk4_sample
 from diffusion_jax.samplers.ode import flow_sample
 from diffusion_jax.samplers.ode import heun_sample
 from diffusion_jax.samplers.ode import velocity
+from diffusion_jax.samplers.sde import consistency_multistep_sample
+from diffusion_jax.samplers.sde import euler_maruyama_sample
+from diffusion_jax.samplers.sde import pc_sample
 from diffusion_jax.samplers.unipc import unipc_bh1_sample
 from diffusion_jax.samplers.unipc import unipc_bh2_sample
 from diffusion_jax.samplers.unipc import unipc_sample
@@ -54,4 +60,7 @@ SAMPLERS = {
     'dpm_solver_pp_2m_sde': dpm_solver_pp_sde_sample,
     'unipc_bh1': unipc_bh1_sample,
     'unipc_bh2': unipc_bh2_sample,
+    'euler_maruyama': euler_maruyama_sample,
+    'pc': pc_sample,
+    'consistency': consistency_multistep_sample,
 }

@@ -6,25 +6,40 @@ identical noise. The time grid is separate from the update rule, and the whole l
 (DESIGN §4). `info['nfe']` is the exact number of denoiser (network) evaluations.
 
 This module holds the discrete samplers that run on DDPM's integer grid with the exact
-`alphas_cumprod` (DESIGN §1): DDPM ancestral sampling and DDIM.
+`alphas_cumprod` (DESIGN §1): DDPM ancestral sampling (fixed or learned variance, with
+`learned_variance_denoiser`) and DDIM, with DDIM inversion (`ddim_invert`) and its continuous
+counterpart (`euler_invert`, the inverse of `euler_sample`).
 """
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import parameterization
+from diffusion_jax.elbo import split_learned_variance
+from diffusion_jax.parameterization import expand_like
 from diffusion_jax.samplers import _common
 from diffusion_jax.samplers.grids import discrete_timesteps
 
+VARIANCES = ('small', 'large', 'learned')
 
-def _pairs(process, steps, spacing, denoiser, who):
-  """`(n, m)` step pairs from the grid down to 0: each update goes from `n` to `m < n`."""
+
+def _steps(process, steps, spacing, denoiser, who) -> np.ndarray:
+  """The integer steps `n` visited (decreasing, numpy), after checking the process and model."""
   if not hasattr(process, 'num_steps'):
     raise ValueError(f'{who} runs on the integer steps of a DiscreteVP process; got '
                      f"{type(process).__name__} (use 'euler', 'dpm_solver_pp' or another "
                      'continuous-time sampler)')
   n = discrete_timesteps(process.num_steps, steps, spacing)
   _common.check_terminal_snr(denoiser, process.alphas_cumprod[n[0] - 1], who)
+  return n
+
+
+def _pairs(process, steps, spacing, denoiser, who):
+  """`(n, m)` step pairs from the grid down to 0: each update goes from `n` to `m < n`."""
+  n = _steps(process, steps, spacing, denoiser, who)
   m = np.concatenate([n[1:], [0]])
   return jnp.asarray(n, jnp.int32), jnp.asarray(m, jnp.int32)
 
@@ -64,6 +79,52 @@ def ddim_sample(denoiser, process, x_T, key=None, *, steps: int, eta: float = 0.
   return _scan(step, x_T, (n, m, keys), return_trajectory, denoiser)
 
 
+class LearnedVarianceDenoiser:
+  """See `learned_variance_denoiser`."""
+  evals_per_call = 1
+
+  def __init__(self, model_fn, process, kind: str = 'eps', clip_x0: float | None = None,
+               sigma_data: float = parameterization.SIGMA_DATA, sigma_min: float | None = None):
+    if kind not in parameterization.ALL_KINDS:
+      raise ValueError(f'unknown prediction kind {kind!r}; choose from '
+                       f'{parameterization.ALL_KINDS}')
+    self.model_fn, self.process, self.kind, self.clip_x0 = model_fn, process, kind, clip_x0
+    self.sigma_data, self.sigma_min = sigma_data, sigma_min
+
+  def with_variance(self, x_t, t, cond: Any = None):
+    """`(x0_hat, eps_hat, v)`, one network call."""
+    process = self.process
+    t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), x_t.shape[:1])
+    x_in, t_in = parameterization.network_input(self.kind, x_t, t, process, self.sigma_data)
+    out, v = split_learned_variance(self.model_fn(x_in, t_in, cond))
+    x0, eps = parameterization.to_x0_eps(self.kind, out, x_t, process, t, self.sigma_data,
+                                         self.sigma_min)
+    if self.clip_x0 is not None:
+      x0 = jnp.clip(x0, -self.clip_x0, self.clip_x0)
+      alpha, sigma = expand_like(process.alpha(t), x_t), expand_like(process.sigma(t), x_t)
+      eps = (x_t - alpha * x0) / sigma
+    return x0, eps, v
+
+  def __call__(self, x_t, t, cond: Any = None):
+    x0, eps, _ = self.with_variance(x_t, t, cond)
+    return x0, eps
+
+
+def learned_variance_denoiser(model_fn, process, kind: str = 'eps',
+                              clip_x0: float | None = None, **kwargs) -> LearnedVarianceDenoiser:
+  """A denoiser for a network that also outputs Nichol & Dhariwal's variance interpolation.
+
+  `model_fn(x_t, t, cond) -> out [..., 2C]`: the first C channels are a prediction of `kind`
+  (any of `parameterization.ALL_KINDS`), the last C the raw `v` in [-1, 1]
+  (`elbo.split_learned_variance`). Calling the result gives `(x0_hat, eps_hat)`, so every
+  sampler works with it; `.with_variance(x_t, t, cond)` gives `(x0_hat, eps_hat, v)` with `v`
+  in [0, 1] from the same single network call, which `ddpm_sample(variance='learned')` uses.
+  `clip_x0` and `kwargs` (`sigma_data`, `sigma_min`) as in `make_denoiser`. Attributes `kind`
+  and `evals_per_call = 1`.
+  """
+  return LearnedVarianceDenoiser(model_fn, process, kind, clip_x0, **kwargs)
+
+
 def ddpm_sample(denoiser, process, x_T, key, *, steps: int | None = None, cond=None,
                 variance: str = 'small', spacing: str = 'trailing',
                 return_trajectory: bool = False):
@@ -72,11 +133,20 @@ def ddpm_sample(denoiser, process, x_T, key, *, steps: int | None = None, cond=N
   Each update draws from `q(x_m | x_n, x0 = x0_hat)`, the Gaussian posterior (Eqs. 6–7) with
   `beta = 1 - abar_n / abar_m` (the respacing of Nichol & Dhariwal 2021, §4): mean
   `sqrt(abar_m) beta / (1 - abar_n) x0_hat + sqrt(1 - beta) (1 - abar_m) / (1 - abar_n) x_n`,
-  variance `(1 - abar_m) / (1 - abar_n) beta` ('small', the posterior's) or `beta` ('large').
-  The last update (to m = 0) adds no noise and returns `x0_hat`.
+  variance `beta~ = (1 - abar_m) / (1 - abar_n) beta` ('small', the posterior's), `beta`
+  ('large'), or 'learned': `exp(v log beta + (1 - v) log beta~)` per dimension (Nichol &
+  Dhariwal 2021, Eq. 15) on the respaced betas, with `v` from `denoiser.with_variance` (see
+  `learned_variance_denoiser`; same single call per step). All three form the noise scale as
+  `exp(log_var / 2)`, so `v = 1` is 'large' and `v = 0` is 'small' bit for bit. The last update
+  (to m = 0) adds no noise and returns `x0_hat`.
   """
-  if variance not in ('small', 'large'):
-    raise ValueError(f"variance={variance!r}; choose 'small' or 'large'")
+  if variance not in VARIANCES:
+    raise ValueError(f'variance={variance!r}; choose from {VARIANCES}')
+  learned = variance == 'learned'
+  if learned and not callable(getattr(denoiser, 'with_variance', None)):
+    raise ValueError("ddpm_sample(variance='learned') needs a denoiser with a `with_variance("
+                     "x_t, t, cond) -> (x0, eps, v)` method (e.g. samplers.discrete."
+                     f'learned_variance_denoiser); got {type(denoiser).__name__} without one')
   n, m = _pairs(process, steps or getattr(process, 'num_steps', 1), spacing, denoiser,
                 'ddpm_sample')
   keys = jax.random.split(key, n.shape[0])
@@ -85,11 +155,110 @@ def ddpm_sample(denoiser, process, x_T, key, *, steps: int | None = None, cond=N
     abar_n = process.alpha_bar_of_step(n, x.dtype)
     abar_m = process.alpha_bar_of_step(m, x.dtype)
     beta = 1 - abar_n / abar_m
-    x0, _ = denoiser(x, process.t_of_step(n, x.dtype), cond)
+    t = process.t_of_step(n, x.dtype)
+    if learned:
+      x0, _, v = denoiser.with_variance(x, t, cond)
+    else:
+      (x0, _), v = denoiser(x, t, cond), (0.0 if variance == 'small' else 1.0)
     mean = (jnp.sqrt(abar_m) * beta / (1 - abar_n)) * x0 \
         + (jnp.sqrt(1 - beta) * (1 - abar_m) / (1 - abar_n)) * x
-    var = beta * (1 - abar_m) / (1 - abar_n) if variance == 'small' else beta
-    noise = jnp.where(m > 0, jnp.sqrt(var), 0.0) * jax.random.normal(k, x.shape, x.dtype)
-    return mean + noise
+    # beta~ = 0 on the last update (m = 0), which adds no noise: any finite log keeps it clean.
+    log_tilde = jnp.log(jnp.where(m > 0, beta * (1 - abar_m) / (1 - abar_n), beta))
+    log_var = v * jnp.log(beta) + (1 - v) * log_tilde
+    std = jnp.where(m > 0, jnp.exp(0.5 * log_var), 0.0)
+    return mean + std * jax.random.normal(k, x.shape, x.dtype)
 
   return _scan(step, x_T, (n, m, keys), return_trajectory, denoiser)
+
+
+# --- inversion: data -> noise along the deterministic sampler's path --------------------------
+
+
+def _invert(denoiser, x, t, alpha, s, cond, iterations, return_trajectory):
+  """Runs the deterministic sampler's steps backwards, from level 0 up to level K - 1.
+
+  Level arrays `t, alpha, s = sigma / alpha` (`[K]`, increasing noise; `s[0]` is the
+  input's level, 0 for clean data). The forward step from level `j + 1` to `j` is
+  `x_j / alpha_j = x_{j+1} / alpha_{j+1} + (s_j - s_{j+1}) eps_hat(x_{j+1}, t_{j+1})`; its
+  inverse is implicit in `x_{j+1}`, solved by `iterations` fixed-point sweeps from
+  `x_{j+1} = alpha_{j+1} x_j / alpha_j`. Returns `(x, calls, trajectory)`.
+  """
+  def step(y, inputs):
+    t_n, a_n, s_n, s_m = inputs                       # target level n, from level m < n
+    y_n = y
+    for _ in range(iterations):
+      _, eps = denoiser(a_n * y_n, t_n, cond)
+      y_n = y + (s_n - s_m) * eps
+    return y_n
+
+  xs = (t[1:], alpha[1:], s[1:], s[:-1])
+  y, traj = _common.scan(step, x / alpha[0], xs, return_trajectory)
+  x_out = alpha[-1] * y
+  trajectory = None
+  if return_trajectory:
+    trajectory = _common.trajectory(x, expand_like(alpha[1:], traj) * traj)
+  return x_out, iterations * (t.shape[0] - 1), trajectory
+
+
+def _check_iterations(iterations, who):
+  if int(iterations) != iterations or iterations < 1:
+    raise ValueError(f'{who}: iterations={iterations} must be an integer >= 1')
+  return int(iterations)
+
+
+def ddim_invert(denoiser, process, x0, *, steps: int, cond=None, spacing: str = 'trailing',
+                iterations: int = 1, return_trajectory: bool = False):
+  """DDIM inversion: encodes data `x0` into `x_T` along the path `ddim_sample(eta=0)` decodes.
+
+  Walks `ddim_sample`'s steps backwards, `0 -> n_{S-1} -> ... -> n_0 = T` (the same `steps`
+  and `spacing`). Each DDIM step `n -> m` is `x_m / sqrt(abar_m) = x_n / sqrt(abar_n) + (s_m -
+  s_n) eps_hat(x_n, n)` with `s = sqrt((1 - abar) / abar)`, implicit when solved for `x_n`:
+  `iterations` fixed-point sweeps `x_n <- sqrt(abar_n) (x_m / sqrt(abar_m) + (s_n - s_m)
+  eps_hat(x_n, n))`, started from `x_n = sqrt(abar_n) x_m / sqrt(abar_m)`. With
+  `iterations = 1` (the usual DDIM inversion, one call per step, but with `eps_hat` at the
+  target step's time) the round trip `ddim_sample(ddim_invert(x0))` returns `x0` up to an error
+  that shrinks as 1 / steps; each further sweep shrinks it by the contraction factor
+  `(s_n - s_m) |d eps_hat / d (x / sqrt(abar))|` (< 1 for Gaussian data). Deterministic.
+  Calls: `steps * iterations`. Returns `(x_T, info)`; the trajectory runs from `x0` to `x_T`.
+  """
+  who = 'ddim_invert'
+  iterations = _check_iterations(iterations, who)
+  n = _steps(process, steps, spacing, denoiser, who)
+  if process.zero_terminal_snr and int(n[0]) == process.num_steps:
+    raise ValueError(f'{who}: step T has alpha = 0 (zero terminal SNR), where x_T = sigma eps '
+                     'forgets x0 and nothing can be inverted; use a process without it')
+  levels = np.concatenate([[0], n[::-1]])                                 # increasing noise
+  dtype = x0.dtype
+  abar = np.concatenate([[1.0], process.alphas_cumprod])[levels]
+  alpha, s = np.sqrt(abar), np.sqrt((1.0 - abar) / abar)
+  t = jnp.asarray(levels / process.num_steps, dtype)
+  x_T, calls, trajectory = _invert(denoiser, x0, t, jnp.asarray(alpha, dtype),
+                                   jnp.asarray(s, dtype), cond, iterations, return_trajectory)
+  return x_T, _common.make_info(denoiser, calls, trajectory)
+
+
+def euler_invert(denoiser, process, x0, *, steps: int, cond=None, grid: str = 'karras',
+                 t_min=None, t_max: float = 1.0, rho: float = 7.0, final: str = 'data',
+                 iterations: int = 1, return_trajectory: bool = False):
+  """The inverse of `samplers.euler_sample` with the same grid arguments: encodes `x0` into the
+  noise `x_T` at the grid's first time, for any continuous process.
+
+  `euler_sample` is DDIM in `s = sigma / alpha`; this is `ddim_invert` on its grid: `x0` is
+  clean data with `final='data'` (the sampler's last step returns `x0_hat`), else a point at
+  `t_min`. Each step from level `m` up to `n` solves `x_m / alpha_m = x_n / alpha_n + (s_m -
+  s_n) eps_hat(x_n, t_n)` for `x_n` by `iterations` fixed-point sweeps. Calls:
+  `steps * iterations`. The grid must have finite log-SNR (alpha > 0) at every point.
+  """
+  who = 'euler_invert'
+  iterations = _check_iterations(iterations, who)
+  g = _common.make_grid(process, steps, x0, grid, t_min, t_max, rho, final)
+  _common.require_finite_log_snr(g, who)
+  dtype = x0.dtype
+  t, alpha, sigma = (np.asarray(c, np.float64)[::-1] for c in (g.t, g.alpha, g.sigma))
+  if g.to_data:   # clean data: s = 0; its alpha only rescales y = x / alpha, so take 1
+    t, alpha, sigma = (np.concatenate([[v], c]) for v, c in ((0.0, t), (1.0, alpha),
+                                                            (0.0, sigma)))
+  t_j, alpha_j, s_j = (jnp.asarray(c, dtype) for c in (t, alpha, sigma / alpha))
+  x_T, calls, trajectory = _invert(denoiser, x0, t_j, alpha_j, s_j, cond, iterations,
+                                   return_trajectory)
+  return x_T, _common.make_info(denoiser, calls, trajectory)
