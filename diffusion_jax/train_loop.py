@@ -104,6 +104,7 @@ class Setup:
   kind: str
   model: Any
   conditional: bool
+  learned_variance: bool = False
 
 
 def build(config: ml_collections.ConfigDict) -> Setup:
@@ -139,6 +140,15 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   model_name = configuration.choice('model.name', model_cfg.pop('name'), MODELS)
   model = configuration.from_section(MODELS[model_name], 'model', model_cfg)
   _check_model(model, digits.IMAGE_SHAPE)
+  # Nichol & Dhariwal's learned variances: the network outputs 2C channels (prediction, v).
+  learned_variance = name == 'ddpm_hybrid' or objective_cfg.get('variance') == 'learned'
+  channels = digits.IMAGE_SHAPE[-1]
+  want = 2 * channels if learned_variance else channels
+  got = getattr(model, 'out_channels', None)
+  if (got or channels) != want:
+    what = 'a prediction and a learned variance' if learned_variance else 'one prediction'
+    raise ConfigError(f'config.model.out_channels={got}: objective {name!r} needs {want} output '
+                      f'channels ({what} per image channel)')
 
   train = configuration.from_section(TrainConfig, 'train', config.train)
   for k in ('num_steps', 'batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
@@ -154,13 +164,14 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   configuration.choice('sample.sampler', sample.sampler, samplers.SAMPLERS)
   configuration.positive('sample.batch_size', sample.batch_size)
   kind = objectives.PREDICTION_KIND[name]
-  _check_sampler(sample, process, kind, digits.IMAGE_SHAPE)
+  _check_sampler(sample, process, kind, digits.IMAGE_SHAPE, learned_variance)
 
   ev = configuration.from_section(EvalConfig, 'eval', config.eval)
   configuration.positive('eval.num_samples', ev.num_samples)
   return Setup(train=train, sample=sample, eval=ev, optim=optim, process=process,
                objective=objective, kind=kind, model=model,
-               conditional=getattr(model, 'num_classes', 0) > 0)
+               conditional=getattr(model, 'num_classes', 0) > 0,
+               learned_variance=learned_variance)
 
 
 def sampler_options(sample: SampleConfig) -> dict:
@@ -168,7 +179,8 @@ def sampler_options(sample: SampleConfig) -> dict:
   return {k: getattr(sample, k) for k in SAMPLER_OPTIONS if getattr(sample, k) is not None}
 
 
-def _check_sampler(sample: SampleConfig, process, kind: str, image_shape):
+def _check_sampler(sample: SampleConfig, process, kind: str, image_shape,
+                   learned_variance: bool = False):
   """Checks the options against the sampler's signature, then traces it abstractly with a
   stand-in denoiser (no compile) so that bad grids, step counts or processes fail now."""
   fn = samplers.SAMPLERS[sample.sampler]
@@ -182,6 +194,8 @@ def _check_sampler(sample: SampleConfig, process, kind: str, image_shape):
   def denoiser(x, t, cond=None):
     return x, x
   denoiser.kind = kind
+  if learned_variance:
+    denoiser.with_variance = lambda x, t, cond=None: (x, x, x)
   x = jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.float32)
   try:
     jax.eval_shape(lambda x: fn(denoiser, process, x, jax.random.key(0), steps=sample.steps,
@@ -258,10 +272,13 @@ def make_sample_fn(setup: Setup):
   def sample(params, x_T, key, cond=None):
     def model_fn(x, t, c):
       return setup.model.apply({'params': params}, x, t, c)
-    den = parameterization.make_denoiser(
-        model_fn, setup.process, setup.kind, clip_x0=clip,
-        sigma_min=(parameterization.consistency_sigma_min(setup.process)
-                   if setup.kind == 'consistency' else None))
+    if setup.learned_variance:   # every sampler works; ddpm can use variance='learned'
+      den = samplers.learned_variance_denoiser(model_fn, setup.process, setup.kind, clip)
+    else:
+      den = parameterization.make_denoiser(
+          model_fn, setup.process, setup.kind, clip_x0=clip,
+          sigma_min=(parameterization.consistency_sigma_min(setup.process)
+                     if setup.kind == 'consistency' else None))
     x0, _ = sampler(den, setup.process, x_T, key, steps=s.steps, cond=cond, **options)
     return x0
 
