@@ -79,6 +79,18 @@ def to_data(denoiser, x, t_last, cond):
   return x0
 
 
+def finish(denoiser, x, t_last, cond, grid: grids_lib.Grid, traj, return_trajectory: bool,
+           calls: int, x_T, **extra):
+  """The final step to data (`x0_hat` at `t_last`, 1 call) if the grid has one, and `info`
+  (`traj` is the scan's stacked states, or None)."""
+  x_out = to_data(denoiser, x, t_last, cond) if grid.to_data else x
+  calls += int(grid.to_data)
+  traj_out = None
+  if return_trajectory:
+    traj_out = trajectory(x_T, traj, x_out if grid.to_data else None)
+  return x_out, make_info(denoiser, calls, traj_out, **extra)
+
+
 def need_key(key, who: str, why: str):
   if key is None:
     raise ValueError(f'{who}: {why}, so a PRNG key is required (key=jax.random.key(...))')

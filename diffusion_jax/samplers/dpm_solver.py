@@ -56,16 +56,6 @@ def half_log_snr(grid) -> np.ndarray:
   return 0.5 * np.asarray(grid.log_snr, np.float64)
 
 
-def finish(denoiser, x, t_last, cond, grid, traj, return_trajectory, calls, x_T, **extra):
-  """The final step to data (`x0_hat`, 1 call) if the grid has one, and `info`."""
-  x_out = _common.to_data(denoiser, x, t_last, cond) if grid.to_data else x
-  calls += int(grid.to_data)
-  trajectory = None
-  if return_trajectory:
-    trajectory = _common.trajectory(x_T, traj, x_out if grid.to_data else None)
-  return x_out, _common.make_info(denoiser, calls, trajectory, **extra)
-
-
 def weighted_sum(weights, terms):
   """`sum_j weights[j] terms[j]` over a short Python list (skipping statically absent terms)."""
   out = None
@@ -166,7 +156,7 @@ def dpm_solver_sample(denoiser, process, x_T, key=None, *, steps: int, order: in
 
   x, traj = _common.scan(step, x_T, (t[:-1], xs), return_trajectory)
   calls = order * (t.shape[0] - 1)
-  return finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, calls, x_T)
+  return _common.finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, calls, x_T)
 
 
 def _singlestep(order):
@@ -260,7 +250,7 @@ def _multistep_sample(who, denoiser, process, x_T, key, steps, order, sde, cond,
   coefs = _cast(_pp_coefficients(g, order, sde), dtype)
   keys = jax.random.split(key, t.shape[0] - 1) if sde else None
   x, traj = multistep_scan(denoiser, x_T, cond, t, coefs, order, return_trajectory, keys)
-  return finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, t.shape[0] - 1, x_T)
+  return _common.finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, t.shape[0] - 1, x_T)
 
 
 def dpm_solver_pp_sample(denoiser, process, x_T, key=None, *, steps: int, order: int = 2,

@@ -25,15 +25,6 @@ from diffusion_jax.parameterization import expand_like
 from diffusion_jax.samplers import _common
 
 
-def _finish(denoiser, x, t_last, cond, grid, traj_parts, return_trajectory, calls, x_T, **extra):
-  x_out = _common.to_data(denoiser, x, t_last, cond) if grid.to_data else x
-  calls += int(grid.to_data)
-  trajectory = None
-  if return_trajectory:
-    trajectory = _common.trajectory(x_T, traj_parts, x_out if grid.to_data else None)
-  return x_out, _common.make_info(denoiser, calls, trajectory, **extra)
-
-
 def euler_sample(denoiser, process, x_T, key=None, *, steps: int, cond=None,
                  grid: str = 'karras', t_min=None, t_max: float = 1.0, rho: float = 7.0,
                  final: str = 'data', return_trajectory: bool = False):
@@ -53,7 +44,7 @@ def euler_sample(denoiser, process, x_T, key=None, *, steps: int, cond=None,
     return a_next * x0 + s_next * eps
 
   x, traj = _common.scan(step, x_T, (t[:-1], alpha[1:], sigma[1:]), return_trajectory)
-  return _finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, t.shape[0] - 1, x_T)
+  return _common.finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, t.shape[0] - 1, x_T)
 
 
 def _churn_gammas(s: np.ndarray, steps: int, s_churn, s_tmin, s_tmax):
@@ -116,7 +107,7 @@ def heun_sample(denoiser, process, x_T, key=None, *, steps: int, cond=None,
     x, t_last, _, _ = churn(x, t[-1], alpha[-1], s[-1], gam[-1], keys[-1])
   else:
     t_last = t[-1]
-  return _finish(denoiser, x, t_last, cond, g, traj, return_trajectory, calls, x_T)
+  return _common.finish(denoiser, x, t_last, cond, g, traj, return_trajectory, calls, x_T)
 
 
 # --- flow-matching ODE in t ----------------------------------------------------------------
@@ -170,7 +161,7 @@ def flow_sample(denoiser, process, x_T, key=None, *, steps: int, method: str = '
 
   x, traj = _common.scan(step, x_T, (t[:-1], t[1:]), return_trajectory)
   calls = len(c) * (t.shape[0] - 1)
-  return _finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, calls, x_T)
+  return _common.finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, calls, x_T)
 
 
 def _flow(method):

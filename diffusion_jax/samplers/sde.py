@@ -28,16 +28,6 @@ from diffusion_jax.samplers import grids as grids_lib
 PREDICTORS = ('reverse_diffusion', 'euler_maruyama')
 
 
-def _finish(denoiser, x, t_last, cond, grid, traj, return_trajectory, calls, x_T, **extra):
-  """The final step to data (`x0_hat`, 1 call) if the grid has one, and `info`."""
-  x_out = _common.to_data(denoiser, x, t_last, cond) if grid.to_data else x
-  calls += int(grid.to_data)
-  trajectory = None
-  if return_trajectory:
-    trajectory = _common.trajectory(x_T, traj, x_out if grid.to_data else None)
-  return x_out, _common.make_info(denoiser, calls, trajectory, **extra)
-
-
 def _sde_coefficients(process, t: np.ndarray, who: str):
   """`(f, g²)` at the grid times (concrete numpy); refuses infinite values (alpha = 0)."""
   with jax.ensure_compile_time_eval():
@@ -81,7 +71,7 @@ def euler_maruyama_sample(denoiser, process, x_T, key=None, *, steps: int, cond=
 
   xs = (t[:-1], sigma[:-1], h, f, g2, keys)
   x, traj = _common.scan(step, x_T, xs, return_trajectory)
-  return _finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, t.shape[0] - 1, x_T)
+  return _common.finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, t.shape[0] - 1, x_T)
 
 
 def pc_sample(denoiser, process, x_T, key=None, *, steps: int, cond=None, grid: str = 't',
@@ -181,7 +171,7 @@ def pc_sample(denoiser, process, x_T, key=None, *, steps: int, cond=None, grid: 
     for j in range(corrector_steps):
       x = corrector(x, t[-1], sigma_j[-1], coef[0][-1], keys[-1, j])
     calls += corrector_steps
-  return _finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, calls, x_T,
+  return _common.finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, calls, x_T,
                  corrector_steps=corrector_steps)
 
 

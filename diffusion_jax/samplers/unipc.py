@@ -128,7 +128,7 @@ def unipc_sample(denoiser, process, x_T, key=None, *, steps: int, order: int = 2
   n = t.shape[0]
   if return_trajectory and n > 1:   # corrected x_0 .. x_(K-2), then the last (predicted) point
     traj = jnp.concatenate([traj[1:], x[None]], axis=0)
-  return dpm_solver.finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, n - 1, x_T)
+  return _common.finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, n - 1, x_T)
 
 
 def _variant(variant):
