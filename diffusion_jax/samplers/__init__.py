@@ -5,9 +5,12 @@ The prior draw `x_T` is an argument, so comparisons, inversion and interpolation
 identical noise. The time grid (`grids`) is separate from the update rule, and each loop is one
 `lax.scan` inside whatever `jit` wraps it. `info['nfe']` is the exact number of network
 evaluations; `info['trajectory']` (with `return_trajectory=True`) stacks the states visited.
+`likelihood.log_likelihood` gives log-densities (and bits/dim) from the probability-flow ODE.
 """
 
 from diffusion_jax.samplers import grids
+from diffusion_jax.samplers import likelihood
+from diffusion_jax.samplers.adaptive import adaptive_sample
 from diffusion_jax.samplers.discrete import ddim_sample
 from diffusion_jax.samplers.discrete import ddim_invert
 from diffusion_jax.samplers.discrete import ddpm_sample
@@ -63,4 +66,5 @@ SAMPLERS = {
     'euler_maruyama': euler_maruyama_sample,
     'pc': pc_sample,
     'consistency': consistency_multistep_sample,
+    'adaptive': adaptive_sample,
 }
