@@ -21,8 +21,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/python -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR)
 
+# Two pytest-xdist workers: the suite is dominated by single-threaded XLA compiles.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -36,7 +36,7 @@ def _accepts(name, option):
 
 
 @pytest.mark.parametrize('name', NAMES)
-@pytest.mark.parametrize('steps', [3, 7])
+@pytest.mark.parametrize('steps', [4, pytest.param(7, marks=pytest.mark.slow)])
 def test_nfe_is_exact(name, steps):
   finals = ['data', 't_min'] if _accepts(name, 'final') else [None]
   for final in finals:

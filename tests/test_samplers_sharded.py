@@ -16,7 +16,9 @@ SCRIPT = textwrap.dedent("""
     den = analytic.gmm_denoiser([0.5, 0.5], [[-1.0, 0.0], [1.0, 0.5]], [[0.05] * 2] * 2, proc)
     x_T = jax.random.normal(jax.random.key(0), (64, 2))
     sharding = NamedSharding(Mesh(np.array(jax.devices()), ('data',)), P('data'))
-    names = sorted(samplers.SAMPLERS)
+    # One of each family (discrete, EDM, multistep, singlestep, SDE, PC, consistency, adaptive).
+    names = ['ddpm', 'ddim', 'heun', 'dpm_solver_pp_2m', 'dpm_solver_3', 'unipc_bh2',
+             'euler_maruyama', 'pc', 'consistency', 'flow_rk4', 'adaptive']
     for name in names:
       fn = samplers.SAMPLERS[name]
       run = jax.jit(lambda x, k: fn(den, proc, x, k, steps=8)[0])
