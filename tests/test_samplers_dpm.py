@@ -39,7 +39,7 @@ def _den(proc, dtype=jnp.float64):
     ('unipc_bh2_2_c', unipc.unipc_sample, {'order': 2, 'variant': 'bh2'}, 'log_snr', 2.6, 3.4),
     ('unipc_bh2_3_c', unipc.unipc_sample, {'order': 3, 'variant': 'bh2'}, 'karras', 3.5, 4.6),
 ])
-@pytest.mark.parametrize('proc_name', ['vp_linear', 'edm'])
+@pytest.mark.parametrize('proc_name', ['vp_linear', pytest.param('edm', marks=pytest.mark.slow)])
 def test_convergence_order(name, fn, kw, grid, lo, hi, proc_name):
   """Fitted slope of log(max error) against log(steps), steps 16..128, float64, against the
   closed-form PF-ODE endpoint at t_min (final='t_min').
@@ -114,7 +114,7 @@ def test_nfe_is_exact(name):
 
 
 @pytest.mark.parametrize('name', sorted(PROPOSED))
-@pytest.mark.parametrize('proc_name', ['vp_linear', 'edm'])
+@pytest.mark.parametrize('proc_name', ['vp_linear', pytest.param('edm', marks=pytest.mark.slow)])
 def test_final_step_to_data_is_x0_hat_at_last_grid_point(name, proc_name):
   """With final='data' the output is the denoiser's x0_hat at the last grid time from the state
   there (trajectory[-2]), finite although sigma_next = 0; the trajectory has steps + 1 states
