@@ -62,7 +62,7 @@ def _sample_sw(model_fn, proc, kind, sampler):
     xs, _ = jax.jit(lambda x: samplers.ddpm_sample(den, proc, x, jax.random.key(3), steps=100))(
         x_T)
   else:
-    xs, _ = jax.jit(lambda x: samplers.euler_sample(den, proc, x, steps=100, grid="log_snr"))(x_T)
+    xs, _ = jax.jit(lambda x: samplers.euler_sample(den, proc, x, steps=100, grid='log_snr'))(x_T)
   ref, floor = _floor()
   return float(sliced_wasserstein(jax.random.key(6), xs, ref)), floor
 
