@@ -89,3 +89,12 @@ def test_every_prediction_kind_samples_the_same(name, kind):
     den = parameterization.make_denoiser(analytic.optimal_model(kind, exact, PROC), PROC, kind)
     x, _ = _run(name, den, x_T, 6)
     np.testing.assert_allclose(x, ref, rtol=1e-7, atol=1e-7, err_msg=f'{name} {kind}')
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_signature_lists_the_options(name):
+  """Presets (e.g. 'dpm_solver_pp_2m', 'flow_rk4') keep their base sampler's signature, so the
+  training loop can check a config's options against it: no options hidden in **kwargs."""
+  params = inspect.signature(samplers.SAMPLERS[name]).parameters
+  assert {'steps', 'cond'} <= set(params), (name, list(params))
+  assert all(p.kind != p.VAR_KEYWORD for p in params.values()), (name, list(params))

@@ -7,6 +7,8 @@ attribute `evals_per_call` (classifier-free guidance costs 2: conditional and un
 plain denoisers cost 1. `info['nfe'] = calls * evals_per_call` and `info['denoiser_calls']`.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,3 +96,17 @@ def finish(denoiser, x, t_last, cond, grid: grids_lib.Grid, traj, return_traject
 def need_key(key, who: str, why: str):
   if key is None:
     raise ValueError(f'{who}: {why}, so a PRNG key is required (key=jax.random.key(...))')
+
+
+def preset(fn, name: str, **fixed):
+  """`fn` with keyword options fixed (e.g. `order=2`), to list in `SAMPLERS` as `name`.
+
+  A `functools.partial`, so `inspect.signature` still shows every option of `fn` (the training
+  loop checks a config's sampler options against it); a caller may still override `fixed`.
+  """
+  sampler = functools.partial(fn, **fixed)
+  sampler.__name__ = name
+  options = ', '.join(f'{k}={v!r}' for k, v in fixed.items())
+  sampler.__doc__ = f'`{fn.__name__}(..., {options})`.'
+  return sampler
+

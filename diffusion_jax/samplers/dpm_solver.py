@@ -159,17 +159,9 @@ def dpm_solver_sample(denoiser, process, x_T, key=None, *, steps: int, order: in
   return _common.finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, calls, x_T)
 
 
-def _singlestep(order):
-  def sampler(denoiser, process, x_T, key=None, **kwargs):
-    return dpm_solver_sample(denoiser, process, x_T, key, order=order, **kwargs)
-  sampler.__name__ = f'dpm_solver_{order}_sample'
-  sampler.__doc__ = f'`dpm_solver_sample(..., order={order})`: DPM-Solver-{order}.'
-  return sampler
-
-
-dpm_solver_1_sample = _singlestep(1)
-dpm_solver_2_sample = _singlestep(2)
-dpm_solver_3_sample = _singlestep(3)
+dpm_solver_1_sample = _common.preset(dpm_solver_sample, 'dpm_solver_1_sample', order=1)
+dpm_solver_2_sample = _common.preset(dpm_solver_sample, 'dpm_solver_2_sample', order=2)
+dpm_solver_3_sample = _common.preset(dpm_solver_sample, 'dpm_solver_3_sample', order=3)
 
 
 # --- multistep machinery (shared with UniPC) -------------------------------------------------
@@ -298,13 +290,5 @@ def dpm_solver_pp_sde_sample(denoiser, process, x_T, key=None, *, steps: int, or
                            t_min, t_max, rho, final, return_trajectory)
 
 
-def _pp(order):
-  def sampler(denoiser, process, x_T, key=None, **kwargs):
-    return dpm_solver_pp_sample(denoiser, process, x_T, key, order=order, **kwargs)
-  sampler.__name__ = f'dpm_solver_pp_{order}m_sample'
-  sampler.__doc__ = f'`dpm_solver_pp_sample(..., order={order})`: DPM-Solver++({order}M).'
-  return sampler
-
-
-dpm_solver_pp_2m_sample = _pp(2)
-dpm_solver_pp_3m_sample = _pp(3)
+dpm_solver_pp_2m_sample = _common.preset(dpm_solver_pp_sample, 'dpm_solver_pp_2m_sample', order=2)
+dpm_solver_pp_3m_sample = _common.preset(dpm_solver_pp_sample, 'dpm_solver_pp_3m_sample', order=3)

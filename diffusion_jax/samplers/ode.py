@@ -164,15 +164,7 @@ def flow_sample(denoiser, process, x_T, key=None, *, steps: int, method: str = '
   return _common.finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, calls, x_T)
 
 
-def _flow(method):
-  def sampler(denoiser, process, x_T, key=None, **kwargs):
-    return flow_sample(denoiser, process, x_T, key, method=method, **kwargs)
-  sampler.__name__ = f'flow_{method}_sample'
-  sampler.__doc__ = f"`flow_sample(..., method='{method}')`."
-  return sampler
-
-
-flow_euler_sample = _flow('euler')
-flow_midpoint_sample = _flow('midpoint')
-flow_heun_sample = _flow('heun')
-flow_rk4_sample = _flow('rk4')
+flow_euler_sample = _common.preset(flow_sample, 'flow_euler_sample', method='euler')
+flow_midpoint_sample = _common.preset(flow_sample, 'flow_midpoint_sample', method='midpoint')
+flow_heun_sample = _common.preset(flow_sample, 'flow_heun_sample', method='heun')
+flow_rk4_sample = _common.preset(flow_sample, 'flow_rk4_sample', method='rk4')

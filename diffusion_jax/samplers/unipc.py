@@ -131,13 +131,5 @@ def unipc_sample(denoiser, process, x_T, key=None, *, steps: int, order: int = 2
   return _common.finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, n - 1, x_T)
 
 
-def _variant(variant):
-  def sampler(denoiser, process, x_T, key=None, **kwargs):
-    return unipc_sample(denoiser, process, x_T, key, variant=variant, **kwargs)
-  sampler.__name__ = f'unipc_{variant}_sample'
-  sampler.__doc__ = f"`unipc_sample(..., variant='{variant}')` (order 2 and UniC by default)."
-  return sampler
-
-
-unipc_bh1_sample = _variant('bh1')
-unipc_bh2_sample = _variant('bh2')
+unipc_bh1_sample = _common.preset(unipc_sample, 'unipc_bh1_sample', variant='bh1')
+unipc_bh2_sample = _common.preset(unipc_sample, 'unipc_bh2_sample', variant='bh2')
