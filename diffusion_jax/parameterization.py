@@ -169,6 +169,26 @@ def to_x0_eps(kind: str, out, x_t, process, t, sigma_data: float = SIGMA_DATA,
   return x0, (x_t - alpha * x0) / sigma
 
 
+def denoise(model_fn: ModelFn, process, kind: str, x_t, t, cond: Any = None, *,
+            clip_x0: float | None = None, sigma_data: float = SIGMA_DATA,
+            sigma_min: float | None = None, split_output=None):
+  """One network call at `(x_t, t)` -> `(x0_hat, eps_hat, extra)`; what `make_denoiser` runs.
+
+  `split_output(out) -> (prediction, extra)` separates channels that are not the prediction
+  (e.g. a learned variance, `elbo.split_learned_variance`); without it `extra` is None.
+  `clip_x0` and `sigma_min` as in `make_denoiser`.
+  """
+  t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), x_t.shape[:1])
+  out = model_fn(*network_input(kind, x_t, t, process, sigma_data), cond)
+  out, extra = split_output(out) if split_output is not None else (out, None)
+  x0, eps = to_x0_eps(kind, out, x_t, process, t, sigma_data, sigma_min)
+  if clip_x0 is not None:
+    x0 = jnp.clip(x0, -clip_x0, clip_x0)
+    alpha, sigma = expand_like(process.alpha(t), x_t), expand_like(process.sigma(t), x_t)
+    eps = (x_t - alpha * x0) / sigma
+  return x0, eps, extra
+
+
 def make_denoiser(model_fn: ModelFn, process, kind: str, clip_x0: float | None = None,
                   sigma_data: float = SIGMA_DATA, sigma_min: float | None = None) -> Denoiser:
   """Wraps a network into the denoiser `(x_t, t, cond) -> (x0_hat, eps_hat)` samplers consume.
@@ -180,13 +200,8 @@ def make_denoiser(model_fn: ModelFn, process, kind: str, clip_x0: float | None =
   _check_kind(kind)
 
   def denoiser(x_t, t, cond: Any = None):
-    t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), x_t.shape[:1])
-    out = model_fn(*network_input(kind, x_t, t, process, sigma_data), cond)
-    x0, eps = to_x0_eps(kind, out, x_t, process, t, sigma_data, sigma_min)
-    if clip_x0 is not None:
-      x0 = jnp.clip(x0, -clip_x0, clip_x0)
-      alpha, sigma = expand_like(process.alpha(t), x_t), expand_like(process.sigma(t), x_t)
-      eps = (x_t - alpha * x0) / sigma
+    x0, eps, _ = denoise(model_fn, process, kind, x_t, t, cond, clip_x0=clip_x0,
+                         sigma_data=sigma_data, sigma_min=sigma_min)
     return x0, eps
 
   denoiser.kind = kind   # samplers read it, e.g. to refuse eps-prediction where alpha = 0

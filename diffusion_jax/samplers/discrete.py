@@ -93,17 +93,10 @@ class LearnedVarianceDenoiser:
 
   def with_variance(self, x_t, t, cond: Any = None):
     """`(x0_hat, eps_hat, v)`, one network call."""
-    process = self.process
-    t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), x_t.shape[:1])
-    x_in, t_in = parameterization.network_input(self.kind, x_t, t, process, self.sigma_data)
-    out, v = split_learned_variance(self.model_fn(x_in, t_in, cond))
-    x0, eps = parameterization.to_x0_eps(self.kind, out, x_t, process, t, self.sigma_data,
-                                         self.sigma_min)
-    if self.clip_x0 is not None:
-      x0 = jnp.clip(x0, -self.clip_x0, self.clip_x0)
-      alpha, sigma = expand_like(process.alpha(t), x_t), expand_like(process.sigma(t), x_t)
-      eps = (x_t - alpha * x0) / sigma
-    return x0, eps, v
+    return parameterization.denoise(
+        self.model_fn, self.process, self.kind, x_t, t, cond, clip_x0=self.clip_x0,
+        sigma_data=self.sigma_data, sigma_min=self.sigma_min,
+        split_output=split_learned_variance)
 
   def __call__(self, x_t, t, cond: Any = None):
     x0, eps, _ = self.with_variance(x_t, t, cond)
