@@ -165,8 +165,8 @@ def test_dropout_only_when_training(digits_init):
         (UNet(), (2, 8, 8, 1), (3,), None, r't must have shape'),
         (UNet(), (2, 8, 8, 1), (2, 1), None, r't must have shape'),
         (UNet(), (2, 8, 8, 1), (2,), np.array([1, 2]), r'num_classes=0'),
-        (UNet(num_classes=10), (2, 8, 8, 1), (2,), np.array([1, 2, 3]), r'cond must be'),
-        (UNet(num_classes=10), (2, 8, 8, 1), (2,), np.array([1.0, 2.0]), r'cond must be'),
+        (UNet(num_classes=10), (2, 8, 8, 1), (2,), np.array([1, 2, 3]), r'class labels must be'),
+        (UNet(num_classes=10), (2, 8, 8, 1), (2,), np.array([1.0, 2.0]), r'class labels must be'),
         (UNet(ch=20), (2, 8, 8, 1), (2,), None, r'num_groups=8 must divide'),
         (UNet(num_heads=3), (2, 8, 8, 1), (2,), None, r'num_heads=3 must divide'),
     ])

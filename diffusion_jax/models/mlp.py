@@ -1,34 +1,55 @@
-"""MLP denoiser for low-dimensional data (2-D toys): `(x [B, D], t [B], cond) -> [B, D]`."""
+"""MLP denoiser for low-dimensional data (2-D toys): `(x [B, D], t [B], cond) -> [B, D]`.
+
+Any other input shape `[B, ...]` is flattened and the output reshaped back, so the same network
+also runs on small images (e.g. 8x8 digits as 64-vectors) as a no-convolution baseline.
+"""
+
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffusion_jax.models.unet import timestep_embedding
+from diffusion_jax.models import layers
 
 
 class MLP(nn.Module):
-  """Residual MLP with a sinusoidal time embedding added to every hidden layer.
+  """Residual MLP with a noise-level embedding (and class embedding) added to every layer.
 
-  `t` is continuous time in [0, 1] (or EDM's `c_noise`), embedded after scaling by `time_scale`
-  as the U-Net does; `num_classes > 0` adds a class embedding with a null label `num_classes`.
+  `t` is continuous time in [0, 1] (or EDM's `c_noise`), embedded as the U-Net does
+  (`embedding`, `time_scale`, `fourier_scale`). `num_classes > 0` adds a class embedding with a
+  learned null label `num_classes` and `label_dropout` (classifier-free guidance); see
+  `layers.parse_cond`. The output layer is zero-initialised, so the network outputs exactly
+  zero at init. `dtype` is the compute dtype (parameters stay float32).
   """
   hidden: int = 128
   depth: int = 3
+  embedding: str = 'sinusoidal'
   time_scale: float = 1000.0
+  fourier_scale: float = 16.0
   num_classes: int = 0
+  label_dropout: float = 0.0
+  dtype: Any = 'float32'
 
   @nn.compact
   def __call__(self, x, t, cond=None, *, train: bool = False):
-    del train
-    if x.ndim != 2:
-      raise ValueError(f'MLP: x must be [B, D], got shape {x.shape}')
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
-    temb = timestep_embedding(t * self.time_scale, self.hidden)
-    temb = nn.Dense(self.hidden)(nn.silu(nn.Dense(self.hidden)(temb)))           # [B, H]
+    if x.ndim < 2:
+      raise ValueError(f'MLP: x must be [B, D] (or [B, ...], flattened), got shape {x.shape}')
+    shape = x.shape
+    x = x.reshape(shape[0], -1)  # [B, D]
+    t = layers.check_inputs('MLP', x, t, ndim=2)
+    c = layers.parse_cond('MLP', cond, shape[0], self.num_classes, 0)
+    dtype = layers.canonical_dtype('MLP', self.dtype)
+    temb = layers.noise_embedding(t, self.hidden, self.embedding, self.time_scale,
+                                  self.fourier_scale)
+    temb = nn.Dense(self.hidden, dtype=dtype)(temb)
+    temb = nn.Dense(self.hidden, dtype=dtype)(nn.silu(temb))                     # [B, H]
     if self.num_classes > 0:
-      labels = jnp.full(x.shape[:1], self.num_classes) if cond is None else cond
-      temb = temb + nn.Embed(self.num_classes + 1, self.hidden)(labels)
-    h = nn.Dense(self.hidden)(x)
+      labels = layers.drop_labels(self, c.labels, self.num_classes, self.label_dropout,
+                                  train=train)
+      temb = temb + nn.Embed(self.num_classes + 1, self.hidden, dtype=dtype)(labels)
+    h = nn.Dense(self.hidden, dtype=dtype)(x.astype(dtype))
     for _ in range(self.depth):
-      h = h + nn.Dense(self.hidden)(nn.silu(nn.Dense(self.hidden)(nn.silu(h)) + temb))
-    return nn.Dense(x.shape[-1], kernel_init=nn.initializers.zeros)(nn.silu(h))
+      h = h + nn.Dense(self.hidden, dtype=dtype)(
+          nn.silu(nn.Dense(self.hidden, dtype=dtype)(nn.silu(h)) + temb))
+    out = nn.Dense(x.shape[-1], dtype=dtype, kernel_init=nn.initializers.zeros)(nn.silu(h))
+    return out.astype(jnp.float32).reshape(shape)
