@@ -27,6 +27,7 @@ import tqdm
 
 from diffusion_jax import checkpointing
 from diffusion_jax import configuration
+from diffusion_jax import guidance
 from diffusion_jax import images as images_lib
 from diffusion_jax import metric_writer
 from diffusion_jax import objectives
@@ -81,6 +82,10 @@ class SampleConfig:
   snr: float | None = None
   corrector_steps: int | None = None
   clip_x0: float = 1.0          # clip x0_hat to the data range; 0 disables
+  # Class-conditional models: sample i gets label i % num_classes; the classifier-free guidance
+  # scale (1 = the conditional model, 0 = the unconditional one, > 1 guides; Ho & Salimans 2022
+  # with w = scale - 1).
+  guidance_scale: float = 1.0
   batch_size: int = 500
   grid_size: int = 100          # images in samples.png
 
@@ -106,17 +111,34 @@ class Setup:
   conditional: bool
   learned_variance: bool = False
 
+  @property
+  def num_classes(self) -> int:
+    return getattr(self.model, 'num_classes', 0)
 
-def build(config: ml_collections.ConfigDict) -> Setup:
-  """Validates `config` and builds the pieces; raises `ConfigError` naming the bad key."""
+
+def build_model(model_config) -> Any:
+  """The Flax module named by `model_config.name` (a `MODELS` key), its fields checked."""
+  model_cfg = dict(model_config)
+  model_name = configuration.choice('model.name', model_cfg.pop('name', None), MODELS)
+  return configuration.from_section(MODELS[model_name], 'model', model_cfg)
+
+
+def build(config: ml_collections.ConfigDict, *, image_shape=None) -> Setup:
+  """Validates `config` and builds the pieces; raises `ConfigError` naming the bad key.
+
+  `image_shape` (`[H, W, C]`) validates a config for data the loop cannot read yet (the
+  reference configs): the data section is then not checked against the registered datasets.
+  """
   known = {'seed', 'data', 'process', 'objective', 'model', 'optim', 'train', 'sample', 'eval'}
   for k in config:
     if k not in known:
       raise ConfigError(f'config.{k}: unknown section; valid sections are {sorted(known)}')
   if not isinstance(config.get('seed'), int):
     raise ConfigError(f'config.seed={config.get("seed")!r}: expected int')
-  configuration.choice('data.name', config.data.name, DATASETS)
-  configuration.check_keys('data', config.data, {'name': str})
+  if image_shape is None:
+    configuration.choice('data.name', config.data.name, DATASETS)
+    configuration.check_keys('data', config.data, {'name': str})
+    image_shape = digits.IMAGE_SHAPE
 
   process_cfg = dict(config.process)
   configuration.choice('process.name', process_cfg.pop('name'), processes.PROCESSES)
@@ -136,13 +158,11 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   except (TypeError, ValueError) as e:
     raise ConfigError(f'config.objective: {str(e).splitlines()[0]}') from None
 
-  model_cfg = dict(config.model)
-  model_name = configuration.choice('model.name', model_cfg.pop('name'), MODELS)
-  model = configuration.from_section(MODELS[model_name], 'model', model_cfg)
-  _check_model(model, digits.IMAGE_SHAPE)
+  model = build_model(config.model)
+  _check_model(model, image_shape)
   # Nichol & Dhariwal's learned variances: the network outputs 2C channels (prediction, v).
   learned_variance = name == 'ddpm_hybrid' or objective_cfg.get('variance') == 'learned'
-  channels = digits.IMAGE_SHAPE[-1]
+  channels = image_shape[-1]
   want = 2 * channels if learned_variance else channels
   got = getattr(model, 'out_channels', None)
   if (got or channels) != want:
@@ -164,14 +184,18 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   configuration.choice('sample.sampler', sample.sampler, samplers.SAMPLERS)
   configuration.positive('sample.batch_size', sample.batch_size)
   kind = objectives.PREDICTION_KIND[name]
-  _check_sampler(sample, process, kind, digits.IMAGE_SHAPE, learned_variance)
+  _check_sampler(sample, process, kind, image_shape, learned_variance)
+
+  conditional = getattr(model, 'num_classes', 0) > 0
+  if sample.guidance_scale != 1.0 and not conditional:
+    raise ConfigError(f'config.sample.guidance_scale={sample.guidance_scale}: guidance needs a '
+                      f'class-conditional model (set config.model.num_classes)')
 
   ev = configuration.from_section(EvalConfig, 'eval', config.eval)
   configuration.positive('eval.num_samples', ev.num_samples)
   return Setup(train=train, sample=sample, eval=ev, optim=optim, process=process,
                objective=objective, kind=kind, model=model,
-               conditional=getattr(model, 'num_classes', 0) > 0,
-               learned_variance=learned_variance)
+               conditional=conditional, learned_variance=learned_variance)
 
 
 def sampler_options(sample: SampleConfig) -> dict:
@@ -279,27 +303,39 @@ def make_sample_fn(setup: Setup):
           model_fn, setup.process, setup.kind, clip_x0=clip,
           sigma_min=(parameterization.consistency_sigma_min(setup.process)
                      if setup.kind == 'consistency' else None))
+    if setup.conditional and s.guidance_scale != 1.0:
+      den = guidance.classifier_free_guidance(den, s.guidance_scale, null_cond=setup.num_classes)
     x0, _ = sampler(den, setup.process, x_T, key, steps=s.steps, cond=cond, **options)
     return x0
 
   return sample
 
 
-def generate(sample_fn, params, key, num: int, batch_size: int, image_shape):
-  """Draws `num` samples; sample i's prior noise and sampler key derive from `fold_in(key, i)`,
-  so results do not depend on the batch size."""
+def sample_labels(num: int, num_classes: int) -> np.ndarray | None:
+  """The class of generated sample i, `i % num_classes` (None for an unconditional model)."""
+  return np.arange(num) % num_classes if num_classes > 0 else None
+
+
+def generate(sample_fn, params, key, num: int, batch_size: int, image_shape,
+             labels: np.ndarray | None = None):
+  """Draws `num` samples (of classes `labels[i]` if given); sample i's prior noise and sampler
+  key derive from `fold_in(key, i)`, so results do not depend on the batch size."""
   k_noise, k_sampler = jax.random.split(key)
   prior = jax.jit(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k_noise, i),
                                                        tuple(image_shape))))
   out = []
   for start in range(0, num, batch_size):
     idx = jnp.arange(start, min(start + batch_size, num))
-    out.append(np.asarray(sample_fn(params, prior(idx), jax.random.fold_in(k_sampler, start))))
+    cond = None if labels is None else jnp.asarray(labels[start:start + len(idx)], jnp.int32)
+    out.append(np.asarray(sample_fn(params, prior(idx), jax.random.fold_in(k_sampler, start),
+                                    cond)))
   return np.concatenate(out, axis=0)
 
 
-def evaluate_digits(generated: np.ndarray, cache_dir: str) -> dict:
-  """FD of `generated` vs the test split in the classifier's feature space, with its floor.
+def evaluate_digits(generated: np.ndarray, cache_dir: str,
+                    labels: np.ndarray | None = None) -> dict:
+  """FD of `generated` vs the test split in the classifier's feature space, with its floor;
+  given the intended `labels`, also the classifier's accuracy on them (`class_accuracy`).
 
   The feature classifier is trained once (seed 0, independent of the run's seed, so FDs of
   different runs share one feature space) and cached in `cache_dir`.
@@ -307,7 +343,10 @@ def evaluate_digits(generated: np.ndarray, cache_dir: str) -> dict:
   params, info = digits_classifier.load_or_train_digits_classifier(cache_dir, seed=0)
   result = digits_classifier.digits_fd_eval(
       params, generated, classifier_test_accuracy=float(info['test_accuracy']))
-  return dict(result)
+  result = dict(result)
+  if labels is not None:
+    result['class_accuracy'] = digits_classifier.classifier_accuracy(params, generated, labels)
+  return result
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -380,7 +419,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sample_fn = make_sample_fn(setup)
   s = setup.sample
   num = max(setup.eval.num_samples if setup.eval.enabled else 0, s.grid_size)
-  samples = generate(sample_fn, state.ema_params, k_sample, num, s.batch_size, image_shape)
+  labels = sample_labels(num, setup.num_classes)
+  samples = generate(sample_fn, state.ema_params, k_sample, num, s.batch_size, image_shape,
+                     labels)
   sample_seconds = time.time() - t1
   print(f'Sampled {num} images with {s.sampler} ({s.steps} steps) in {sample_seconds:.1f} s',
         flush=True)
@@ -391,8 +432,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   result = {'step': num_steps, 'num_params': int(n_params), 'sample_seconds': sample_seconds}
   if setup.eval.enabled:
-    result.update(evaluate_digits(samples[:setup.eval.num_samples],
-                                  setup.eval.cache_dir or os.path.join(workdir, 'cache')))
+    n = setup.eval.num_samples
+    result.update(evaluate_digits(samples[:n],
+                                  setup.eval.cache_dir or os.path.join(workdir, 'cache'),
+                                  None if labels is None else labels[:n]))
     result['fd_ratio'] = result['fd'] / result['fd_floor']
   if is_main:
     writer.write(num_steps, {f'eval/{k}': v for k, v in result.items() if k != 'step'})
@@ -409,4 +452,6 @@ def format_eval_line(result: dict) -> str:
   return (f'EVAL step={result["step"]}: FD={result["fd"]:.3f} '
           f'floor={result["fd_floor"]:.3f} (real train vs real test, n={result["num_generated"]}) '
           f'FD/floor={result["fd_ratio"]:.2f} '
-          f'classifier_test_acc={result["classifier_test_accuracy"]:.4f}')
+          f'classifier_test_acc={result["classifier_test_accuracy"]:.4f}'
+          + (f' class_accuracy={result["class_accuracy"]:.4f}' if 'class_accuracy' in result
+             else ''))

@@ -1,0 +1,78 @@
+"""Reference configs build the published models: parameter counts against the papers.
+
+Counts use `jax.eval_shape` on `init` (nothing is allocated), so even DiT-XL/2 costs seconds.
+Every reference config is also validated whole (process, objective, model, sampler) by
+`train_loop.build` at the image shape it was written for.
+"""
+
+import importlib
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from diffusion_jax import train_loop
+
+
+def _config(name, variant=None):
+  module = importlib.import_module(f'configs.{name}')
+  config = module.get_config(variant) if variant is not None else module.get_config()
+  return module, config
+
+
+def count_params(model, image_shape, num_classes=0):
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  cond = jax.ShapeDtypeStruct((1,), jnp.int32) if num_classes else None
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x, t, cond)
+  return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
+
+
+# (config, variant, published count, source). Our class tables have one extra (null) row.
+PUBLISHED = [
+    # Ho et al. 2020, App. B: "35.7 million parameters"; the official TF code's count is exact.
+    ('ddpm_cifar10', None, 35_746_307, 'DDPM CIFAR-10'),
+    # The DDPM++ cont. (VP) and ADM ImageNet-64 sizes as tabulated by Karras et al. 2022 (EDM).
+    ('ddpm_cifar10', 'ddpmpp', 61.80e6, 'DDPM++ cont. CIFAR-10'),
+    ('adm_imagenet64', None, 295.90e6, 'ADM ImageNet-64'),
+    # Peebles & Xie 2023, Table 1 / 4.
+    ('dit', 'S/2', 33e6, 'DiT-S/2'),
+    ('dit', 'B/2', 130e6, 'DiT-B/2'),
+    ('dit', 'L/2', 458e6, 'DiT-L/2'),
+    ('dit', 'XL/2', 675e6, 'DiT-XL/2'),
+]
+
+
+@pytest.mark.parametrize('name, variant, published, what', PUBLISHED,
+                         ids=[p[3] for p in PUBLISHED])
+def test_parameter_count_matches_paper(name, variant, published, what):
+  module, config = _config(name, variant)
+  model = train_loop.build_model(config.model)
+  count = count_params(model, module.IMAGE_SHAPE, config.model.get('num_classes', 0))
+  print(f'{what}: {count:,} parameters (paper {published / 1e6:.2f} M)')
+  if isinstance(published, int):
+    assert count == published
+  assert abs(count / published - 1) < 0.01, f'{what}: {count:,} vs {published:,.0f}'
+
+
+@pytest.mark.parametrize('name, variant', [
+    ('ddpm_cifar10', None), ('ddpm_cifar10', 'ddpmpp'), ('adm_imagenet64', None),
+    ('dit', 'S/8'),
+])
+def test_reference_config_is_valid_whole(name, variant):
+  module, config = _config(name, variant)
+  setup = train_loop.build(config, image_shape=module.IMAGE_SHAPE)
+  assert setup.model.out_channels in (None, 2 * module.IMAGE_SHAPE[-1])
+  assert setup.learned_variance == (setup.model.out_channels is not None)
+
+
+def test_reference_configs_say_their_data_is_not_readable_yet():
+  _, config = _config('ddpm_cifar10')
+  with pytest.raises(train_loop.ConfigError, match=r"data.name='cifar10': unknown"):
+    train_loop.build(config)
+
+
+def test_dit_config_rejects_unknown_sizes():
+  with pytest.raises(ValueError, match=r"variant 'XXL/2' is not SIZE/PATCH"):
+    _config('dit', 'XXL/2')
