@@ -1,13 +1,19 @@
 """Denoising networks, selected by name through `MODELS` (name → constructor).
 
-The DDPM U-Net for images and an MLP for low-dimensional (2-D toy) data; a DiT
-(Peebles & Xie 2023) comes later.
+Every model has the DESIGN §2 interface `model(x_t, t, cond, *, train) -> out`:
+  unet  DDPM / DDPM++ / ADM U-Nets (`unet.py`), by config;
+  dit   the diffusion transformer of Peebles & Xie 2023 (`dit.py`), sizes S/B/L/XL;
+  mlp   a residual MLP for low-dimensional data (`mlp.py`).
+Conditioning (class labels with a null class and label dropout, cross-attended context) is
+shared through `layers.py`.
 """
 
+from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 
 MODELS = {
     'unet': UNet,
+    'dit': DiT,
     'mlp': MLP,
 }

@@ -1,0 +1,189 @@
+r"""Reference models on this machine: parameters, FLOPs, compile time, train-step speed.
+
+  python -m experiments.benchmark_models [--models=ddpm_cifar10,dit:S/2] [--batch=2] \
+      [--steps=3] [--dtype=bfloat16] [--out=docs/model_benchmark.md]
+
+For each model (a reference config of `configs/`, optionally `:variant`): parameter count;
+forward GFLOPs per image and forward+backward GFLOPs per train step, both from XLA's cost
+analysis of the compiled programs (XLA counts a multiply-add as 2 FLOPs; papers such as DiT
+count it once, so the table also gives forward GMACs = GFLOPs / 2 per image); compile time of
+one jitted train step (the config's objective on a random batch + Adam, state donated);
+steady-state seconds per step (median of --steps after one warm-up) and images/s; achieved
+FLOP/s against this machine's measured dense float32 matmul peak. The persistent compilation
+cache is not enabled: compile times are cold. Writes a Markdown table with the machine
+description to --out.
+"""
+
+import importlib
+import os
+import platform
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffusion_jax import objectives
+from diffusion_jax import processes
+from diffusion_jax import train_loop
+
+DEFAULT_MODELS = ('digits', 'digits:dit', 'ddpm_cifar10', 'ddpm_cifar10:ddpmpp',
+                  'adm_imagenet64', 'dit:S/2', 'dit:B/2', 'dit:L/2', 'dit:XL/2')
+
+_MODELS = flags.DEFINE_list('models', list(DEFAULT_MODELS), 'configs/<name>[:variant] list.')
+_BATCH = flags.DEFINE_integer('batch', 2, 'Train batch size (small: this is a CPU).')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Timed train steps after one warm-up step.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+_OUT = flags.DEFINE_string('out', 'docs/model_benchmark.md', 'Markdown output ("" = none).')
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """Best-of-`repeats` float32 GFLOP/s of an n x n matmul (2 n^3 FLOPs)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best / 1e9
+
+
+def load(spec: str):
+  name, _, variant = spec.partition(':')
+  module = importlib.import_module(f'configs.{name}')
+  config = module.get_config(variant) if variant else module.get_config()
+  shape = getattr(module, 'IMAGE_SHAPE', (8, 8, 1))
+  return config, tuple(shape)
+
+
+def _flops(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax returns one dict per device
+    analysis = analysis[0]
+  return float(analysis.get('flops', float('nan')))
+
+
+def benchmark(spec: str, batch: int, steps: int, dtype: str) -> dict:
+  config, shape = load(spec)
+  config.model.dtype = dtype
+  model = train_loop.build_model(config.model)
+  process_cfg = dict(config.process)
+  process = processes.make_process(process_cfg.pop('name'), **process_cfg)
+  objective_cfg = dict(config.objective)
+  objective = objectives.make_objective(objective_cfg.pop('name'), process, **objective_cfg)
+  num_classes = config.model.get('num_classes', 0)
+  x = jnp.zeros((batch, *shape), jnp.float32)
+  t = jnp.full((batch,), 0.5)
+  labels = jnp.zeros((batch,), jnp.int32) if num_classes else None
+
+  t0 = time.perf_counter()
+  params = jax.jit(model.init)(jax.random.key(0), x[:1], t[:1],
+                               None if labels is None else labels[:1])['params']
+  jax.block_until_ready(params)
+  init_s = time.perf_counter() - t0
+  n_params = sum(p.size for p in jax.tree.leaves(params))
+
+  fwd = jax.jit(lambda p, x, t, c: model.apply({'params': p}, x, t, c))
+  fwd_compiled = fwd.lower(params, x[:1], t[:1], None if labels is None else labels[:1]).compile()
+  fwd_flops = _flops(fwd_compiled)  # one image
+
+  optimizer = optax.adam(1e-4)
+
+  def train_step(state, x0, key, cond):
+    params, opt_state = state
+
+    def loss_fn(p):
+      def model_fn(x_t, t_, c):
+        return model.apply({'params': p}, x_t, t_, c, train=True,
+                           rngs={'dropout': jax.random.fold_in(key, 1)})
+      loss, _ = objective(model_fn, x0, key, cond)
+      return loss
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  state = (params, optimizer.init(params))
+  step = jax.jit(train_step, donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = step.lower(state, x, jax.random.key(1), labels).compile()
+  compile_s = time.perf_counter() - t0
+  step_flops = _flops(compiled)
+
+  x0 = jax.random.uniform(jax.random.key(2), x.shape, minval=-1, maxval=1)
+  times = []
+  for i in range(steps + 1):
+    t0 = time.perf_counter()
+    state, loss = compiled(state, x0, jax.random.key(3 + i), labels)
+    jax.block_until_ready(loss)
+    times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times[1:])
+  return dict(model=spec, shape='x'.join(map(str, shape)), params_m=n_params / 1e6,
+              fwd_gflops=fwd_flops / 1e9, fwd_gmacs=fwd_flops / 2e9,
+              step_gflops=step_flops / 1e9, init_s=init_s, compile_s=compile_s, step_s=step_s,
+              images_per_s=batch / step_s, achieved_gflops=step_flops / step_s / 1e9,
+              loss=float(loss))
+
+
+def machine() -> str:
+  dev = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  return (f'{cpu}, {os.cpu_count()} cores, '
+          f'jax {jax.__version__} on {dev.platform} ({dev.device_kind})')
+
+
+def table(rows, peak: float) -> str:
+  head = ('| model | input | params (M) | fwd GFLOPs / image | fwd GMACs / image | '
+          'train-step GFLOPs | compile (s) | step (s) | images/s | achieved GFLOP/s | '
+          '% of peak |')
+  lines = [head, '|' + '---|' * 11]
+  for r in rows:
+    lines.append(
+        f"| {r['model']} | {r['shape']} | {r['params_m']:.3g} | {r['fwd_gflops']:.3g} | "
+        f"{r['fwd_gmacs']:.3g} | {r['step_gflops']:.3g} | {r['compile_s']:.1f} | "
+        f"{r['step_s']:.3f} | {r['images_per_s']:.2f} | {r['achieved_gflops']:.1f} | "
+        f"{100 * r['achieved_gflops'] / peak:.0f} |")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  peak = matmul_peak_gflops()
+  print(f'{machine()}; dense float32 matmul peak {peak:.0f} GFLOP/s', flush=True)
+  rows = []
+  for spec in _MODELS.value:
+    t0 = time.perf_counter()
+    row = benchmark(spec, _BATCH.value, _STEPS.value, _DTYPE.value)
+    rows.append(row)
+    print(f"{spec}: {row['params_m']:.3g} M params, {row['fwd_gmacs']:.3g} fwd GMACs/image, "
+          f"compile {row['compile_s']:.1f} s, {row['step_s']:.3f} s/step, "
+          f"{row['images_per_s']:.2f} images/s ({time.perf_counter() - t0:.0f} s)", flush=True)
+  text = table(rows, peak)
+  print(text)
+  if _OUT.value:
+    os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
+    with open(_OUT.value, 'w', encoding='utf-8') as f:
+      f.write('# Reference models: size and speed\n\n'
+              f'Machine: {machine()}; measured dense float32 matmul peak {peak:.0f} GFLOP/s. '
+              f'Batch {_BATCH.value}, compute dtype {_DTYPE.value}, median of {_STEPS.value} '
+              f'train steps (objective of the config + Adam) after one warm-up.\n'
+              'FLOPs are from XLA\'s cost analysis (a multiply-add = 2 FLOPs); GMACs = '
+              'GFLOPs / 2 is the convention of the DiT paper.\n\n'
+              f'Command: `python -m experiments.benchmark_models '
+              f'--models={",".join(_MODELS.value)} --batch={_BATCH.value} '
+              f'--steps={_STEPS.value} --dtype={_DTYPE.value}`\n\n' + text + '\n')
+    print(f'wrote {_OUT.value}')
+
+
+
+if __name__ == '__main__':
+  app.run(main)
