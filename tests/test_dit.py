@@ -14,16 +14,10 @@ import pytest
 
 from diffusion_jax.models import MODELS, DiT
 from diffusion_jax.models.dit import dit_variant, sincos_2d
-from tests.test_unet import _FAST_COMPILE, _random_params
+from tests.test_unet import _FAST_COMPILE, _apply, _random_params
 
 B = 4
 _TINY = dict(hidden_size=32, depth=2, num_heads=4, num_classes=10, context_dim=6)
-
-
-@functools.partial(jax.jit, static_argnames=('model', 'train'), compiler_options=_FAST_COMPILE)
-def _apply(model, params, x, t, cond=None, dropout_key=None, train=False):
-  rngs = None if dropout_key is None else {'dropout': dropout_key}
-  return model.apply(params, x, t, cond, train=train, rngs=rngs)
 
 
 def _inputs(key, batch=B, shape=(8, 8, 4)):

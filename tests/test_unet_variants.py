@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax.models import UNet, layers
-from tests.test_unet import _FAST_COMPILE, _random_params
+from tests.test_unet import _FAST_COMPILE, _apply, _random_params
 
 B = 4
 SHAPE = (8, 8, 1)
@@ -30,12 +30,6 @@ def _cond(key, batch=B, length=5, dim=6, labels=None):
   context = jax.random.normal(key, (batch, length, dim))  # [B, L, Dc]
   labels = jnp.arange(batch) % 10 if labels is None else labels
   return {'label': labels, 'context': context}
-
-
-@functools.partial(jax.jit, static_argnames=('model', 'train'), compiler_options=_FAST_COMPILE)
-def _apply(model, params, x, t, cond=None, dropout_key=None, train=False):
-  rngs = None if dropout_key is None else {'dropout': dropout_key}
-  return model.apply(params, x, t, cond, train=train, rngs=rngs)
 
 
 def _inputs(key, batch=B, shape=SHAPE):
