@@ -58,13 +58,22 @@ def test_parameter_count_matches_paper(name, variant, published, what):
 
 @pytest.mark.parametrize('name, variant', [
     ('ddpm_cifar10', None), ('ddpm_cifar10', 'ddpmpp'), ('adm_imagenet64', None),
-    ('dit', 'S/8'),
+    ('dit', 'S/8'), ('dit', 'XL/2'),
 ])
 def test_reference_config_is_valid_whole(name, variant):
   module, config = _config(name, variant)
   setup = train_loop.build(config, image_shape=module.IMAGE_SHAPE)
   assert setup.model.out_channels in (None, 2 * module.IMAGE_SHAPE[-1])
   assert setup.learned_variance == (setup.model.out_channels is not None)
+  # Output = input shape, with 2C channels where the variances are learned.
+  x = jax.ShapeDtypeStruct((2, *module.IMAGE_SHAPE), jnp.float32)
+  t = jax.ShapeDtypeStruct((2,), jnp.float32)
+  c = jax.ShapeDtypeStruct((2,), jnp.int32) if setup.conditional else None
+  params = jax.eval_shape(setup.model.init, jax.random.key(0), x, t, c)
+  out = jax.eval_shape(setup.model.apply, params, x, t, c)
+  h, w, ch = module.IMAGE_SHAPE
+  assert out.shape == (2, h, w, 2 * ch if setup.learned_variance else ch)
+  assert out.dtype == jnp.float32
 
 
 def test_reference_configs_say_their_data_is_not_readable_yet():
