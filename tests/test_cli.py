@@ -68,6 +68,9 @@ def test_rerun_resumes_instead_of_retraining(finished_run, cache_dir):
   assert 'Trained steps' not in proc.stdout
 
 
+# The fallback itself is tested in test_training.py (default suite); this end-to-end copy
+# through the CLI costs ~26 s of a worker, so it is `slow` to keep CI under 10 minutes.
+@pytest.mark.slow
 def test_corrupted_latest_checkpoint_falls_back(finished_run, cache_dir, tmp_path):
   workdir = tmp_path / 'copy'
   shutil.copytree(finished_run[0], workdir)
