@@ -1,4 +1,5 @@
-"""Sample-quality metrics: Fréchet distance and the digits classifier that gives it features."""
+"""Sample-quality metrics: Fréchet distance, KID / MMD, precision and recall, Inception Score,
+sliced Wasserstein, and the digits classifier whose features they use on the embedded data."""
 
 from diffusion_jax.metrics.digits_classifier import (
     DEFAULT_RECIPE,
@@ -20,6 +21,10 @@ from diffusion_jax.metrics.frechet import (
     frechet_distance_from_features,
     frechet_distance_from_stats,
 )
+from diffusion_jax.metrics.inception_score import inception_score
+from diffusion_jax.metrics.kernel import kid, mmd2_unbiased, mmd_rbf, polynomial_kernel, rbf_kernel
+from diffusion_jax.metrics.precision_recall import knn_radii, precision_recall
+from diffusion_jax.metrics.sliced import sliced_wasserstein
 
 __all__ = [
     'DEFAULT_RECIPE',
@@ -36,6 +41,15 @@ __all__ = [
     'frechet_distance',
     'frechet_distance_from_features',
     'frechet_distance_from_stats',
+    'inception_score',
+    'kid',
+    'knn_radii',
+    'mmd2_unbiased',
+    'mmd_rbf',
+    'polynomial_kernel',
+    'precision_recall',
+    'rbf_kernel',
+    'sliced_wasserstein',
     'load_or_train_digits_classifier',
     'train_digits_classifier',
 ]
