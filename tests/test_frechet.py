@@ -217,3 +217,19 @@ def test_stats_errors():
     _ = FeatureStats().mean
   with pytest.raises(ValueError, match='at least 2'):
     _ = FeatureStats().update(np.zeros((1, 3))).cov
+
+
+def test_stats_file_round_trip_and_errors(tmp_path):
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(50, 4))
+  mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+  path = str(tmp_path / 'ref_stats')  # no extension: written exactly where asked
+  frechet.save_stats(path, mu, sigma)
+  mu2, sigma2 = frechet.load_stats(path)
+  np.testing.assert_array_equal(mu2, mu)
+  np.testing.assert_array_equal(sigma2, sigma)
+  np.savez(tmp_path / 'bad.npz', mean=mu)
+  with pytest.raises(ValueError, match=r"lacks \['mu', 'sigma'\]"):
+    frechet.load_stats(str(tmp_path / 'bad.npz'))
+  with pytest.raises(ValueError, match='cannot read'):
+    frechet.load_stats(str(tmp_path / 'missing.npz'))

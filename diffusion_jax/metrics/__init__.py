@@ -20,6 +20,8 @@ from diffusion_jax.metrics.frechet import (
     frechet_distance,
     frechet_distance_from_features,
     frechet_distance_from_stats,
+    load_stats,
+    save_stats,
 )
 from diffusion_jax.metrics.inception_score import inception_score
 from diffusion_jax.metrics.kernel import kid, mmd2_unbiased, mmd_rbf, polynomial_kernel, rbf_kernel
@@ -43,6 +45,8 @@ __all__ = [
     'frechet_distance_from_stats',
     'inception_score',
     'kid',
+    'load_stats',
+    'save_stats',
     'knn_radii',
     'mmd2_unbiased',
     'mmd_rbf',

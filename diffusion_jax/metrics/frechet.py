@@ -187,3 +187,24 @@ def frechet_distance_from_features(features1, features2, eps: float = 1e-6) -> f
                      f'{f2.shape[1]}')
   return frechet_distance_from_stats(FeatureStats.from_features(f1),
                                      FeatureStats.from_features(f2), eps=eps)
+
+
+def save_stats(path: str, mu, sigma) -> None:
+  """Writes reference statistics as `.npz` with arrays `mu` [D] and `sigma` [D, D] (float64),
+  the layout FID tools commonly distribute (e.g. the TTUR / pytorch-fid `.npz` files)."""
+  mu, sigma = _check_stats(mu, sigma, ' (save_stats)')
+  with open(path, 'wb') as f:  # a file object: np.savez would append '.npz' to a bare name
+    np.savez(f, mu=mu, sigma=sigma)
+
+
+def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """Reads `(mu, sigma)` from an `.npz` written by `save_stats` or a FID tool."""
+  try:
+    with np.load(path) as data:
+      missing = [k for k in ('mu', 'sigma') if k not in data.files]
+      if missing:
+        raise ValueError(f'load_stats: {path} lacks {missing}; it has {data.files}')
+      mu, sigma = data['mu'], data['sigma']
+  except (OSError, EOFError) as e:
+    raise ValueError(f'load_stats: cannot read {path}: {e}') from None
+  return _check_stats(mu, sigma, f' in {path}')
