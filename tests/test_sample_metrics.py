@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from diffusion_jax.metrics import inception_score as is_lib
+from diffusion_jax.metrics import classifier_scores as is_lib
 from diffusion_jax.metrics import kernel
-from diffusion_jax.metrics import precision_recall as pr
+from diffusion_jax.metrics import manifold as pr
 
 
 def _brute_mmd2(x, y, k):

@@ -23,9 +23,9 @@ from diffusion_jax.metrics.frechet import (
     load_stats,
     save_stats,
 )
-from diffusion_jax.metrics.inception_score import inception_score
+from diffusion_jax.metrics.classifier_scores import inception_score
 from diffusion_jax.metrics.kernel import kid, mmd2_unbiased, mmd_rbf, polynomial_kernel, rbf_kernel
-from diffusion_jax.metrics.precision_recall import knn_radii, precision_recall
+from diffusion_jax.metrics.manifold import knn_radii, precision_recall
 from diffusion_jax.metrics.sliced import sliced_wasserstein
 
 __all__ = [
