@@ -10,6 +10,9 @@ import time
 
 import pytest
 
+from configs import digits as digits_config
+from diffusion_jax import train_loop
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = 'configs/digits.py:smoke'
 
@@ -60,6 +63,7 @@ def test_short_run_leaves_all_outputs(finished_run):
   assert 'step/s' in proc.stderr  # the progress bar reports speed
 
 
+@pytest.mark.slow  # the resume path is also run by the SIGKILL test below
 def test_rerun_resumes_instead_of_retraining(finished_run, cache_dir):
   workdir, _ = finished_run
   proc = _train(workdir, cache_dir=cache_dir)
@@ -118,20 +122,33 @@ def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path, cache_dir):
   assert logged == sorted(set(logged)) and logged[-1] == 120  # no duplicate steps after resume
 
 
+# Each case is a subprocess (~6 s of interpreter and JAX start-up), so the CLI path is checked
+# on one case per kind of error: flag parsing (unknown key, bad type) and build (ConfigError).
+# The other build-time errors are checked in-process by test_build_errors_name_the_key.
 @pytest.mark.parametrize('override, expected', [
     ('--config.train.num_step=3', "unknown config key 'num_step' in --config.train.num_step"),
     ('--config.train.num_steps=abc', '--config.train.num_steps=abc'),
-    ('--config.sample.sampler=dpm_solver_9', "config.sample.sampler='dpm_solver_9': unknown"),
-    ('--config.sample.steps=5000', 'steps=5000 must lie in [1, 1000]'),
-    ('--config.sample.eta=0.5', "config.sample.eta=0.5: sampler 'ddpm' takes no 'eta'"),
-    ('--config.sample.grid=karras', "sampler 'ddpm' takes no 'grid'"),
     ('--config.trains.lr=1', "unknown config key 'trains'"),
     ('--config.model.ch=10', 'config.model: UNet: num_groups=4 must divide'),
-    ('--config.train.batch_size=0', 'config.train.batch_size=0: must be > 0'),
 ])
 def test_config_errors_are_one_line(tmp_path, cache_dir, override, expected):
   line = _error_line(_train(tmp_path / 'w', override, cache_dir=cache_dir))
   assert expected in line, line
+
+
+@pytest.mark.parametrize('section, values, expected', [
+    ('sample', dict(sampler='dpm_solver_9'), "config.sample.sampler='dpm_solver_9': unknown"),
+    ('sample', dict(steps=5000), 'steps=5000 must lie in [1, 1000]'),
+    ('sample', dict(eta=0.5), "config.sample.eta=0.5: sampler 'ddpm' takes no 'eta'"),
+    ('sample', dict(grid='karras'), "sampler 'ddpm' takes no 'grid'"),
+    ('train', dict(batch_size=0), 'config.train.batch_size=0: must be > 0'),
+])
+def test_build_errors_name_the_key(section, values, expected):
+  config = digits_config.get_config('smoke')
+  config[section].update(values)
+  with pytest.raises(train_loop.ConfigError) as e:
+    train_loop.build(config)
+  assert expected in str(e.value) and '\n' not in str(e.value)
 
 
 def test_missing_config_file_is_one_line(tmp_path, cache_dir):

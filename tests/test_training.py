@@ -42,6 +42,9 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
+# Implied by test_resume_equals_uninterrupted_run (a restore that changed any leaf would change
+# the continued run); kept as a direct check, `slow` for CI time (~30 s cold).
+@pytest.mark.slow
 def test_checkpoint_round_trip_is_bit_identical(tmp_path):
   state, step_fn = _tiny_setup()
   x, _ = digits.load_digits('train')

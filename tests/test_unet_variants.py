@@ -169,6 +169,7 @@ def test_label_dropout_rate_is_honoured():
                                 kept)
 
 
+@pytest.mark.slow  # shares layers._drop with the label-dropout test above
 def test_context_dropout_zeroes_the_context():
   n = 64
   model = UNet(ch=8, num_groups=4, context_dim=3, context_dropout=0.5)
