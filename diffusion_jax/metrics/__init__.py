@@ -1,5 +1,6 @@
 """Sample-quality metrics: Fréchet distance, KID / MMD, precision and recall, Inception Score,
-sliced Wasserstein, and the digits classifier whose features they use on the embedded data."""
+sliced Wasserstein; the FID InceptionV3 (with a torch-free converter of its weights) and the
+digits classifier whose features they use on the embedded data."""
 
 from diffusion_jax.metrics.digits_classifier import (
     DEFAULT_RECIPE,
@@ -24,6 +25,13 @@ from diffusion_jax.metrics.frechet import (
     save_stats,
 )
 from diffusion_jax.metrics.classifier_scores import inception_score
+from diffusion_jax.metrics.inception import (
+    InceptionV3,
+    convert_pytorch_fid_weights,
+    inception_features,
+    load_inception_params,
+    save_inception_params,
+)
 from diffusion_jax.metrics.kernel import kid, mmd2_unbiased, mmd_rbf, polynomial_kernel, rbf_kernel
 from diffusion_jax.metrics.manifold import knn_radii, precision_recall
 from diffusion_jax.metrics.sliced import sliced_wasserstein
@@ -32,9 +40,11 @@ __all__ = [
     'DEFAULT_RECIPE',
     'DigitsClassifier',
     'FeatureStats',
+    'InceptionV3',
     'classifier_accuracy',
     'classifier_features',
     'classifier_logits',
+    'convert_pytorch_fid_weights',
     'digits_classifier_cache_path',
     'digits_fd',
     'digits_fd_eval',
@@ -43,9 +53,12 @@ __all__ = [
     'frechet_distance',
     'frechet_distance_from_features',
     'frechet_distance_from_stats',
+    'inception_features',
     'inception_score',
     'kid',
+    'load_inception_params',
     'load_stats',
+    'save_inception_params',
     'save_stats',
     'knn_radii',
     'mmd2_unbiased',
