@@ -5,8 +5,11 @@ sizes: S/2 33 M, B/2 130 M, L/2 458 M, XL/2 675 M parameters; 6.06 / 23.01 / 80.
 forward GFLOPs (a multiply-add counted once). Training as in the paper: linear betas over
 T = 1000, L_simple plus the VLB term for the learned variances (`ddpm_hybrid`), AdamW 1e-4
 without weight decay or warm-up, batch 256, EMA 0.9999, 10 % label dropout for guidance;
-sampling with 250 DDPM steps. The training loop cannot read latents yet; model, process and
-objective are checked by `tests/test_reference_configs.py`.
+sampling with 250 DDPM steps. Data: VAE latents as `.npy` files, images `[N, 32, 32, 4]`
+(already scaled by the VAE's 0.18215) and labels `[N]`:
+`--config.data.path=latents.npy --config.data.labels_path=labels.npy`. The in-loop evaluation
+measures digits only, so it is off; model, process and objective are checked by
+`tests/test_reference_configs.py`.
 """
 
 import ml_collections
@@ -26,7 +29,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
                      f'{list(SIZES)} and PATCH in 2, 4, 8 (e.g. XL/2)')
   hidden, depth, heads = SIZES[size]
   c = digits.get_config()
-  c.data = dict(name='imagenet256_latents')
+  c.data = dict(name='npy', path='', labels_path='')
   c.process = dict(name='vp_discrete', schedule='linear', num_steps=1000)
   c.objective = dict(name='ddpm_hybrid')
   c.model = dict(name='dit', patch_size=int(patch), hidden_size=hidden, depth=depth,
@@ -36,5 +39,5 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
                  checkpoint_every=10_000)
   c.sample.update(sampler='ddpm', steps=250, variance='learned', batch_size=64, grid_size=64,
                   guidance_scale=1.5)
-  c.eval.num_samples = 50_000
+  c.eval.update(num_samples=50_000, enabled=False)
   return c

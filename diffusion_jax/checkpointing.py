@@ -1,5 +1,10 @@
 """Orbax checkpoints that resume from the newest *readable* step.
 
+Each step folder holds two items: `state` (the train state's arrays, sharded as they were in
+memory) and `meta` (JSON: the resolved config, the data position, the topology it was written
+on). Restoring takes the shardings of the *target*, so a checkpoint written on N devices or
+processes restores onto M.
+
 `orbax.checkpoint.CheckpointManager` saves asynchronously and atomically and keeps the last N
 steps. What it does not do is distrust its own directory: a damaged or empty latest step is
 still listed and a plain restore of it can silently return an empty tree. `Checkpointer`
@@ -24,21 +29,35 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-  """Keep-N async checkpoints of a pytree under `directory/<step>`."""
+  """Keep-N async checkpoints of a pytree under `directory/<step>`; with `keep_every=K`, steps
+  that are multiples of K are kept as well, forever."""
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
-               async_save: bool = True):
+               keep_every: int | None = None, async_save: bool = True):
     self.directory = os.path.abspath(os.fspath(directory))
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
-    # A named item (not the default one) lets orbax read a step without inferring handlers
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_every or None,
+                                           create=True, enable_async_checkpointing=async_save)
+    # Named items (not the default one) let orbax read a step without inferring handlers
     # from the folder's contents, which fails for every step once any step folder is empty.
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state',))
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=('state', 'meta'))
     self._closed = False
 
-  def save(self, step: int, state: Any) -> None:
-    """Starts an (async) save of `state` at `step`; returns before the write finishes."""
-    self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  def save(self, step: int, state: Any, meta: dict | None = None) -> None:
+    """Starts an (async) save of `state` (and the JSON-able `meta`) at `step`; returns before
+    the write finishes. Every process calls it (orbax writes each process's shards)."""
+    items = {'state': ocp.args.StandardSave(state)}
+    if meta is not None:
+      items['meta'] = ocp.args.JsonSave(meta)
+    self._manager.save(int(step), args=ocp.args.Composite(**items))
+
+  def read_meta(self, step: int) -> dict | None:
+    """The `meta` saved with `step` (None if that step has none)."""
+    try:
+      return dict(self._manager.restore(
+          int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
+    except Exception:  # pylint: disable=broad-except  # a step saved without meta
+      return None
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

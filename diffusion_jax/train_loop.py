@@ -1,243 +1,55 @@
 """One explicit loop: init → restore → {train step, log, checkpoint} → sample → evaluate.
 
-`train_and_evaluate(config, workdir)` is what `python -m experiments.train` runs. Re-running it
-with the same work dir resumes from the newest readable checkpoint; a finished run skips
-straight to sampling and evaluation. Everything the run leaves is in `workdir`:
+`train_and_evaluate(config, workdir)` is what `python -m experiments.train` runs, in every
+process of a run. Re-running it with the same work dir resumes from the newest readable
+checkpoint; a finished run skips straight to sampling and evaluation. Everything the run leaves
+is in `workdir` (written by process 0; every process takes part in checkpointing):
 
   config.json       the resolved config
-  checkpoints/      orbax checkpoints (keep-N, async)
+  checkpoints/      orbax checkpoints (keep-N and keep-every-K, async), each with its `meta`
   metrics.jsonl     training scalars and the final evaluation
   samples.png       a grid of samples from the EMA parameters
   eval.json         the final evaluation (FD, its floor, classifier accuracy)
+
+Sharding (DESIGN §5): one mesh over all devices of all processes; the global batch is split on
+its `data` axis, each process loading only its rows; the state is replicated or FSDP-sharded
+(`train.param_sharding`). The same global batch gives the same numbers on 1 or N devices.
+Reliability: a non-finite update is skipped and counted (`train.max_consecutive_skips` in a row
+stop the run with `training.TrainingDiverged`); SIGTERM / SIGUSR1 save the current step and
+raise `preemption.Preempted`.
 """
 
-import dataclasses
-import inspect
 import json
 import logging
 import os
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
 from diffusion_jax import checkpointing
-from diffusion_jax import configuration
-from diffusion_jax import guidance
+from diffusion_jax import generation
 from diffusion_jax import images as images_lib
 from diffusion_jax import metric_writer
-from diffusion_jax import objectives
-from diffusion_jax import parameterization
-from diffusion_jax import processes
-from diffusion_jax import samplers
+from diffusion_jax import parallel
+from diffusion_jax import preemption
 from diffusion_jax import training
 from diffusion_jax.configuration import ConfigError
-from diffusion_jax.data import digits
-from diffusion_jax.data import sampler as data_sampler
-from diffusion_jax.metrics import digits_classifier
-from diffusion_jax.models import MODELS
+from diffusion_jax.data import sources
+from diffusion_jax.generation import generate
+from diffusion_jax.generation import make_sample_fn
+from diffusion_jax.generation import sample_labels
+from diffusion_jax.run_config import Setup
+from diffusion_jax.run_config import build
+from diffusion_jax.run_config import build_model
 
 log = logging.getLogger(__name__)
 
-DATASETS = ('digits',)
-# Sampler keyword options `config.sample` may set (None = the sampler's own default). Only the
-# ones the chosen sampler accepts may be set; others are a ConfigError naming the key.
-SAMPLER_OPTIONS = ('grid', 'spacing', 'variance', 'eta', 'rho', 't_min', 's_churn', 'order',
-                   'method', 'variant', 'rtol', 'atol', 'solver', 'snr', 'corrector_steps')
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  num_steps: int = 3000
-  batch_size: int = 128
-  ema_decay: float = 0.999
-  log_every: int = 50
-  checkpoint_every: int = 500
-  keep_checkpoints: int = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleConfig:
-  """`sampler` names an entry of `samplers.SAMPLERS`; the optional fields are its keyword
-  options (None = the sampler's default; in configs, `ml_collections.config_dict.placeholder`)."""
-  sampler: str = 'ddpm'
-  steps: int = 100
-  grid: str | None = None
-  spacing: str | None = None
-  variance: str | None = None
-  eta: float | None = None
-  rho: float | None = None
-  t_min: float | None = None
-  s_churn: float | None = None
-  order: int | None = None
-  method: str | None = None
-  variant: str | None = None
-  rtol: float | None = None
-  atol: float | None = None
-  solver: str | None = None
-  snr: float | None = None
-  corrector_steps: int | None = None
-  clip_x0: float = 1.0          # clip x0_hat to the data range; 0 disables
-  # Class-conditional models: sample i gets label i % num_classes; the classifier-free guidance
-  # scale (1 = the conditional model, 0 = the unconditional one, > 1 guides; Ho & Salimans 2022
-  # with w = scale - 1).
-  guidance_scale: float = 1.0
-  batch_size: int = 500
-  grid_size: int = 100          # images in samples.png
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-  num_samples: int = 1000       # generated digits for the Fréchet distance
-  cache_dir: str = ''           # where the feature classifier is cached ('' = workdir/cache)
-  enabled: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """Everything built from a validated config; no side effects on disk."""
-  train: TrainConfig
-  sample: SampleConfig
-  eval: EvalConfig
-  optim: training.OptimConfig
-  process: Any
-  objective: Any
-  kind: str
-  model: Any
-  conditional: bool
-  learned_variance: bool = False
-
-  @property
-  def num_classes(self) -> int:
-    return getattr(self.model, 'num_classes', 0)
-
-
-def build_model(model_config) -> Any:
-  """The Flax module named by `model_config.name` (a `MODELS` key), its fields checked."""
-  model_cfg = dict(model_config)
-  model_name = configuration.choice('model.name', model_cfg.pop('name', None), MODELS)
-  return configuration.from_section(MODELS[model_name], 'model', model_cfg)
-
-
-def build(config: ml_collections.ConfigDict, *, image_shape=None) -> Setup:
-  """Validates `config` and builds the pieces; raises `ConfigError` naming the bad key.
-
-  `image_shape` (`[H, W, C]`) validates a config for data the loop cannot read yet (the
-  reference configs): the data section is then not checked against the registered datasets.
-  """
-  known = {'seed', 'data', 'process', 'objective', 'model', 'optim', 'train', 'sample', 'eval'}
-  for k in config:
-    if k not in known:
-      raise ConfigError(f'config.{k}: unknown section; valid sections are {sorted(known)}')
-  if not isinstance(config.get('seed'), int):
-    raise ConfigError(f'config.seed={config.get("seed")!r}: expected int')
-  if image_shape is None:
-    configuration.choice('data.name', config.data.name, DATASETS)
-    configuration.check_keys('data', config.data, {'name': str})
-    image_shape = digits.IMAGE_SHAPE
-
-  process_cfg = dict(config.process)
-  configuration.choice('process.name', process_cfg.pop('name'), processes.PROCESSES)
-  try:
-    process = processes.make_process(config.process.name, **process_cfg)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f'config.process: {str(e).splitlines()[0]}') from None
-
-  objective_cfg = dict(config.objective)
-  name = configuration.choice('objective.name', objective_cfg.pop('name'), objectives.OBJECTIVES)
-  if name == 'consistency_distillation':
-    # It needs a trained teacher's denoiser, which a from-scratch run does not have.
-    raise ConfigError("config.objective.name='consistency_distillation' needs a teacher "
-                      'denoiser; call objectives.make_objective from the library with one')
-  try:
-    objective = objectives.make_objective(name, process, **objective_cfg)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f'config.objective: {str(e).splitlines()[0]}') from None
-
-  model = build_model(config.model)
-  _check_model(model, image_shape)
-  # Nichol & Dhariwal's learned variances: the network outputs 2C channels (prediction, v).
-  learned_variance = name == 'ddpm_hybrid' or objective_cfg.get('variance') == 'learned'
-  channels = image_shape[-1]
-  want = 2 * channels if learned_variance else channels
-  got = getattr(model, 'out_channels', None)
-  if (got or channels) != want:
-    what = 'a prediction and a learned variance' if learned_variance else 'one prediction'
-    raise ConfigError(f'config.model.out_channels={got}: objective {name!r} needs {want} output '
-                      f'channels ({what} per image channel)')
-
-  train = configuration.from_section(TrainConfig, 'train', config.train)
-  for k in ('num_steps', 'batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
-    configuration.positive(f'train.{k}', getattr(train, k))
-  if not 0 <= train.ema_decay < 1:
-    raise ConfigError(f'config.train.ema_decay={train.ema_decay}: must lie in [0, 1)')
-
-  optim = configuration.from_section(training.OptimConfig, 'optim', config.optim)
-  configuration.positive('optim.lr', optim.lr)
-  configuration.choice('optim.schedule', optim.schedule, ('constant', 'cosine'))
-
-  sample = configuration.from_section(SampleConfig, 'sample', config.sample)
-  configuration.choice('sample.sampler', sample.sampler, samplers.SAMPLERS)
-  configuration.positive('sample.batch_size', sample.batch_size)
-  kind = objectives.PREDICTION_KIND[name]
-  _check_sampler(sample, process, kind, image_shape, learned_variance)
-
-  conditional = getattr(model, 'num_classes', 0) > 0
-  if sample.guidance_scale != 1.0 and not conditional:
-    raise ConfigError(f'config.sample.guidance_scale={sample.guidance_scale}: guidance needs a '
-                      f'class-conditional model (set config.model.num_classes)')
-
-  ev = configuration.from_section(EvalConfig, 'eval', config.eval)
-  configuration.positive('eval.num_samples', ev.num_samples)
-  return Setup(train=train, sample=sample, eval=ev, optim=optim, process=process,
-               objective=objective, kind=kind, model=model,
-               conditional=conditional, learned_variance=learned_variance)
-
-
-def sampler_options(sample: SampleConfig) -> dict:
-  """The sampler keyword options set in `config.sample` (those not None)."""
-  return {k: getattr(sample, k) for k in SAMPLER_OPTIONS if getattr(sample, k) is not None}
-
-
-def _check_sampler(sample: SampleConfig, process, kind: str, image_shape,
-                   learned_variance: bool = False):
-  """Checks the options against the sampler's signature, then traces it abstractly with a
-  stand-in denoiser (no compile) so that bad grids, step counts or processes fail now."""
-  fn = samplers.SAMPLERS[sample.sampler]
-  options = sampler_options(sample)
-  accepted = [k for k in SAMPLER_OPTIONS if k in inspect.signature(fn).parameters]
-  for k, v in options.items():
-    if k not in accepted:
-      raise ConfigError(f'config.sample.{k}={v!r}: sampler {sample.sampler!r} takes no {k!r}; '
-                        f'its options are {accepted}')
-
-  def denoiser(x, t, cond=None):
-    return x, x
-  denoiser.kind = kind
-  if learned_variance:
-    denoiser.with_variance = lambda x, t, cond=None: (x, x, x)
-  x = jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.float32)
-  try:
-    jax.eval_shape(lambda x: fn(denoiser, process, x, jax.random.key(0), steps=sample.steps,
-                                **options)[0], x)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f'config.sample (sampler={sample.sampler!r}, steps={sample.steps}): '
-                      f'{str(e).splitlines()[0]}') from None
-
-
-def _check_model(model, image_shape):
-  """Traces `model.init` abstractly (no compile, no allocation) to surface config errors now."""
-  x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
-  t = jax.ShapeDtypeStruct((1,), jnp.float32)
-  cond = jax.ShapeDtypeStruct((1,), jnp.int32) if getattr(model, 'num_classes', 0) > 0 else None
-  try:
-    jax.eval_shape(lambda x, t, c: model.init(jax.random.key(0), x, t, c), x, t, cond)
-  except (ValueError, TypeError) as e:
-    raise ConfigError(f'config.model: {str(e).splitlines()[0]}') from None
+__all__ = ['ConfigError', 'Setup', 'build', 'build_model', 'format_eval_line', 'generate',
+           'load_checkpoint', 'make_sample_fn', 'prepare_workdir', 'sample_labels',
+           'train_and_evaluate', 'write_config']
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -272,177 +84,287 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   os.replace(tmp, path)
 
 
-def _init_state(setup: Setup, key, image_shape, optimizer, ema_fn):
-  # Jitted: eager Flax init dispatches (and compiles) every op separately, ~30 s on CPU.
-  @jax.jit
+def init_state_fn(setup: Setup, optimizer, ema_fn):
+  """`init(key) -> TrainState` for the setup's model (jit it, with the state's shardings)."""
   def init(key):
     k_params, k_state = jax.random.split(key)
-    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-    t = jnp.zeros((1,), jnp.float32)
-    cond = jnp.zeros((1,), jnp.int32) if setup.conditional else None
+    x = jax.numpy.zeros((1,) + tuple(setup.image_shape), jax.numpy.float32)
+    t = jax.numpy.zeros((1,), jax.numpy.float32)
+    cond = jax.numpy.zeros((1,), jax.numpy.int32) if setup.conditional else None
     params = setup.model.init({'params': k_params}, x, t, cond)['params']
     return training.init_train_state(params, optimizer, ema_fn, k_state)
-  return init(key)
+  return init
 
 
-def make_sample_fn(setup: Setup):
-  """`sample(params, x_T, key, cond) -> x0` compiled whole, for the configured sampler."""
-  s = setup.sample
-  clip = s.clip_x0 if s.clip_x0 > 0 else None
-  options = sampler_options(s)
-  sampler = samplers.SAMPLERS[s.sampler]
-
-  @jax.jit
-  def sample(params, x_T, key, cond=None):
-    def model_fn(x, t, c):
-      return setup.model.apply({'params': params}, x, t, c)
-    if setup.learned_variance:   # every sampler works; ddpm can use variance='learned'
-      den = samplers.learned_variance_denoiser(model_fn, setup.process, setup.kind, clip)
-    else:
-      den = parameterization.make_denoiser(
-          model_fn, setup.process, setup.kind, clip_x0=clip,
-          sigma_min=(parameterization.consistency_sigma_min(setup.process)
-                     if setup.kind == 'consistency' else None))
-    if setup.conditional and s.guidance_scale != 1.0:
-      den = guidance.classifier_free_guidance(den, s.guidance_scale, null_cond=setup.num_classes)
-    x0, _ = sampler(den, setup.process, x_T, key, steps=s.steps, cond=cond, **options)
-    return x0
-
-  return sample
+def _init_state(setup: Setup, key, image_shape, optimizer, ema_fn):
+  """The initial state on the default device (tests; the loop shards it)."""
+  del image_shape  # the setup's
+  # Jitted: eager Flax init dispatches (and compiles) every op separately, ~30 s on CPU.
+  return jax.jit(init_state_fn(setup, optimizer, ema_fn))(key)
 
 
-def sample_labels(num: int, num_classes: int) -> np.ndarray | None:
-  """The class of generated sample i, `i % num_classes` (None for an unconditional model)."""
-  return np.arange(num) % num_classes if num_classes > 0 else None
+def _optimizer_and_ema(setup: Setup):
+  return (training.make_optimizer(setup.optim, setup.train.num_steps),
+          training.ema(setup.train.ema_decay))
 
 
-def generate(sample_fn, params, key, num: int, batch_size: int, image_shape,
-             labels: np.ndarray | None = None):
-  """Draws `num` samples (of classes `labels[i]` if given); sample i's prior noise and sampler
-  key derive from `fold_in(key, i)`, so results do not depend on the batch size."""
-  k_noise, k_sampler = jax.random.split(key)
-  prior = jax.jit(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k_noise, i),
-                                                       tuple(image_shape))))
-  out = []
-  for start in range(0, num, batch_size):
-    idx = jnp.arange(start, min(start + batch_size, num))
-    cond = None if labels is None else jnp.asarray(labels[start:start + len(idx)], jnp.int32)
-    out.append(np.asarray(sample_fn(params, prior(idx), jax.random.fold_in(k_sampler, start),
-                                    cond)))
-  return np.concatenate(out, axis=0)
+def _checkpointer(setup: Setup, workdir: str) -> checkpointing.Checkpointer:
+  return checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                    max_to_keep=setup.train.keep_checkpoints,
+                                    keep_every=setup.train.keep_every)
 
 
-def evaluate_digits(generated: np.ndarray, cache_dir: str,
-                    labels: np.ndarray | None = None) -> dict:
-  """FD of `generated` vs the test split in the classifier's feature space, with its floor;
-  given the intended `labels`, also the classifier's accuracy on them (`class_accuracy`).
+def abstract_state(setup: Setup, mesh, init, key):
+  """The train state's shapes and dtypes with this run's shardings (`train.param_sharding`),
+  the target that checkpoints restore onto, whatever topology wrote them."""
+  abstract = jax.eval_shape(init, key)
+  shardings = parallel.state_shardings(mesh, abstract, setup.train.param_sharding,
+                                       setup.train.fsdp_min_size)
+  return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                      abstract, shardings)
 
-  The feature classifier is trained once (seed 0, independent of the run's seed, so FDs of
-  different runs share one feature space) and cached in `cache_dir`.
+
+def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, source=None):
+  """`(setup, state, step)` from the newest readable checkpoint of a run's work dir, restored
+  onto `mesh` (default: every device of this process group). Raises `CheckpointError` if the
+  work dir has no checkpoint."""
+  setup = build(config, source=source)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  optimizer, ema_fn = _optimizer_and_ema(setup)
+  init = init_state_fn(setup, optimizer, ema_fn)
+  target = abstract_state(setup, mesh, init, jax.random.key(0))
+  with _checkpointer(setup, os.path.abspath(workdir)) as ckpt:
+    state, step = ckpt.restore_latest(target)
+    if state is None:
+      raise checkpointing.CheckpointError(f'no checkpoint in {ckpt.directory}')
+  return setup, state, step
+
+
+def checkpoint_meta(config, setup: Setup, step: int, mesh) -> dict:
+  """What is saved beside the state: the resolved config, the data position and topology."""
+  return {
+      'step': int(step),
+      'seed': int(config.seed),
+      'data': {'name': setup.data.name, 'global_batch': setup.train.batch_size,
+               'examples_seen': int(step) * setup.train.batch_size},
+      'topology': {'process_count': jax.process_count(), 'device_count': int(mesh.devices.size),
+                   'param_sharding': setup.train.param_sharding},
+      'config': json.loads(config.to_json_best_effort()),
+  }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       source=None) -> dict:
+  """Trains, checkpoints, samples and evaluates; returns the evaluation dict.
+
+  `source` replaces the configured training data (an object with `sources.ArraySource`'s
+  interface). Raises `preemption.Preempted` after saving on SIGTERM / SIGUSR1, and
+  `training.TrainingDiverged` after too many non-finite updates in a row.
   """
-  params, info = digits_classifier.load_or_train_digits_classifier(cache_dir, seed=0)
-  result = digits_classifier.digits_fd_eval(
-      params, generated, classifier_test_accuracy=float(info['test_accuracy']))
-  result = dict(result)
-  if labels is not None:
-    result['class_accuracy'] = digits_classifier.classifier_accuracy(params, generated, labels)
-  return result
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains, checkpoints, samples and evaluates; returns the evaluation dict."""
-  setup = build(config)
+  setup = build(config, source=source)
   workdir = prepare_workdir(workdir)
-  write_config(config, workdir)
   is_main = jax.process_index() == 0
+  if is_main:
+    write_config(config, workdir)
+  train = setup.train
+  mesh = parallel.make_mesh()
+  width = mesh.devices.size
+  if train.batch_size % (width * train.grad_accum_steps):
+    raise ConfigError(f'config.train.batch_size={train.batch_size}: must be divisible by the '
+                      f'{width} devices x train.grad_accum_steps={train.grad_accum_steps}')
 
-  x_train, y_train = digits.load_digits('train')
-  image_shape = x_train.shape[1:]
-  num_steps = setup.train.num_steps
-  optimizer = training.make_optimizer(setup.optim, num_steps)
-  ema_fn = training.ema(setup.train.ema_decay)
+  num_steps = train.num_steps
+  optimizer, ema_fn = _optimizer_and_ema(setup)
   root = jax.random.key(config.seed)
   k_init, k_sample = jax.random.split(root)
-  state = _init_state(setup, k_init, image_shape, optimizer, ema_fn)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  init = init_state_fn(setup, optimizer, ema_fn)
+  target = abstract_state(setup, mesh, init, k_init)
+  state_sh = jax.tree.map(lambda a: a.sharding, target)
 
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                    max_to_keep=setup.train.keep_checkpoints)
-  restored, restored_step = ckpt.restore_latest(state)
-  if restored is not None:
-    state = restored
+  ckpt = _checkpointer(setup, workdir)
+  state, restored_step = ckpt.restore_latest(target)   # onto this run's shardings
+  if state is None:
+    state = jax.jit(init, out_shardings=state_sh)(k_init)
+  else:
+    _check_resume_meta(ckpt.read_meta(restored_step), config, setup)
     log.info('resumed from checkpoint step %d in %s', restored_step, ckpt.directory)
-    print(f'Resuming from checkpoint step {restored_step} ({ckpt.directory})', flush=True)
-  start = int(state.step)
+    if is_main:
+      print(f'Resuming from checkpoint step {restored_step} ({ckpt.directory})', flush=True)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  start = int(parallel.local_value(state.step))
   if start > num_steps:
     raise ConfigError(f'config.train.num_steps={num_steps} is below the checkpointed step '
                       f'{start} in {ckpt.directory}; raise it or use a new work dir')
-  writer = metric_writer.JsonlWriter(os.path.join(workdir, 'metrics.jsonl'),
-                                     resume_step=start if restored is not None else 0)
+  writer = (metric_writer.JsonlWriter(os.path.join(workdir, 'metrics.jsonl'),
+                                      resume_step=start if restored_step is not None else 0)
+            if is_main else None)
 
-  train_step = jax.jit(training.make_train_step(setup.objective, setup.model.apply, optimizer,
-                                                ema_fn, conditional=setup.conditional),
-                       donate_argnums=(0,))
-  print(f'Model: {type(setup.model).__name__}, {n_params / 1e6:.2f} M parameters; '
-        f'{num_steps} steps at batch {setup.train.batch_size}', flush=True)
+  rows = parallel.batch_sharding(mesh)
+  micro = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
+  step_fn = training.make_train_step(setup.objective, setup.model.apply, optimizer, ema_fn,
+                                     conditional=setup.conditional,
+                                     grad_accum_steps=train.grad_accum_steps,
+                                     batch_constraint=micro)
+  train_step = jax.jit(step_fn, in_shardings=(state_sh, rows),
+                       out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
+  keys = ('image', 'label') if setup.conditional else ('image',)
 
+  def load(step):
+    local = setup.source.batch(config.seed, step, train.batch_size, jax.process_index(),
+                               jax.process_count())
+    return parallel.global_batch({k: local[k] for k in keys}, rows, train.batch_size)
+
+  if is_main:
+    print(f'Model: {type(setup.model).__name__}, {n_params / 1e6:.2f} M parameters; '
+          f'{num_steps} steps at batch {train.batch_size} on {parallel.describe(mesh)}',
+          flush=True)
+
+  with preemption.PreemptionWatcher() as watcher:
+    try:
+      state = _train(state, train_step, load, start, setup, ckpt, writer, watcher,
+                     lambda step: checkpoint_meta(config, setup, step, mesh), is_main)
+      return _sample_and_evaluate(setup, state, k_sample, mesh, workdir, writer, watcher,
+                                  n_params)
+    finally:
+      ckpt.close()
+      if writer is not None:
+        writer.close()
+
+
+def _check_resume_meta(meta, config, setup: Setup) -> None:
+  """Warns when the checkpoint was written with another seed or batch: the data order (a
+  function of both) then differs from that of an uninterrupted run."""
+  if not meta:
+    return
+  saved = (meta.get('seed'), meta.get('data', {}).get('global_batch'))
+  if saved != (config.seed, setup.train.batch_size):
+    log.warning('checkpoint was written with seed=%s, batch=%s; this run has seed=%s, batch=%s: '
+                'the data order differs from an uninterrupted run', *saved, config.seed,
+                setup.train.batch_size)
+
+
+def _train(state, train_step, load, start, setup: Setup, ckpt, writer, watcher, meta, is_main):
+  train = setup.train
+  num_steps = train.num_steps
   t0 = time.time()
   bar = tqdm.tqdm(total=num_steps, initial=start, desc='train', unit='step', dynamic_ncols=True,
                   mininterval=1.0, disable=not is_main)
-  running = []
-  for step in range(start, num_steps):
-    idx = data_sampler.batch_indices(config.seed, step, setup.train.batch_size, len(x_train))
-    batch = {'image': x_train[idx], 'label': y_train[idx]}
-    state, metrics = train_step(state, batch)
-    # Wait for the step: the progress bar's rate and ETA then measure compute, not dispatch.
-    running.append(jax.block_until_ready(metrics))
-    done = step + 1
-    if done % setup.train.log_every == 0 or done == num_steps:
-      scalars = {k: float(np.mean([m[k] for m in running])) for k in running[0]}
-      running = []
-      scalars['steps_per_sec'] = bar.format_dict.get('rate') or 0.0
-      if is_main:
-        writer.write(done, scalars)
-      bar.set_postfix(loss=f'{scalars["loss"]:.4f}', refresh=False)
-    if done % setup.train.checkpoint_every == 0 or done == num_steps:
-      ckpt.save(done, state)
-    bar.update(1)
-  bar.close()
+  running, last_saved = [], None
+  batches = _batches(load, start, num_steps, train.prefetch)
+  try:
+    for step, batch in batches:
+      state, metrics = train_step(state, batch)
+      # Wait for the step: the progress bar's rate and ETA then measure compute, not dispatch.
+      m = parallel.local_value(metrics)
+      done = step + 1
+      if m['skipped']:
+        log.warning('step %d: non-finite loss or gradient (loss=%s); update skipped', done,
+                    m['loss'])
+        streak = int(m['consecutive_skips'])
+        if streak >= train.max_consecutive_skips:
+          ckpt.wait()
+          saved = ckpt.all_steps()
+          raise training.TrainingDiverged(
+              f'training stopped at step {done}: {streak} consecutive updates had a non-finite '
+              f'loss or gradient (train.max_consecutive_skips={train.max_consecutive_skips}); '
+              f'parameters are those of the last finite update at step {done - streak}; '
+              f'newest checkpoint: {f"step {saved[-1]}" if saved else "none"} in '
+              f'{ckpt.directory}')
+      running.append(m)
+      if done % train.log_every == 0 or done == num_steps:
+        scalars = _interval_scalars(running)
+        running = []
+        scalars['steps_per_sec'] = bar.format_dict.get('rate') or 0.0
+        if writer is not None:
+          writer.write(done, scalars)
+        bar.set_postfix(loss=f'{scalars["loss"]:.4f}', refresh=False)
+      if done % train.checkpoint_every == 0 or done == num_steps:
+        ckpt.save(done, state, meta(done))
+        last_saved = done
+      bar.update(1)
+      if watcher.should_stop():
+        if last_saved != done:
+          ckpt.save(done, state, meta(done))
+        ckpt.wait()
+        raise preemption.Preempted(
+            f'{watcher.signal_name} received: checkpoint saved at step {done} in '
+            f'{ckpt.directory}; rerun (or requeue) to resume', step=done)
+  finally:
+    batches.close()
+    bar.close()
   ckpt.wait()
-  train_seconds = time.time() - t0
-  if start < num_steps:
-    print(f'Trained steps {start}..{num_steps} in {train_seconds:.1f} s '
-          f'({(num_steps - start) / max(train_seconds, 1e-9):.2f} steps/s)', flush=True)
+  seconds = time.time() - t0
+  if start < num_steps and is_main:
+    print(f'Trained steps {start}..{num_steps} in {seconds:.1f} s '
+          f'({(num_steps - start) / max(seconds, 1e-9):.2f} steps/s)', flush=True)
+  return state
 
-  # Sampling and evaluation always use the EMA parameters.
-  t1 = time.time()
-  sample_fn = make_sample_fn(setup)
+
+def _batches(load, start, stop, depth):
+  if depth > 0:
+    return sources.Prefetcher(load, start, stop, depth)
+  return _Unbuffered(load, start, stop)
+
+
+class _Unbuffered:
+  def __init__(self, load, start, stop):
+    self._it = ((s, load(s)) for s in range(start, stop))
+
+  def __iter__(self):
+    return self._it
+
+  def close(self):
+    pass
+
+
+def _interval_scalars(running) -> dict:
+  """Means over the interval's finite updates; `skipped` counts the others."""
+  good = [m for m in running if not m['skipped']]
+  scalars = {k: float(np.mean([m[k] for m in good])) if good else float('nan')
+             for k in ('loss', 'grad_norm')}
+  scalars['skipped'] = int(sum(int(m['skipped']) for m in running))
+  scalars['skipped_total'] = int(running[-1]['skipped_total'])
+  return scalars
+
+
+def _sample_and_evaluate(setup: Setup, state, k_sample, mesh, workdir, writer, watcher,
+                         n_params) -> dict:
+  """Samples from the EMA parameters, saves the grid, and evaluates (process 0)."""
+  is_main = writer is not None
   s = setup.sample
   num = max(setup.eval.num_samples if setup.eval.enabled else 0, s.grid_size)
+  result = {'step': setup.train.num_steps, 'num_params': int(n_params)}
+  if num == 0:
+    return result
+  t1 = time.time()
+  sample_fn = make_sample_fn(setup)
   labels = sample_labels(num, setup.num_classes)
-  samples = generate(sample_fn, state.ema_params, k_sample, num, s.batch_size, image_shape,
-                     labels)
+  try:
+    samples = generate(sample_fn, state.ema_params, k_sample, num, s.batch_size,
+                       setup.image_shape, labels, mesh=mesh, interrupt=watcher.should_stop)
+  except generation.Interrupted as e:
+    raise preemption.Preempted(f'{watcher.signal_name} received: {e}; training is checkpointed, '
+                               f'rerun to sample', step=setup.train.num_steps) from None
   sample_seconds = time.time() - t1
-  print(f'Sampled {num} images with {s.sampler} ({s.steps} steps) in {sample_seconds:.1f} s',
-        flush=True)
   if is_main:
+    print(f'Sampled {num} images with {s.sampler} ({s.steps} steps) in {sample_seconds:.1f} s',
+          flush=True)
     images_lib.save_png(os.path.join(workdir, 'samples.png'),
                         images_lib.make_grid(samples[:s.grid_size], ncol=10))
     np.save(os.path.join(workdir, 'samples.npy'), samples[:s.grid_size])
 
-  result = {'step': num_steps, 'num_params': int(n_params), 'sample_seconds': sample_seconds}
-  if setup.eval.enabled:
+  result['sample_seconds'] = sample_seconds
+  if setup.eval.enabled and is_main:
     n = setup.eval.num_samples
-    result.update(evaluate_digits(samples[:n],
-                                  setup.eval.cache_dir or os.path.join(workdir, 'cache'),
-                                  None if labels is None else labels[:n]))
+    result.update(generation.evaluate_digits(
+        samples[:n], setup.eval.cache_dir or os.path.join(workdir, 'cache'),
+        None if labels is None else labels[:n]))
     result['fd_ratio'] = result['fd'] / result['fd_floor']
   if is_main:
-    writer.write(num_steps, {f'eval/{k}': v for k, v in result.items() if k != 'step'})
+    writer.write(setup.train.num_steps,
+                 {f'eval/{k}': v for k, v in result.items() if k != 'step'})
     with open(os.path.join(workdir, 'eval.json'), 'w', encoding='utf-8') as f:
       json.dump(result, f, indent=2)
-  writer.close()
-  ckpt.close()
   return result
 
 

@@ -2,7 +2,8 @@
 
 The objective is passed in, not hard-wired (DESIGN §5). Randomness: one root key lives in the
 state; each step uses `fold_in(key, step)` split by role, so a resumed run draws exactly what an
-uninterrupted one would.
+uninterrupted one would. A step whose loss or gradients are not finite changes nothing but the
+step counter and the skip counters (the data position still moves on, past the bad batch).
 """
 
 import dataclasses
@@ -15,6 +16,10 @@ import jax.numpy as jnp
 import optax
 
 
+class TrainingDiverged(RuntimeError):
+  """Too many consecutive updates had a non-finite loss or gradient; the run stopped."""
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array          # int32 scalar: number of updates applied
@@ -22,6 +27,8 @@ class TrainState:
   ema_params: Any          # the EMA copy samplers use by default
   opt_state: Any
   key: jax.Array           # uint32 [2] raw key data (plain array: checkpoints stay portable)
+  skipped: jax.Array       # int32: updates skipped for a non-finite loss or gradient, in all
+  consecutive_skips: jax.Array  # int32: skipped in a row up to now (0 after a good update)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,39 +95,93 @@ def ema(decay: float, warmup: bool = True) -> EMA:
 
 def init_train_state(params, optimizer: optax.GradientTransformation, ema_fn: EMA,
                      key: jax.Array) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_fn.init(params),
-                    opt_state=optimizer.init(params), key=jax.random.key_data(key))
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, ema_params=ema_fn.init(params),
+                    opt_state=optimizer.init(params), key=jax.random.key_data(key),
+                    skipped=zero, consecutive_skips=zero)
 
 
 def make_train_step(objective, apply_fn, optimizer: optax.GradientTransformation, ema_fn: EMA,
-                    *, conditional: bool = False):
+                    *, conditional: bool = False, grad_accum_steps: int = 1,
+                    batch_constraint=None):
   """Builds the pure `train_step(state, batch) -> (state, metrics)`; jit it at the call site.
 
   `objective(model_fn, x0, key, cond)` as in `diffusion_jax.objectives`; `apply_fn` is a Flax
   `Module.apply`. `batch` holds 'image' `[B, ...]` and, if `conditional`, 'label' `[B]`.
   Objectives with a `step` argument (consistency training's curriculum) receive the step.
+
+  `grad_accum_steps = A > 1` splits the batch into A micro-batches of B / A examples, run one
+  after another (`lax.scan`), and applies the mean of their gradients once: the update of a
+  batch of B in the memory of B / A. Micro-batch a takes examples a, a + A, a + 2A, ..., so
+  when the batch is sharded in contiguous blocks each device holds an equal part of every
+  micro-batch (`batch_constraint`, a sharding for `[A, B / A, ...]` arrays, keeps it there).
+  Micro-batch a draws its randomness from `fold_in(key, a)`.
+
+  An update whose loss or any gradient is not finite is skipped: parameters, EMA and optimizer
+  state stay as they were, `skipped` and `consecutive_skips` count it (metrics `skipped` = 1).
   """
+  if grad_accum_steps < 1:
+    raise ValueError(f'grad_accum_steps={grad_accum_steps} must be >= 1')
   takes_step = 'step' in inspect.signature(objective).parameters
 
-  def train_step(state: TrainState, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+  def loss_and_grad(params, batch, key, step):
     key_obj, key_dropout = jax.random.split(key)
     cond = batch['label'] if conditional else None
 
     def loss_fn(params):
       def model_fn(x_t, t, c):
         return apply_fn({'params': params}, x_t, t, c, train=True, rngs={'dropout': key_dropout})
-      extra = {'step': state.step} if takes_step else {}
-      loss, aux = objective(model_fn, batch['image'], key_obj, cond, **extra)
-      return loss, aux
+      extra = {'step': step} if takes_step else {}
+      loss, _ = objective(model_fn, batch['image'], key_obj, cond, **extra)
+      return loss
+    return jax.value_and_grad(loss_fn)(params)
 
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state,
-        ema_params=ema_fn.update(state.ema_params, params, state.step))
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+  def accumulated(params, batch, key, step):
+    def split(x):   # [B, ...] -> [A, B / A, ...], micro-batch a = rows a, a + A, ...
+      if x.shape[0] % grad_accum_steps:
+        raise ValueError(f'batch of {x.shape[0]} is not divisible by '
+                         f'grad_accum_steps={grad_accum_steps}')
+      x = x.reshape((x.shape[0] // grad_accum_steps, grad_accum_steps) + x.shape[1:])
+      x = jnp.swapaxes(x, 0, 1)
+      if batch_constraint is not None:
+        x = jax.lax.with_sharding_constraint(x, batch_constraint)
+      return x
+    micro = {k: split(v) for k, v in batch.items() if v is not None}
+
+    def body(carry, inputs):
+      a, mb = inputs
+      loss, grads = loss_and_grad(params, mb, jax.random.fold_in(key, a), step)
+      total_loss, total_grads = carry
+      return (total_loss + loss, jax.tree.map(jnp.add, total_grads, grads)), None
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), _ = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(grad_accum_steps), micro))
+    scale = 1.0 / grad_accum_steps
+    return loss * scale, jax.tree.map(lambda g: g * scale, grads)
+
+  def train_step(state: TrainState, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    if grad_accum_steps == 1:
+      loss, grads = loss_and_grad(state.params, batch, key, state.step)
+    else:
+      loss, grads = accumulated(state.params, batch, key, state.step)
+    grad_norm = optax.global_norm(grads)
+    # A NaN or inf anywhere in the gradients makes their norm non-finite.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def apply(state):
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      return state.replace(params=params, opt_state=opt_state,
+                           ema_params=ema_fn.update(state.ema_params, params, state.step))
+    # A conditional, not a select per leaf: one branch runs, and the program stays small.
+    new_state = jax.lax.cond(finite, apply, lambda state: state, state)
+    bad = (~finite).astype(jnp.int32)
+    new_state = new_state.replace(step=state.step + 1, skipped=state.skipped + bad,
+                                  consecutive_skips=(state.consecutive_skips + 1) * bad)
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'skipped': bad,
+               'skipped_total': new_state.skipped,
+               'consecutive_skips': new_state.consecutive_skips}
     return new_state, metrics
 
   return train_step

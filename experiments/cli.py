@@ -51,14 +51,36 @@ def _first_and_last_line(text: str) -> str:
   return lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}'
 
 
+EXIT_DIVERGED = 3
+
+
 @contextlib.contextmanager
 def user_errors():
-  """Turns the library's user-facing errors into one-line messages with exit status 2."""
-  from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.configuration import ConfigError  # pylint: disable=g-import-not-at-top
+  """Turns the library's user-facing errors into one-line messages: exit status 2 for a user
+  error, 3 for diverged training, and `preemption.EXIT_CODE` (75) after a preemption save."""
+  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import checkpointing
+  from diffusion_jax import preemption
+  from diffusion_jax import training
+  from diffusion_jax.configuration import ConfigError
+  # pylint: enable=g-import-not-at-top
   try:
     yield
   except (ConfigError, checkpointing.CheckpointError) as e:
+    fail(str(e))
+  except training.TrainingDiverged as e:
+    fail(str(e), code=EXIT_DIVERGED)
+  except preemption.Preempted as e:
+    print(f'preempted: {e}', file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_CODE)
+
+
+def start_processes(coordinator_address, num_processes, process_id):
+  """`jax.distributed` for a multi-process run (explicit flags, or SLURM's variables)."""
+  from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
+  try:
+    parallel.initialize(coordinator_address, num_processes, process_id)
+  except ValueError as e:
     fail(str(e))
 
 

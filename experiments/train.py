@@ -4,6 +4,11 @@ r"""Train, sample and evaluate a diffusion model: the main entry point.
       [--config.train.num_steps=200 ...]
 
 Re-running with the same --workdir resumes from its latest readable checkpoint.
+
+Several processes (one per host, or per GPU) run the same command; `launch/multiprocess.sh`
+passes --coordinator_address / --num_processes / --process_id, and under SLURM (`srun`) they
+are read from SLURM's variables. Exit status: 0 done, 2 a user error (one line), 3 training
+diverged (non-finite updates), 75 preempted after saving a checkpoint (requeue to resume).
 """
 
 import os
@@ -22,6 +27,10 @@ from experiments import cli  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, for a multi-process run.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -29,6 +38,7 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   cli.setup_runtime()
+  cli.start_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from diffusion_jax import train_loop  # pylint: disable=g-import-not-at-top
   config = cli.config_value(_CONFIG)
   if not config.eval.cache_dir:
@@ -36,7 +46,9 @@ def main(argv):
       config.eval.cache_dir = cli.default_cache_dir()
   with cli.user_errors():
     result = train_loop.train_and_evaluate(config, _WORKDIR.value)
-  print(train_loop.format_eval_line(result), flush=True)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    print(train_loop.format_eval_line(result), flush=True)
   logging.flush()
 
 

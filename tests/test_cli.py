@@ -3,10 +3,8 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -63,7 +61,7 @@ def test_short_run_leaves_all_outputs(finished_run):
   assert 'step/s' in proc.stderr  # the progress bar reports speed
 
 
-@pytest.mark.slow  # the resume path is also run by the SIGKILL test below
+@pytest.mark.slow  # the resume path is also run by test_reliability.py's SIGKILL and SIGTERM tests
 def test_rerun_resumes_instead_of_retraining(finished_run, cache_dir):
   workdir, _ = finished_run
   proc = _train(workdir, cache_dir=cache_dir)
@@ -89,37 +87,6 @@ def test_corrupted_latest_checkpoint_falls_back(finished_run, cache_dir, tmp_pat
   assert 'checkpoint step 20' in proc.stderr and 'unreadable' in proc.stderr
   assert 'Trained steps 10..20' in proc.stdout
   assert '20' in os.listdir(workdir / 'checkpoints')
-
-
-def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path, cache_dir):
-  """A run killed with SIGKILL at an arbitrary point (here: right after its first checkpoint,
-  possibly while the next async save is being written) resumes and finishes."""
-  workdir = tmp_path / 'killed'
-  env = dict(os.environ, DIFFUSION_JAX_CACHE=cache_dir, PYTHONUNBUFFERED='1')
-  cmd = [sys.executable, '-m', 'experiments.train', f'--config={SMOKE}', f'--workdir={workdir}',
-         '--config.train.num_steps=120', '--config.train.checkpoint_every=20',
-         '--config.eval.enabled=False']
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while not (workdir / 'checkpoints' / '20').exists():
-    assert proc.poll() is None and time.time() < deadline, 'run ended before its first checkpoint'
-    time.sleep(0.05)
-  time.sleep(0.3)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  steps = sorted(int(p) for p in os.listdir(workdir / 'checkpoints') if p.isdigit())
-  assert steps and steps[-1] < 120
-
-  done = _train(workdir, '--config.train.num_steps=120', '--config.train.checkpoint_every=20',
-                '--config.eval.enabled=False', cache_dir=cache_dir)
-  assert done.returncode == 0, done.stderr[-3000:]
-  resumed = int(done.stdout.split('Resuming from checkpoint step ')[1].split()[0])
-  assert resumed >= steps[-1] - 20
-  assert f'Trained steps {resumed}..120' in done.stdout
-  records = [json.loads(ln) for ln in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  logged = [r['step'] for r in records if 'loss' in r]
-  assert logged == sorted(set(logged)) and logged[-1] == 120  # no duplicate steps after resume
 
 
 # Each case is a subprocess (~6 s of interpreter and JAX start-up), so the CLI path is checked

@@ -76,9 +76,19 @@ def test_reference_config_is_valid_whole(name, variant):
   assert out.dtype == jnp.float32
 
 
-def test_reference_configs_say_their_data_is_not_readable_yet():
+def test_reference_configs_say_how_to_prepare_missing_data(tmp_path):
   _, config = _config('ddpm_cifar10')
-  with pytest.raises(train_loop.ConfigError, match=r"data.name='cifar10': unknown"):
+  config.data.data_dir = str(tmp_path)
+  with pytest.raises(train_loop.ConfigError) as e:
+    train_loop.build(config)
+  message = str(e.value)
+  assert f"TFDS dataset 'cifar10' is not readable in data_dir={tmp_path}" in message
+  assert 'tfds build cifar10' in message and '\n' not in message
+
+
+def test_latent_config_needs_its_file():
+  _, config = _config('dit', 'S/8')
+  with pytest.raises(train_loop.ConfigError, match=r"config.data.path: data.name='npy' needs"):
     train_loop.build(config)
 
 

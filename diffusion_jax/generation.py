@@ -1,0 +1,103 @@
+"""Sampling a trained model as the run's config says, sharded over the mesh, and its evaluation.
+
+`make_sample_fn(setup)` compiles the configured sampler (with guidance and the right denoiser
+for the objective family) whole; `generate` draws N samples batch by batch with each batch's
+rows split over the `data` axis. Sample i's prior noise is `normal(fold_in(k_noise, i))`, so the
+noise does not depend on the batch size or the device count.
+"""
+
+import jax
+import numpy as np
+
+from diffusion_jax import guidance
+from diffusion_jax import parallel
+from diffusion_jax import parameterization
+from diffusion_jax import samplers
+from diffusion_jax.metrics import digits_classifier
+from diffusion_jax.run_config import Setup
+from diffusion_jax.run_config import sampler_options
+
+
+def make_sample_fn(setup: Setup):
+  """`sample(params, x_T, key, cond) -> x0` compiled whole, for the configured sampler."""
+  s = setup.sample
+  clip = s.clip_x0 if s.clip_x0 > 0 else None
+  options = sampler_options(s)
+  sampler = samplers.SAMPLERS[s.sampler]
+
+  @jax.jit
+  def sample(params, x_T, key, cond=None):
+    def model_fn(x, t, c):
+      return setup.model.apply({'params': params}, x, t, c)
+    if setup.learned_variance:   # every sampler works; ddpm can use variance='learned'
+      den = samplers.learned_variance_denoiser(model_fn, setup.process, setup.kind, clip)
+    else:
+      den = parameterization.make_denoiser(
+          model_fn, setup.process, setup.kind, clip_x0=clip,
+          sigma_min=(parameterization.consistency_sigma_min(setup.process)
+                     if setup.kind == 'consistency' else None))
+    if setup.conditional and s.guidance_scale != 1.0:
+      den = guidance.classifier_free_guidance(den, s.guidance_scale, null_cond=setup.num_classes)
+    x0, _ = sampler(den, setup.process, x_T, key, steps=s.steps, cond=cond, **options)
+    return x0
+
+  return sample
+
+
+def sample_labels(num: int, num_classes: int) -> np.ndarray | None:
+  """The class of generated sample i, `i % num_classes` (None for an unconditional model)."""
+  return np.arange(num) % num_classes if num_classes > 0 else None
+
+
+def generate(sample_fn, params, key, num: int, batch_size: int, image_shape,
+             labels: np.ndarray | None = None, mesh=None, interrupt=None) -> np.ndarray:
+  """Draws `num` samples (of classes `labels[i]` if given) as numpy on every process.
+
+  Sample i's prior noise derives from `fold_in(key, i)`; the sampler's own key is folded with
+  the batch's first index. With a `mesh`, each batch (rounded up to a multiple of the device
+  count; the extra rows are dropped) is split over its `data` axis. `interrupt()` is called
+  between batches; if it returns true, generation stops with `Interrupted`.
+  """
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  rows = parallel.batch_sharding(mesh)
+  width = mesh.devices.size
+  batch_size = -(-batch_size // width) * width
+  k_noise, k_sampler = jax.random.split(key)
+  prior = jax.jit(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k_noise, i),
+                                                       tuple(image_shape))),
+                  out_shardings=rows)
+  out = []
+  for start in range(0, num, batch_size):
+    if interrupt is not None and interrupt():
+      raise Interrupted(f'sampling interrupted after {start} of {num} samples')
+    n = min(batch_size, num - start)
+    size = -(-n // width) * width
+    idx = parallel.from_host(np.arange(start, start + size, dtype=np.int32), rows)
+    cond = None
+    if labels is not None:
+      padded = np.resize(np.asarray(labels[start:start + n], np.int32), size)
+      cond = parallel.from_host(padded, rows)
+    x = sample_fn(params, prior(idx), jax.random.fold_in(k_sampler, start), cond)
+    out.append(parallel.to_host(x)[:n])
+  return np.concatenate(out, axis=0)
+
+
+class Interrupted(RuntimeError):
+  """Generation was stopped between batches (e.g. by a preemption signal)."""
+
+
+def evaluate_digits(generated: np.ndarray, cache_dir: str,
+                    labels: np.ndarray | None = None) -> dict:
+  """FD of `generated` vs the test split in the classifier's feature space, with its floor;
+  given the intended `labels`, also the classifier's accuracy on them (`class_accuracy`).
+
+  The feature classifier is trained once (seed 0, independent of the run's seed, so FDs of
+  different runs share one feature space) and cached in `cache_dir`.
+  """
+  params, info = digits_classifier.load_or_train_digits_classifier(cache_dir, seed=0)
+  result = digits_classifier.digits_fd_eval(
+      params, generated, classifier_test_accuracy=float(info['test_accuracy']))
+  result = dict(result)
+  if labels is not None:
+    result['class_accuracy'] = digits_classifier.classifier_accuracy(params, generated, labels)
+  return result
