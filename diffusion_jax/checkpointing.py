@@ -33,14 +33,21 @@ class Checkpointer:
   that are multiples of K are kept as well, forever."""
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
-               keep_every: int | None = None, async_save: bool = True):
+               keep_every: int | None = None, async_save: bool = True, read_only: bool = False):
+    """`read_only` (evaluation): never writes, and an unreadable step is skipped, not moved."""
     self.directory = os.path.abspath(os.fspath(directory))
+    self.read_only = read_only
+    if read_only and not os.path.isdir(self.directory):
+      raise CheckpointError(f'no checkpoint directory {self.directory}')
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_every or None,
-                                           create=True, enable_async_checkpointing=async_save)
+                                           create=not read_only,
+                                           enable_async_checkpointing=async_save)
     # Named items (not the default one) let orbax read a step without inferring handlers
     # from the folder's contents, which fails for every step once any step folder is empty.
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'meta'))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
     self._closed = False
 
   def save(self, step: int, state: Any, meta: dict | None = None) -> None:
@@ -91,6 +98,9 @@ class Checkpointer:
     failures = []
     for step in steps:
       try:
+        # Shapes and dtypes from the step's metadata first: a checkpoint of another config is
+        # then named precisely, and no doomed array read is started.
+        _check_matches(self._manager.item_metadata(step)['state'], abstract)
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
         _check_matches(restored, abstract)
@@ -98,8 +108,8 @@ class Checkpointer:
         reason = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
         failures.append((step, reason))
         moved = self._quarantine(step)
-        log.warning('checkpoint step %d in %s is unreadable (%s); moved it to %s and trying an '
-                    'older step', step, self.directory, reason, moved)
+        log.warning('checkpoint step %d in %s is unreadable (%s); %s and trying an older step',
+                    step, self.directory, reason, f'moved it to {moved}' if moved else 'left it')
         continue
       if failures:
         log.warning('resumed from checkpoint step %d instead of the newer unreadable step(s) %s',
@@ -110,7 +120,9 @@ class Checkpointer:
         f'no readable checkpoint in {self.directory}: tried steps '
         + ', '.join(f'{s} ({r})' for s, r in failures))
 
-  def _quarantine(self, step: int) -> str:
+  def _quarantine(self, step: int) -> str | None:
+    if self.read_only:
+      return None
     src = os.path.join(self.directory, str(step))
     dst = f'{src}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}'
     if jax.process_index() == 0 and os.path.exists(src):
@@ -125,10 +137,29 @@ def _abstract(x):
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None))
 
 
+def _leaf_table(tree) -> dict:
+  """`{path: (shape, dtype)}` with paths as tuples of key names, the same for a dataclass state
+  and for orbax's metadata of it."""
+  def names(path):
+    return tuple(str(next(getattr(k, a) for a in ('key', 'name', 'idx') if hasattr(k, a)))
+                 for k in path)
+  return {names(p): (tuple(x.shape), np.dtype(x.dtype))
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _check_matches(restored, abstract):
-  if jax.tree.structure(restored) != jax.tree.structure(abstract):
-    raise ValueError('restored tree structure differs from the expected state')
-  for r, a in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract), strict=True):
-    if tuple(r.shape) != tuple(a.shape) or np.dtype(r.dtype) != np.dtype(a.dtype):
-      raise ValueError(f'restored leaf {r.shape}/{r.dtype} differs from expected '
-                       f'{a.shape}/{a.dtype}')
+  """Raises a one-line ValueError naming the first leaf where `restored` (arrays or orbax
+  metadata) differs from `abstract` in presence, shape or dtype."""
+  if restored is None:
+    raise ValueError('the step has no state item')
+  have, want = _leaf_table(restored), _leaf_table(abstract)
+  for path in sorted(set(have) | set(want)):
+    name = '/'.join(path)
+    if path not in have:
+      raise ValueError(f'holds a different state: {name} is missing')
+    if path not in want:
+      raise ValueError(f'holds a different state: it has {name}, which this config does not')
+    if have[path] != want[path]:
+      (s1, d1), (s2, d2) = have[path], want[path]
+      raise ValueError(f'holds a different state: {name} is {s1} {d1} there, this config '
+                       f'expects {s2} {d2}')

@@ -108,10 +108,10 @@ def _optimizer_and_ema(setup: Setup):
           training.ema(setup.train.ema_decay))
 
 
-def _checkpointer(setup: Setup, workdir: str) -> checkpointing.Checkpointer:
+def _checkpointer(setup: Setup, workdir: str, **kwargs) -> checkpointing.Checkpointer:
   return checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     max_to_keep=setup.train.keep_checkpoints,
-                                    keep_every=setup.train.keep_every)
+                                    keep_every=setup.train.keep_every, **kwargs)
 
 
 def abstract_state(setup: Setup, mesh, init, key):
@@ -126,14 +126,14 @@ def abstract_state(setup: Setup, mesh, init, key):
 
 def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, source=None):
   """`(setup, state, step)` from the newest readable checkpoint of a run's work dir, restored
-  onto `mesh` (default: every device of this process group). Raises `CheckpointError` if the
-  work dir has no checkpoint."""
+  onto `mesh` (default: every device of this process group). Read-only: a step that does not
+  match the config is skipped, never moved. Raises `CheckpointError` if none can be read."""
   setup = build(config, source=source)
   mesh = parallel.make_mesh() if mesh is None else mesh
   optimizer, ema_fn = _optimizer_and_ema(setup)
   init = init_state_fn(setup, optimizer, ema_fn)
   target = abstract_state(setup, mesh, init, jax.random.key(0))
-  with _checkpointer(setup, os.path.abspath(workdir)) as ckpt:
+  with _checkpointer(setup, os.path.abspath(workdir), read_only=True) as ckpt:
     state, step = ckpt.restore_latest(target)
     if state is None:
       raise checkpointing.CheckpointError(f'no checkpoint in {ckpt.directory}')

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import digits as digits_config
@@ -128,3 +129,36 @@ def test_unwritable_workdir_is_one_line(tmp_path, cache_dir):
   blocker.write_text('x')
   line = _error_line(_train(blocker / 'sub', cache_dir=cache_dir))
   assert str(blocker / 'sub') in line and 'not writable' in line
+
+
+def _evaluate(workdir, *args, cache_dir, config=SMOKE):
+  env = dict(os.environ, DIFFUSION_JAX_CACHE=cache_dir, PYTHONUNBUFFERED='1')
+  cmd = [sys.executable, '-m', 'experiments.evaluate', f'--config={config}',
+         f'--workdir={workdir}', *args]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_evaluate_reproduces_the_run_and_adds_kid_precision_recall_nll(finished_run, cache_dir):
+  workdir, _ = finished_run
+  done = _evaluate(workdir, '--nll_examples=8', '--tag=check', cache_dir=cache_dir)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads((workdir / 'eval_ddpm_10_check.json').read_text())
+  trained = json.loads((workdir / 'eval.json').read_text())
+  # Same checkpoint, same key as the loop's evaluation: the same samples, the same FD.
+  assert result['fd'] == trained['fd'] and result['step'] == 20
+  for k in ('kid', 'kid_floor', 'precision', 'recall', 'precision_floor', 'recall_floor'):
+    assert np.isfinite(result[k]), k
+  assert 0 <= result['precision'] <= 1 and 0 <= result['recall'] <= 1
+  assert result['nll_examples'] == 8 and np.isfinite(result['bits_per_dim'])
+  assert (workdir / 'eval_ddpm_10_check.png').exists()
+  assert done.stdout.strip().splitlines()[-1].startswith('EVAL step=20 ddpm/10: fd=')
+
+
+def test_evaluate_with_the_wrong_config_is_one_line_and_moves_nothing(finished_run, cache_dir):
+  workdir, _ = finished_run
+  done = _evaluate(workdir, '--config.model.ch=16', cache_dir=cache_dir)
+  errors = [ln for ln in done.stderr.splitlines() if ln.startswith('error: ')]
+  assert done.returncode == 2 and len(errors) == 1 and 'Traceback' not in done.stderr
+  assert 'no readable checkpoint' in errors[0] and 'holds a different state: ' in errors[0]
+  assert 'conv_in/bias is (8,) float32 there, this config expects (16,) float32' in errors[0]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20']   # read-only: nothing moved

@@ -385,3 +385,24 @@ def test_matches_torch_when_torch_is_importable(variables, tmp_path):
     got = torch_files.load_torch_state_dict(theirs)
     for name, value in sd.items():
       np.testing.assert_array_equal(got[name], value)
+
+
+def test_streamed_inception_metrics_of_the_reference_images_themselves(variables):
+  """`evaluation.InceptionMetrics` over two batches of the very images the reference statistics
+  and features come from: FID ~ 0 (float64 statistics; the sqrtm of a rank-deficient
+  covariance leaves ~1e-5 of its trace), precision = recall = 1, and the Inception Score is
+  that of the same logits."""
+  from diffusion_jax import evaluation  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  x = (rng.integers(0, 256, (12, 16, 16, 3)) / 127.5 - 1.0).astype(np.float32)  # 8-bit values
+  feats, logits = inception.inception_features(variables, x, batch_size=6)
+  stats = FeatureStats.from_features(feats)
+  m = evaluation.InceptionMetrics(variables, (stats.mean, stats.cov), reference_features=feats,
+                                  batch_size=6)
+  m.update(x[:6])
+  m.update(x[6:])
+  out = m.result()
+  assert out['num_generated'] == 12
+  assert abs(out['fid']) < 1e-3 * np.trace(stats.cov), out['fid']
+  assert out['precision'] == 1.0 and out['recall'] == 1.0
+  assert out['inception_score'] == pytest.approx(inception_score(logits, splits=10)[0])

@@ -234,3 +234,18 @@ def test_keep_last_n_and_every_k_checkpoints(tmp_path):
     assert ckpt.read_meta(8) == {'step': 8}
     restored, step = ckpt.restore_latest({'w': jnp.zeros((2,))})
   assert step == 10 and float(restored['w'][0]) == 10.0
+
+
+def test_digits_at_16x16_are_the_8x8_digits_pixel_repeated():
+  x8, y8 = digits.load_digits('test')
+  x16, y16 = digits.load_digits('test', size=16)
+  assert x16.shape == (450, 16, 16, 1)
+  np.testing.assert_array_equal(y16, y8)
+  np.testing.assert_array_equal(x16[:, ::2, ::2], x8)
+  np.testing.assert_array_equal(digits.to_native(x16), x8)     # exact: block means of copies
+  config = digits_config.get_config('smoke')
+  config.data.image_size = 16
+  assert train_loop.build(config).image_shape == (16, 16, 1)
+  config.data.image_size = 12
+  with pytest.raises(train_loop.ConfigError, match=r'config.data.image_size=12: digits: size'):
+    train_loop.build(config)

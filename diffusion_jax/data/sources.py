@@ -27,6 +27,7 @@ from diffusion_jax.data import tfds_images
 class DataConfig:
   name: str = 'digits'
   split: str = 'train'
+  image_size: int = 0           # 0: the data's own; digits: 8, or 16 (pixels repeated 2 x 2)
   data_dir: str = ''            # TFDS data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
   path: str = ''                # npy: the images / latents file
   labels_path: str = ''         # npy: optional labels file
@@ -69,8 +70,14 @@ class ArraySource:
 
 def make_source(cfg: DataConfig):
   """The source named by `cfg.name`; a one-line ValueError naming the file or data_dir."""
+  if cfg.image_size and cfg.name != 'digits':
+    raise ValueError(f'config.data.image_size={cfg.image_size}: only digits are resized here '
+                     f'(TFDS presets have their size; use a Preset for another)')
   if cfg.name == 'digits':
-    x, y = digits.load_digits(cfg.split)
+    try:
+      x, y = digits.load_digits(cfg.split, cfg.image_size or digits.IMAGE_SHAPE[0])
+    except ValueError as e:
+      raise ValueError(f'config.data.image_size={cfg.image_size}: {e}') from None
     return ArraySource(x, y, digits.NUM_CLASSES)
   if cfg.name == 'npy':
     return _npy_source(cfg)

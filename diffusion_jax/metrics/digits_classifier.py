@@ -405,12 +405,18 @@ def digits_fd_floor(params, n: int, *, reference: FeatureStats | None = None,
   Returns:
     `(fd_floor, n_used)`.
   """
+  real = floor_subsample(n, seed)
+  return digits_fd(params, real, reference=reference), len(real)
+
+
+def floor_subsample(n: int, seed: int = 0) -> np.ndarray:
+  """`min(n, 1347)` real training digits, a fixed function of `seed`: the stand-in for a
+  perfect generator's n samples (the floor of FD, KID, precision and recall)."""
   train_x, _ = load_digits('train')
   n_used = min(int(n), len(train_x))
   # Philox keyed by the seed: the subsample does not depend on global RNG state.
   rng = np.random.Generator(np.random.Philox(key=seed))
-  idx = np.sort(rng.permutation(len(train_x))[:n_used])
-  return digits_fd(params, train_x[idx], reference=reference), n_used
+  return train_x[np.sort(rng.permutation(len(train_x))[:n_used])]
 
 
 def digits_fd_eval(params, images, *, reference: FeatureStats | None = None,

@@ -1,0 +1,144 @@
+"""Sample-quality and likelihood numbers for a trained model, streamed over generated batches.
+
+- Digits (`digits_metrics`): in the feature space of the digits classifier, against the 450
+  held-out test digits: Fréchet distance with its real-data floor at the same n, KID (unbiased,
+  polynomial kernel), improved precision / recall (k = 3), and for conditional models the
+  classifier's accuracy on the intended classes.
+- Any images (`InceptionMetrics`): FID against reference statistics (`.npz` mu / sigma), the
+  Inception Score, and KID / precision / recall against reference features when given, in the
+  pool3 space of the FID InceptionV3. Feature statistics accumulate in float64 batch by batch.
+- Likelihood (`heldout_bits_per_dim`): negative log-likelihood of dequantized held-out data in
+  bits/dim through the probability-flow ODE (`samplers.likelihood`).
+"""
+
+import math
+
+import jax
+import numpy as np
+
+from diffusion_jax import parameterization
+from diffusion_jax import samplers
+from diffusion_jax.data import digits
+from diffusion_jax.metrics import classifier_scores
+from diffusion_jax.metrics import digits_classifier
+from diffusion_jax.metrics import frechet
+from diffusion_jax.metrics import inception
+from diffusion_jax.metrics import kernel
+from diffusion_jax.metrics import manifold
+from diffusion_jax.samplers import likelihood
+
+KID_SUBSETS = 100
+PR_NEIGHBOURS = 3        # Kynkäänniemi et al. 2019
+
+
+def digits_metrics(classifier_params, classifier_info, generated: np.ndarray,
+                   labels: np.ndarray | None = None) -> dict:
+  """FD, KID, precision and recall of generated digits, each beside its floor (the same number
+  for real training digits, as many as generated), and the class accuracy if `labels`.
+  16x16 digits are measured at 8x8 (`digits.to_native`)."""
+  generated = digits.to_native(generated)
+  result = dict(digits_classifier.digits_fd_eval(
+      classifier_params, generated,
+      classifier_test_accuracy=float(classifier_info['test_accuracy'])))
+  test_x, _ = digits.load_digits('test')
+  features = lambda x: digits_classifier.classifier_features(classifier_params, x)
+  real = features(test_x)
+  for suffix, fake in (('', features(generated)),
+                       ('_floor', features(digits_classifier.floor_subsample(len(generated))))):
+    kid, kid_std = kernel.kid(real, fake, num_subsets=KID_SUBSETS,
+                              subset_size=min(len(real), len(fake)))
+    pr = manifold.precision_recall(real, fake, k=PR_NEIGHBOURS)
+    result.update({f'kid{suffix}': kid, f'kid_std{suffix}': kid_std,
+                   f'precision{suffix}': pr['precision'], f'recall{suffix}': pr['recall']})
+  if labels is not None:
+    result['class_accuracy'] = digits_classifier.classifier_accuracy(classifier_params,
+                                                                     generated, labels)
+  return result
+
+
+class InceptionMetrics:
+  """FID / IS (and KID, precision, recall against `reference_features`) accumulated batch by
+  batch: `update(images)` per generated batch, then `result()`."""
+
+  def __init__(self, variables, reference_stats: tuple[np.ndarray, np.ndarray],
+               reference_features: np.ndarray | None = None, batch_size: int = 50,
+               keep_features: int = 10_000):
+    self.variables = variables
+    self.reference_stats = reference_stats
+    self.reference_features = reference_features
+    self.batch_size = batch_size
+    self.keep_features = keep_features if reference_features is not None else 0
+    self.stats = frechet.FeatureStats()
+    self._logits, self._features = [], []
+
+  def update(self, images: np.ndarray) -> None:
+    # The reference numbers are computed on 8-bit images: quantise as a saved PNG would be.
+    x = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0
+    features, logits = inception.inception_features(self.variables, x.astype(np.float32),
+                                                    batch_size=self.batch_size)
+    self.stats.update(features)
+    self._logits.append(logits)
+    kept = sum(len(f) for f in self._features)
+    if kept < self.keep_features:
+      self._features.append(features[:self.keep_features - kept])
+
+  def result(self) -> dict:
+    mu, sigma = self.reference_stats
+    out = {'fid': frechet.frechet_distance(self.stats.mean, self.stats.cov, mu, sigma),
+           'num_generated': self.stats.count}
+    logits = np.concatenate(self._logits)
+    out['inception_score'], out['inception_score_std'] = classifier_scores.inception_score(
+        logits, splits=min(10, len(logits)))
+    if self._features:
+      fake = np.concatenate(self._features)
+      real = self.reference_features
+      out['kid'], out['kid_std'] = kernel.kid(real, fake, num_subsets=KID_SUBSETS,
+                                              subset_size=min(1000, len(real), len(fake)))
+      out.update(manifold.precision_recall(real, fake, k=PR_NEIGHBOURS))
+    return out
+
+
+def heldout_bits_per_dim(setup, params, key, images: np.ndarray, *, num_bins: int,
+                      data_range: tuple[float, float], batch_size: int = 150,
+                      trace: str = 'hutchinson', rtol: float = 1e-4, atol: float = 1e-4) -> dict:
+  """NLL in bits/dim of `images` (on the grid `lo + (hi - lo) k / num_bins`) under the model's
+  probability-flow ODE, each uniformly dequantized once (`likelihood.bits_per_dim`).
+
+  Digits have 17 grey levels, 2/16 apart in [-1, 1]: `num_bins=17`, `data_range=(-1, 1.125)`,
+  so that level k's cell is `[-1 + k / 8, -1 + (k + 1) / 8)`; a uniform model scores
+  log2(17) = 4.09 bits/dim.
+  """
+  lo, hi = data_range
+  x_int = np.round((images - lo) / (hi - lo) * num_bins).astype(np.int32)
+  if x_int.min() < 0 or x_int.max() >= num_bins:
+    raise ValueError(f'heldout_bits_per_dim: images outside the {num_bins}-level grid on '
+                     f'[{lo}, {hi})')
+
+  if setup.kind == 'consistency':
+    raise ValueError('heldout_bits_per_dim: a consistency model defines no probability-flow ODE')
+
+  def model_fn(x, t, c):
+    return setup.model.apply({'params': params}, x, t, c)
+  if setup.learned_variance:      # the ODE uses the mean prediction; the variance is unused
+    den = samplers.learned_variance_denoiser(model_fn, setup.process, setup.kind, None)
+  else:
+    den = parameterization.make_denoiser(model_fn, setup.process, setup.kind)
+
+  @jax.jit
+  def bpd(x, key):
+    out, info = likelihood.bits_per_dim(den, setup.process, x, key, num_bins=num_bins,
+                                        data_range=data_range, trace=trace, rtol=rtol,
+                                        atol=atol)
+    return out, info['nfe']
+
+  values, nfes = [], []
+  for start in range(0, len(x_int), batch_size):
+    chunk = x_int[start:start + batch_size]
+    out, nfe = bpd(chunk, jax.random.fold_in(key, start))
+    values.append(np.asarray(out))
+    nfes.append(int(nfe))
+  values = np.concatenate(values)
+  return {'bits_per_dim': float(values.mean()),
+          'bits_per_dim_sem': float(values.std(ddof=1) / math.sqrt(len(values))),
+          'nll_examples': int(len(values)), 'nll_nfe_mean': float(np.mean(nfes)),
+          'nll_trace': trace}
