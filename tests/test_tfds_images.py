@@ -100,3 +100,20 @@ def test_the_training_loop_trains_on_mock_tfds_data(tmp_path):
   samples = np.load(tmp_path / 'samples.npy')
   assert samples.shape == (4, 32, 32, 3) and np.all(np.isfinite(samples))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
+
+
+def test_any_tfds_dataset_by_name_and_keys(mock):
+  from diffusion_jax.data import sources  # pylint: disable=g-import-not-at-top
+  cfg = sources.DataConfig(name='tfds', tfds_name='cifar10', image_size=16, num_classes=10)
+  src = sources.make_source(cfg)
+  assert src.image_shape == (16, 16, 3) and src.num_classes == 10
+  b = src.batch(seed=1, step=2, global_batch=4)
+  assert b['image'].shape == (4, 16, 16, 3) and b['label'].shape == (4,)
+  unlabelled = sources.make_source(sources.DataConfig(name='tfds', tfds_name='cifar10',
+                                                      image_size=8, label_key=''))
+  assert 'label' not in unlabelled.batch(seed=1, step=2, global_batch=4)
+  with pytest.raises(ValueError, match="name='tfds' needs data.tfds_name and data.image_size"):
+    sources.make_source(sources.DataConfig(name='tfds', tfds_name='cifar10'))
+  with pytest.raises(ValueError, match="examples have no key 'pixels'"):
+    sources.make_source(sources.DataConfig(name='tfds', tfds_name='cifar10', image_size=8,
+                                           image_key='pixels'))

@@ -9,6 +9,7 @@ would, and P processes together read exactly what one process would.
   digits      the embedded 8x8 scikit-learn digits (no download)
   npy         an array file `[N, H, W, C]` (e.g. VAE latents), optional labels file `[N]`
   <preset>    a TFDS dataset by index (`tfds_images.PRESETS`: mnist, cifar10, celeb_a, ...)
+  tfds        any other TFDS image dataset: `tfds_name`, `image_size` and its keys
 """
 
 import dataclasses
@@ -33,9 +34,16 @@ class DataConfig:
   labels_path: str = ''         # npy: optional labels file
   flip: bool | None = None      # TFDS: random horizontal flips (None = the preset's default)
   dequantize: bool = False      # TFDS: uniform dequantization (for likelihoods)
+  # name='tfds': any TFDS image dataset (prepared as ArrayRecord), centre-cropped to a square
+  # (of side `crop`, 0 = the shorter side) and resized to `image_size`.
+  tfds_name: str = ''
+  image_key: str = 'image'
+  label_key: str = 'label'      # '' = unlabelled
+  num_classes: int = 0
+  crop: int = 0
 
 
-DATASETS = ('digits', 'npy', *tfds_images.PRESETS)
+DATASETS = ('digits', 'npy', 'tfds', *tfds_images.PRESETS)
 
 
 class ArraySource:
@@ -70,9 +78,9 @@ class ArraySource:
 
 def make_source(cfg: DataConfig):
   """The source named by `cfg.name`; a one-line ValueError naming the file or data_dir."""
-  if cfg.image_size and cfg.name != 'digits':
-    raise ValueError(f'config.data.image_size={cfg.image_size}: only digits are resized here '
-                     f'(TFDS presets have their size; use a Preset for another)')
+  if cfg.image_size and cfg.name not in ('digits', 'tfds'):
+    raise ValueError(f'config.data.image_size={cfg.image_size}: only digits and '
+                     f"data.name='tfds' are resized (a preset has its size)")
   if cfg.name == 'digits':
     try:
       x, y = digits.load_digits(cfg.split, cfg.image_size or digits.IMAGE_SHAPE[0])
@@ -81,8 +89,14 @@ def make_source(cfg: DataConfig):
     return ArraySource(x, y, digits.NUM_CLASSES)
   if cfg.name == 'npy':
     return _npy_source(cfg)
-  if cfg.name in tfds_images.PRESETS:
-    source = tfds_images.ImageSource(cfg.name, split=cfg.split, data_dir=cfg.data_dir or None,
+  if cfg.name in tfds_images.PRESETS or cfg.name == 'tfds':
+    preset = cfg.name
+    if cfg.name == 'tfds':
+      if not cfg.tfds_name or cfg.image_size <= 0:
+        raise ValueError("config.data: name='tfds' needs data.tfds_name and data.image_size")
+      preset = tfds_images.Preset(cfg.tfds_name, cfg.image_size, cfg.label_key or None,
+                                  cfg.num_classes, cfg.crop or None, image_key=cfg.image_key)
+    source = tfds_images.ImageSource(preset, split=cfg.split, data_dir=cfg.data_dir or None,
                                      dequantize=cfg.dequantize, flip=cfg.flip)
     source.num_classes = source.preset.num_classes
     return source
