@@ -1,4 +1,4 @@
-"""Sampling a trained model as the run's config says, sharded over the mesh, and its evaluation.
+"""Sampling a trained model as the run's config says, sharded over the mesh.
 
 `make_sample_fn(setup)` compiles the configured sampler (with guidance and the right denoiser
 for the objective family) whole; `generate` draws N samples batch by batch with each batch's
@@ -13,8 +13,6 @@ from diffusion_jax import guidance
 from diffusion_jax import parallel
 from diffusion_jax import parameterization
 from diffusion_jax import samplers
-from diffusion_jax.data import digits
-from diffusion_jax.metrics import digits_classifier
 from diffusion_jax.run_config import Setup
 from diffusion_jax.run_config import sampler_options
 
@@ -91,21 +89,3 @@ def generate(sample_fn, params, key, num: int, batch_size: int, image_shape,
 
 class Interrupted(RuntimeError):
   """Generation was stopped between batches (e.g. by a preemption signal)."""
-
-
-def evaluate_digits(generated: np.ndarray, cache_dir: str,
-                    labels: np.ndarray | None = None) -> dict:
-  """FD of `generated` vs the test split in the classifier's feature space, with its floor;
-  given the intended `labels`, also the classifier's accuracy on them (`class_accuracy`).
-
-  The feature classifier is trained once (seed 0, independent of the run's seed, so FDs of
-  different runs share one feature space) and cached in `cache_dir`.
-  """
-  params, info = digits_classifier.load_or_train_digits_classifier(cache_dir, seed=0)
-  generated = digits.to_native(generated)       # 16x16 digits are measured at 8x8
-  result = digits_classifier.digits_fd_eval(
-      params, generated, classifier_test_accuracy=float(info['test_accuracy']))
-  result = dict(result)
-  if labels is not None:
-    result['class_accuracy'] = digits_classifier.classifier_accuracy(params, generated, labels)
-  return result

@@ -34,3 +34,23 @@ def save_png(path: str | os.PathLike, grid: np.ndarray) -> None:
   tmp = f'{os.fspath(path)}.tmp'
   Image.fromarray(arr).save(tmp, format='PNG')
   os.replace(tmp, path)
+
+
+def save_scatter_png(path: str | os.PathLike, points, reference=None, title: str = '') -> None:
+  """2-D samples `[N, 2]` as a scatter plot PNG (over `reference` points in grey, if given)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  points = np.asarray(points)
+  fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+  if reference is not None:
+    reference = np.asarray(reference)
+    ax.scatter(reference[:, 0], reference[:, 1], s=1, c='0.75', label='data')
+  ax.scatter(points[:, 0], points[:, 1], s=1, c='C0', label='samples')
+  ax.set_aspect('equal')
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  tmp = f'{os.fspath(path)}.tmp'
+  fig.savefig(tmp, format='png')
+  plt.close(fig)
+  os.replace(tmp, path)

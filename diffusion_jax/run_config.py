@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import configuration
+from diffusion_jax import evaluation
 from diffusion_jax import objectives
 from diffusion_jax import parallel
 from diffusion_jax import processes
@@ -213,9 +214,9 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
 
   ev = configuration.from_section(EvalConfig, 'eval', config.eval)
   configuration.positive('eval.num_samples', ev.num_samples)
-  if ev.enabled and source is not None and data.name != 'digits':
-    raise ConfigError(f'config.eval.enabled=True: the in-loop evaluation measures digits '
-                      f'(data.name={data.name!r}); set --config.eval.enabled=False')
+  if ev.enabled and source is not None and data.name not in evaluation.EVALUATED:
+    raise ConfigError(f'config.eval.enabled=True: the in-loop evaluation measures digits and '
+                      f'2-D toys (data.name={data.name!r}); set --config.eval.enabled=False')
   return Setup(train=train, sample=sample, eval=ev, optim=optim, process=process,
                objective=objective, kind=kind, model=model, conditional=conditional,
                data=data, image_shape=image_shape, source=source,

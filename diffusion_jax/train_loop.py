@@ -30,6 +30,7 @@ import numpy as np
 import tqdm
 
 from diffusion_jax import checkpointing
+from diffusion_jax import evaluation
 from diffusion_jax import generation
 from diffusion_jax import images as images_lib
 from diffusion_jax import metric_writer
@@ -349,17 +350,22 @@ def _sample_and_evaluate(setup: Setup, state, k_sample, mesh, workdir, writer, w
   if is_main:
     print(f'Sampled {num} images with {s.sampler} ({s.steps} steps) in {sample_seconds:.1f} s',
           flush=True)
-    images_lib.save_png(os.path.join(workdir, 'samples.png'),
-                        images_lib.make_grid(samples[:s.grid_size], ncol=10))
+    path = os.path.join(workdir, 'samples.png')
+    if len(setup.image_shape) == 1:                              # 2-D points
+      images_lib.save_scatter_png(path, samples[:s.grid_size],
+                                  title=f'{s.sampler}, {s.steps} steps')
+    else:
+      images_lib.save_png(path, images_lib.make_grid(samples[:s.grid_size], ncol=10))
     np.save(os.path.join(workdir, 'samples.npy'), samples[:s.grid_size])
 
   result['sample_seconds'] = sample_seconds
   if setup.eval.enabled and is_main:
     n = setup.eval.num_samples
-    result.update(generation.evaluate_digits(
-        samples[:n], setup.eval.cache_dir or os.path.join(workdir, 'cache'),
-        None if labels is None else labels[:n]))
-    result['fd_ratio'] = result['fd'] / result['fd_floor']
+    result.update(evaluation.evaluate_samples(
+        setup, samples[:n], None if labels is None else labels[:n],
+        setup.eval.cache_dir or os.path.join(workdir, 'cache')))
+    if 'fd' in result:
+      result['fd_ratio'] = result['fd'] / result['fd_floor']
   if is_main:
     writer.write(setup.train.num_steps,
                  {f'eval/{k}': v for k, v in result.items() if k != 'step'})
@@ -369,6 +375,9 @@ def _sample_and_evaluate(setup: Setup, state, k_sample, mesh, workdir, writer, w
 
 
 def format_eval_line(result: dict) -> str:
+  if 'sw' in result:
+    return (f'EVAL step={result["step"]}: SW={result["sw"]:.4f} floor={result["sw_floor"]:.4f} '
+            f'(exact vs exact, n={result["num_generated"]}) SW/floor={result["sw_ratio"]:.2f}')
   if 'fd' not in result:
     return f'EVAL step={result["step"]}: evaluation disabled'
   return (f'EVAL step={result["step"]}: FD={result["fd"]:.3f} '

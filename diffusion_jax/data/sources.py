@@ -10,6 +10,7 @@ would, and P processes together read exactly what one process would.
   npy         an array file `[N, H, W, C]` (e.g. VAE latents), optional labels file `[N]`
   <preset>    a TFDS dataset by index (`tfds_images.PRESETS`: mnist, cifar10, celeb_a, ...)
   tfds        any other TFDS image dataset: `tfds_name`, `image_size` and its keys
+  toy2d       2-D points drawn on the fly (`data.toy`: a `toy2d.TOYS` name), `[B, 2]`
 """
 
 import dataclasses
@@ -17,11 +18,13 @@ import os
 import queue
 import threading
 
+import jax
 import numpy as np
 
 from diffusion_jax.data import digits
 from diffusion_jax.data import sampler as data_sampler
 from diffusion_jax.data import tfds_images
+from diffusion_jax.data import toy2d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +44,10 @@ class DataConfig:
   label_key: str = 'label'      # '' = unlabelled
   num_classes: int = 0
   crop: int = 0
+  toy: str = 'eight_gaussians'  # name='toy2d': which of toy2d.TOYS
 
 
-DATASETS = ('digits', 'npy', 'tfds', *tfds_images.PRESETS)
+DATASETS = ('digits', 'npy', 'tfds', 'toy2d', *tfds_images.PRESETS)
 
 
 class ArraySource:
@@ -76,6 +80,38 @@ class ArraySource:
     return out
 
 
+class ToySource:
+  """2-D points from a `toy2d.TOYS` sampler: batch `step` is a fresh draw keyed by
+  (seed, step), so every run with the same seed and batch size sees the same points, and process
+  p takes rows `[p B / P, (p + 1) B / P)` of it. An endless data set: `len()` is the number of
+  points an epoch would count, for reporting only."""
+
+  image_shape = (2,)
+  num_classes = 0
+
+  def __init__(self, name: str):
+    if name not in toy2d.TOYS:
+      raise ValueError(f'config.data.toy={name!r}: unknown; choose from {sorted(toy2d.TOYS)}')
+    self.name = name
+    self.sampler = jax.jit(toy2d.TOYS[name], static_argnums=1)
+
+  def __len__(self) -> int:
+    return 2 ** 31 - 1
+
+  def sample(self, key, n: int) -> np.ndarray:
+    return np.asarray(self.sampler(key, n), np.float32)
+
+  def batch(self, seed: int, step: int, global_batch: int, process_index: int = 0,
+            process_count: int = 1) -> dict:
+    if global_batch % process_count:
+      raise ValueError(f'data: global batch {global_batch} is not divisible by '
+                       f'process_count={process_count}')
+    per = global_batch // process_count
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    x = self.sample(key, global_batch)
+    return {'image': x[process_index * per:(process_index + 1) * per]}
+
+
 def make_source(cfg: DataConfig):
   """The source named by `cfg.name`; a one-line ValueError naming the file or data_dir."""
   if cfg.image_size and cfg.name not in ('digits', 'tfds'):
@@ -89,6 +125,8 @@ def make_source(cfg: DataConfig):
     return ArraySource(x, y, digits.NUM_CLASSES)
   if cfg.name == 'npy':
     return _npy_source(cfg)
+  if cfg.name == 'toy2d':
+    return ToySource(cfg.toy)
   if cfg.name in tfds_images.PRESETS or cfg.name == 'tfds':
     preset = cfg.name
     if cfg.name == 'tfds':
