@@ -98,12 +98,7 @@ class Checkpointer:
     failures = []
     for step in steps:
       try:
-        # Shapes and dtypes from the step's metadata first: a checkpoint of another config is
-        # then named precisely, and no doomed array read is started.
-        _check_matches(self._manager.item_metadata(step)['state'], abstract)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
-        _check_matches(restored, abstract)
+        restored = self._restore(step, abstract)
       except Exception as e:  # pylint: disable=broad-except  # any damage means "try older"
         reason = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
         failures.append((step, reason))
@@ -119,6 +114,27 @@ class Checkpointer:
     raise CheckpointError(
         f'no readable checkpoint in {self.directory}: tried steps '
         + ', '.join(f'{s} ({r})' for s, r in failures))
+
+  def restore(self, step: int, target: Any) -> Any:
+    """The state saved at `step`, onto `target`'s structure and shardings (no fallback)."""
+    self._manager.reload()
+    if int(step) not in self._manager.all_steps():
+      raise CheckpointError(f'no checkpoint step {step} in {self.directory}; it has '
+                            f'{self.all_steps()}')
+    try:
+      return self._restore(int(step), jax.tree.map(_abstract, target))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'checkpoint step {step} in {self.directory} is unreadable: '
+                            f'{type(e).__name__}: {str(e).splitlines()[0][:200]}') from None
+
+  def _restore(self, step: int, abstract: Any) -> Any:
+    # Shapes and dtypes from the step's metadata first: a checkpoint of another config is then
+    # named precisely, and no doomed array read is started.
+    _check_matches(self._manager.item_metadata(step)['state'], abstract)
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
+    _check_matches(restored, abstract)
+    return restored
 
   def _quarantine(self, step: int) -> str | None:
     if self.read_only:

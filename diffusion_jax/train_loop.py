@@ -125,8 +125,9 @@ def abstract_state(setup: Setup, mesh, init, key):
                       abstract, shardings)
 
 
-def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, source=None):
-  """`(setup, state, step)` from the newest readable checkpoint of a run's work dir, restored
+def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, source=None,
+                    step: int | None = None):
+  """`(setup, state, step)` from the newest readable checkpoint (or `step`) of a work dir, restored
   onto `mesh` (default: every device of this process group). Read-only: a step that does not
   match the config is skipped, never moved. Raises `CheckpointError` if none can be read."""
   setup = build(config, source=source)
@@ -135,6 +136,8 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, mesh=Non
   init = init_state_fn(setup, optimizer, ema_fn)
   target = abstract_state(setup, mesh, init, jax.random.key(0))
   with _checkpointer(setup, os.path.abspath(workdir), read_only=True) as ckpt:
+    if step is not None:
+      return setup, ckpt.restore(step, target), int(step)
     state, step = ckpt.restore_latest(target)
     if state is None:
       raise checkpointing.CheckpointError(f'no checkpoint in {ckpt.directory}')

@@ -5,7 +5,8 @@
 #   launch/slurm/sweep.sh SWEEP_FILE CONFIG ROOT [sbatch options ...]
 #
 # SWEEP_FILE has one run per line, `NAME --config.x=y ...`; blank lines and `#` comments are
-# skipped. Example (runs/sweep.txt):
+# skipped. With CONFIG '-', each line names its own `--config=...` (the form that
+# `experiments.ablate_objectives --emit_sweep` writes). Example (runs/sweep.txt):
 #   eps   --config.objective.name=ddpm_eps
 #   v     --config.objective.name=v_prediction
 #   flow  --config.objective.name=flow_matching --config.process.name=linear
