@@ -18,14 +18,19 @@ from diffusion_jax.run_config import sampler_options
 
 
 def make_sample_fn(setup: Setup):
-  """`sample(params, x_T, key, cond) -> x0` compiled whole, for the configured sampler."""
+  """`sample(params, z, key, cond) -> x0` compiled whole, for the configured sampler.
+
+  `z` is standard normal noise; the sampler starts from `x_T = prior_std * z`, the process's
+  prior `N(0, prior_std² I)` (1 for VP and the linear interpolant, sigma_max for EDM and VE).
+  """
   s = setup.sample
   clip = s.clip_x0 if s.clip_x0 > 0 else None
   options = sampler_options(s)
   sampler = samplers.SAMPLERS[s.sampler]
 
   @jax.jit
-  def sample(params, x_T, key, cond=None):
+  def sample(params, z, key, cond=None):
+    x_T = setup.process.prior_std * z
     def model_fn(x, t, c):
       return setup.model.apply({'params': params}, x, t, c)
     if setup.learned_variance:   # every sampler works; ddpm can use variance='learned'
@@ -53,8 +58,8 @@ def generate_batches(sample_fn, params, key, num: int, batch_size: int, image_sh
   """Yields `(start, samples)` batches of `num` samples (of classes `labels[i]` if given), as
   numpy on every process, so N samples never need to sit in memory at once.
 
-  Sample i's prior noise derives from `fold_in(key, i)`; the sampler's own key is folded with
-  the batch's first index. With a `mesh`, each batch (rounded up to a multiple of the device
+  Sample i's prior noise (standard normal; `sample_fn` scales it to the prior) derives from
+  `fold_in(key, i)`; the sampler's own key is folded with the batch's first index. With a `mesh`, each batch (rounded up to a multiple of the device
   count; the extra rows are dropped) is split over its `data` axis. `interrupt()` is called
   between batches; if it returns true, generation stops with `Interrupted`.
   """

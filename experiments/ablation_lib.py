@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from diffusion_jax import checkpointing
 from diffusion_jax import evaluation
 from diffusion_jax import generation
 from diffusion_jax import run_config
@@ -166,11 +167,15 @@ def _with_sampler(config, sampler: str, steps: int):
 
 
 def measure(run_dir: str, config, sampler: str, steps: int, num: int, cache_dir: str,
-            step: int | None = None) -> dict:
+            step: int | None = None, keep_options: bool = False) -> dict:
   """Samples `num` images of the run's checkpoint (`step`, default the newest; EMA
   parameters) with `sampler` at `steps`, from the key the run itself samples with, and returns
-  the metrics of the data (FD... for digits, SW... for 2-D toys), `nfe` and seconds."""
-  cfg = _with_sampler(config, sampler, steps)
+  the metrics of the data (FD... for digits, SW... for 2-D toys), `nfe` and seconds.
+  `keep_options` keeps the config's other sampler options (else they take their defaults)."""
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.sample.update(sampler=sampler, steps=steps)
+  if not keep_options:
+    cfg = _with_sampler(config, sampler, steps)
   setup, state, at = train_loop.load_checkpoint(cfg, run_dir, step=step)
   labels = generation.sample_labels(num, setup.num_classes)
   key = jax.random.split(jax.random.key(cfg.seed))[1]
@@ -180,7 +185,7 @@ def measure(run_dir: str, config, sampler: str, steps: int, num: int, cache_dir:
   seconds = time.time() - t0
   result = evaluation.evaluate_samples(setup, x, labels, cache_dir)
   result.update(step=int(at), sampler=sampler, steps=steps, sample_seconds=seconds,
-                nfe=nfe_of(sampler, setup, steps))
+                nfe=nfe_of(sampler, setup, steps) * (2 if _guided(setup) else 1))
   return result
 
 
@@ -218,6 +223,11 @@ def loss_vs_log_snr(run_dir: str, config, *, repeats: int = 20, bins: int = 24) 
         out['eps_mse'].append(float(np.mean(loss[sel][w > 0] / w[w > 0])) if np.any(w > 0)
                               else float('nan'))
   return out
+
+
+def _guided(setup) -> bool:
+  """Classifier-free guidance evaluates the network twice per call."""
+  return setup.conditional and setup.sample.guidance_scale != 1.0
 
 
 def _takes_step(setup) -> bool:
@@ -324,7 +334,7 @@ def run_ablation(runs: list[Run], config, workdir: str, cache_dir: str):
         progress.done(run.config.train.num_steps, f'{run.name} trained')
       final = int(run.config.train.num_steps)
       for sampler, nfe, steps, exact in cells:
-        result = _cached(os.path.join(run_dir, f'eval_{sampler}_nfe{nfe}.json'), final,
+        result = cached(os.path.join(run_dir, f'eval_{sampler}_nfe{nfe}.json'), final,
                          lambda: measure(run_dir, run.config, sampler, steps, num, cache_dir))
         rows.append({'objective': run.objective, 'seed': run.seed, 'sampler': sampler,
                      'nfe_budget': nfe, **result})
@@ -333,19 +343,28 @@ def run_ablation(runs: list[Run], config, workdir: str, cache_dir: str):
       steps, _ = steps_for_nfe(sampler, setup, curve_nfe)
       steps = steps or 1
       for step in curve_steps(run.config):
-        result = _cached(os.path.join(run_dir, f'curve_{sampler}_{steps}_{step}.json'), step,
+        result = cached(os.path.join(run_dir, f'curve_{sampler}_{steps}_{step}.json'), step,
                          lambda: measure(run_dir, run.config, sampler, steps, num, cache_dir,
                                          step=step))
         curve.append({'objective': run.objective, 'seed': run.seed, **result})
         progress.done(sample_units(curve_nfe, num, run.config), f'{run.name} step {step}')
-      losses[run.name] = _cached(os.path.join(run_dir, 'loss_vs_logsnr.json'), None,
+      losses[run.name] = cached(os.path.join(run_dir, 'loss_vs_logsnr.json'), None,
                                  lambda: loss_vs_log_snr(run_dir, run.config))
   finally:
     progress.close()
   return rows, curve, losses
 
 
-def _cached(path: str, step, compute):
+def latest_step(run_dir: str) -> int:
+  """The newest checkpoint step of a run (a one-line CheckpointError if it has none)."""
+  with checkpointing.Checkpointer(os.path.join(run_dir, 'checkpoints'), read_only=True) as c:
+    steps = c.all_steps()
+  if not steps:
+    raise checkpointing.CheckpointError(f'no checkpoint in {run_dir}/checkpoints')
+  return steps[-1]
+
+
+def cached(path: str, step, compute):
   """`_json`, recomputed when the cached result is of another checkpoint step."""
   if os.path.exists(path) and step is not None:
     with open(path, encoding='utf-8') as f:

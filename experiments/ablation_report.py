@@ -64,6 +64,35 @@ def results_table(rows: list[dict], metric: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def pivot(rows, row_key, col_key, metric, title='', show=None) -> str:
+  """A Markdown table of `metric` (mean +- std over repeats) by `row_key` x `col_key`; with
+  `show`, each cell also gives that field (e.g. the exact NFE)."""
+  by = collections.defaultdict(list)
+  extra = {}
+  for r in rows:
+    by[(r[row_key], r[col_key])].append(r.get(metric))
+    if show:
+      extra[(r[row_key], r[col_key])] = r.get(show)
+  row_names = list(dict.fromkeys(r[row_key] for r in rows))
+  cols = sorted({r[col_key] for r in rows})
+  lines = ([title, ''] if title else []) + [
+      f'| {row_key} | ' + ' | '.join(f'{col_key} {c}' for c in cols) + ' |',
+      '|---|' + '---|' * len(cols)]
+  for name in row_names:
+    cells = []
+    for c in cols:
+      if (name, c) not in by:
+        cells.append('')
+        continue
+      cell = lib.mean_std(by[(name, c)])
+      cells.append(f'{cell} ({extra[(name, c)]})' if show else cell)
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  floors = [r[f'{metric}_floor'] for r in rows if f'{metric}_floor' in r]
+  if floors:
+    lines += ['', f'Floor (real data against the reference, same n): {np.mean(floors):.3g}.']
+  return '\n'.join(lines) + '\n'
+
+
 def metric_vs_nfe(rows, metric, path):
   plt = _plt()
   samplers = list(dict.fromkeys(r['sampler'] for r in rows))
@@ -122,6 +151,25 @@ def loss_vs_logsnr(losses, path):
               title='on one axis: loss / eps-weight')
   for ax in axes:
     ax.legend(fontsize=7)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def guidance_figure(rows, path):
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(4.8, 3.4))
+  scales = [r['scale'] for r in rows]
+  ax.plot(scales, [r['fd'] for r in rows], 'o-', color='C0', label='FD (fidelity + diversity)')
+  ax.axhline(rows[0]['fd_floor'], color='C0', ls='--', lw=1, label='FD floor')
+  ax.plot(scales, [r['recall'] * max(r['fd'] for r in rows) for r in rows], 's:', color='C2',
+          label='recall (diversity, scaled)')
+  ax.set(xlabel='guidance scale', ylabel='FD vs test digits')
+  ax2 = ax.twinx()
+  ax2.plot(scales, [r['class_accuracy'] for r in rows], 'o-', color='C3', label='class accuracy')
+  ax2.set_ylabel('accuracy on the intended class', color='C3')
+  h1, l1 = ax.get_legend_handles_labels()
+  h2, l2 = ax2.get_legend_handles_labels()
+  ax.legend(h1 + h2, l1 + l2, fontsize=7, loc='upper center')
   fig.tight_layout()
   _save(fig, path)
 

@@ -113,6 +113,7 @@ def benchmark(spec: str, batch: int, steps: int, dtype: str) -> dict:
   compiled = step.lower(state, x, jax.random.key(1), labels).compile()
   compile_s = time.perf_counter() - t0
   step_flops = _flops(compiled)
+  memory_gib = peak_memory_bytes(compiled) / 2 ** 30
 
   x0 = jax.random.uniform(jax.random.key(2), x.shape, minval=-1, maxval=1)
   times = []
@@ -126,7 +127,17 @@ def benchmark(spec: str, batch: int, steps: int, dtype: str) -> dict:
               fwd_gflops=fwd_flops / 1e9, fwd_gmacs=fwd_flops / 2e9,
               step_gflops=step_flops / 1e9, init_s=init_s, compile_s=compile_s, step_s=step_s,
               images_per_s=batch / step_s, achieved_gflops=step_flops / step_s / 1e9,
-              loss=float(loss))
+              loss=float(loss), memory_gib=memory_gib)
+
+
+def peak_memory_bytes(compiled) -> float:
+  """XLA's own account of a compiled program's device memory: arguments + outputs + temporaries,
+  less what donation aliases (`memory_analysis()`; nan where the backend gives none)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return float('nan')
+  return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
 
 
 def machine() -> str:

@@ -1,0 +1,156 @@
+r"""One benchmark table for this machine: training per reference config, sampling per sampler.
+
+  python -m experiments.benchmark [--models=digits,ddpm_cifar10,dit:S/2] [--batch=2]
+      [--samplers=ddim,euler,heun,dpm_solver_pp_2m] [--nfe=20] [--sample_batch=256]
+      [--out=docs/benchmark.md]
+
+Part 1, per reference config (`benchmark_models.benchmark`): parameters, compile time of the
+jitted train step (cold: no persistent cache), steady-state training images/s at --batch, and
+the peak device memory of the step as XLA accounts it (arguments + outputs + temporaries, less
+donated buffers).
+Part 2, per sampler on the quick-start digits U-Net (random weights: speed does not depend on
+them) at a fixed NFE: images/s of the whole sampler compiled as one `lax.scan` against the same
+update stepped from Python (every sampler's step function, jitted once and dispatched per step
+with a host sync: `_common.scan` replaced for the measurement), and the first-call time of each
+(compile included). Both paths are checked to give the same samples.
+On a GPU machine the same command gives the GPU numbers (add --dtype=bfloat16 there).
+"""
+
+import statistics
+import time
+from unittest import mock
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+from configs import digits as digits_config
+from diffusion_jax import parameterization
+from diffusion_jax import samplers
+from diffusion_jax import train_loop
+from diffusion_jax.samplers import _common
+from experiments import benchmark_models
+
+_MODELS = flags.DEFINE_list('models', ['digits', 'digits:dit', 'ddpm_cifar10', 'dit:S/2'],
+                            'configs/<name>[:variant] list for part 1.')
+_BATCH = flags.DEFINE_integer('batch', 2, 'Train batch size of part 1.')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Timed train steps after one warm-up step.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+_SAMPLERS = flags.DEFINE_list('samplers', ['ddpm', 'ddim', 'euler', 'heun', 'dpm_solver_pp_2m',
+                                           'unipc_bh2', 'euler_maruyama'], 'Samplers of part 2.')
+_NFE = flags.DEFINE_integer('nfe', 20, 'NFE of every sampler in part 2 (steps chosen to fit).')
+_SAMPLE_BATCH = flags.DEFINE_integer('sample_batch', 256, 'Images per sampler call.')
+_OUT = flags.DEFINE_string('out', 'docs/benchmark.md', 'Markdown output ("" = none).')
+
+
+def _python_scan(step_fn, carry, xs, return_trajectory, x_of=lambda c: c):
+  """`_common.scan` as a Python loop over one jitted step, synchronising after each step."""
+  del return_trajectory, x_of
+  step = jax.jit(step_fn)
+  n = jax.tree.leaves(xs)[0].shape[0]
+  for i in range(n):
+    carry = jax.block_until_ready(step(carry, jax.tree.map(lambda a, i=i: a[i], xs)))
+  return carry, None
+
+
+def _time(fn, repeats=3):
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return out, first, statistics.median(times)
+
+
+def sampler_rows(names, nfe: int, batch: int):
+  config = digits_config.get_config()
+  setup = train_loop.build(config)
+  params = jax.jit(setup.model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
+                                      jnp.zeros((1,)))['params']
+  # A zero-initialised output layer would make every sampler trivial: perturb all weights.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
+                                     for p, k in zip(leaves, keys, strict=True)])
+
+  def model_fn(x, t, c):
+    return setup.model.apply({'params': params}, x, t, c)
+  den = parameterization.make_denoiser(model_fn, setup.process, setup.kind, clip_x0=1.0)
+  x_T = jax.random.normal(jax.random.key(2), (batch, 8, 8, 1))
+  key = jax.random.key(3)
+  from experiments import ablation_lib  # pylint: disable=g-import-not-at-top
+  rows = []
+  for name in names:
+    steps, exact = ablation_lib.steps_for_nfe(name, setup, nfe)
+    if not steps:
+      print(f'  {name}: no step count fits NFE {nfe}; skipped', flush=True)
+      continue
+    fn = samplers.SAMPLERS[name]
+    whole = jax.jit(lambda x, k, fn=fn, steps=steps: fn(den, setup.process, x, k, steps=steps)[0])
+    out_w, first_w, run_w = _time(lambda: whole(x_T, key))
+    with mock.patch.object(_common, 'scan', _python_scan):
+      stepped = lambda fn=fn, steps=steps: fn(den, setup.process, x_T, key, steps=steps)[0]
+      out_s, first_s, run_s = _time(stepped)
+    diff = float(jnp.max(jnp.abs(out_w - out_s)))
+    rows.append(dict(sampler=name, steps=steps, nfe=exact, whole_first=first_w, whole_s=run_w,
+                     step_first=first_s, step_s=run_s, diff=diff, batch=batch))
+    print(f'  {name:18s} NFE {exact:3d}: whole {batch / run_w:8.0f} img/s, stepped '
+          f'{batch / run_s:8.0f} img/s ({run_s / run_w:.2f}x), max diff {diff:.1e}', flush=True)
+  return rows
+
+
+def sampler_table(rows) -> str:
+  lines = ['| sampler | steps | NFE | whole loop: first call s | whole loop images/s | '
+           'Python-stepped: first call s | Python-stepped images/s | speed-up | max diff |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for r in rows:
+    lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['whole_first']:.2f} | "
+                 f"{r['batch'] / r['whole_s']:.0f} | {r['step_first']:.2f} | "
+                 f"{r['batch'] / r['step_s']:.0f} | {r['step_s'] / r['whole_s']:.2f}x | "
+                 f"{r['diff']:.1e} |")
+  return '\n'.join(lines)
+
+
+def train_table(rows) -> str:
+  lines = ['| config | input | params (M) | compile (s) | step (s) | images/s | '
+           'peak memory (GiB, XLA) |', '|---|---|---:|---:|---:|---:|---:|']
+  for r in rows:
+    lines.append(f"| {r['model']} | {r['shape']} | {r['params_m']:.3g} | {r['compile_s']:.1f} | "
+                 f"{r['step_s']:.3f} | {r['images_per_s']:.2f} | {r['memory_gib']:.3f} |")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  machine = benchmark_models.machine()
+  print(f'Machine: {machine}\nPart 1: training, batch {_BATCH.value}', flush=True)
+  train_rows = []
+  for spec in _MODELS.value:
+    train_rows.append(benchmark_models.benchmark(spec, _BATCH.value, _STEPS.value, _DTYPE.value))
+    r = train_rows[-1]
+    print(f"  {spec}: {r['images_per_s']:.2f} images/s, compile {r['compile_s']:.1f} s, "
+          f"peak {r['memory_gib']:.3f} GiB", flush=True)
+  print(f'Part 2: samplers at NFE {_NFE.value}, batch {_SAMPLE_BATCH.value}', flush=True)
+  s_rows = sampler_rows(_SAMPLERS.value, _NFE.value, _SAMPLE_BATCH.value)
+  text = (f'# Benchmark\n\nMachine: {machine}. Written by `python -m experiments.benchmark` '
+          f'(defaults); timings vary about 2x between runs on shared machines.\n\n'
+          f'## Training (batch {_BATCH.value}, {_DTYPE.value}, objective of the config + Adam)\n\n'
+          f'{train_table(train_rows)}\n\n'
+          f'## Sampling: the whole sampler compiled vs stepped from Python\n\n'
+          f'Quick-start digits U-Net (0.18 M parameters, perturbed random weights), '
+          f'{_SAMPLE_BATCH.value} images per call, NFE {_NFE.value} (steps chosen to fit), '
+          f'float32; the median of 3 calls after the first. "Python-stepped" runs each '
+          f'sampler\'s own step function, jitted once, from a Python loop with a host sync per '
+          f'step.\n\n{sampler_table(s_rows)}\n')
+  print(text)
+  if _OUT.value:
+    with open(_OUT.value, 'w', encoding='utf-8') as f:
+      f.write(text)
+
+
+if __name__ == '__main__':
+  app.run(main)
