@@ -59,9 +59,10 @@ def generate_batches(sample_fn, params, key, num: int, batch_size: int, image_sh
   numpy on every process, so N samples never need to sit in memory at once.
 
   Sample i's prior noise (standard normal; `sample_fn` scales it to the prior) derives from
-  `fold_in(key, i)`; the sampler's own key is folded with the batch's first index. With a `mesh`, each batch (rounded up to a multiple of the device
-  count; the extra rows are dropped) is split over its `data` axis. `interrupt()` is called
-  between batches; if it returns true, generation stops with `Interrupted`.
+  `fold_in(key, i)`; the sampler's own key is folded with the batch's first index. With a
+  `mesh`, each batch (rounded up to a multiple of the device count; the extra rows are
+  dropped) is split over its `data` axis. `interrupt()` is called between batches; if it
+  returns true, generation stops with `Interrupted`.
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   rows = parallel.batch_sharding(mesh)

@@ -197,7 +197,7 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
   configuration.positive('sample.batch_size', sample.batch_size)
   configuration.positive('sample.grid_size', sample.grid_size, allow_zero=True)
   kind = objectives.PREDICTION_KIND[name]
-  _check_sampler(sample, process, kind, image_shape, learned_variance)
+  check_sampler(sample, process, kind, image_shape, learned_variance)
 
   conditional = getattr(model, 'num_classes', 0) > 0
   if conditional and source is not None:
@@ -228,7 +228,7 @@ def sampler_options(sample: SampleConfig) -> dict:
   return {k: getattr(sample, k) for k in SAMPLER_OPTIONS if getattr(sample, k) is not None}
 
 
-def _check_sampler(sample: SampleConfig, process, kind: str, image_shape,
+def check_sampler(sample: SampleConfig, process, kind: str, image_shape,
                    learned_variance: bool = False):
   """Checks the options against the sampler's signature, then traces it abstractly with a
   stand-in denoiser (no compile) so that bad grids, step counts or processes fail now."""

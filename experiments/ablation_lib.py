@@ -15,6 +15,7 @@ Layout of an ablation's work dir:
 import copy
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import numpy as np
 import tqdm
 
 from diffusion_jax import checkpointing
+from diffusion_jax import configuration
 from diffusion_jax import evaluation
 from diffusion_jax import generation
 from diffusion_jax import run_config
@@ -166,17 +168,28 @@ def _with_sampler(config, sampler: str, steps: int):
   return c
 
 
+@functools.lru_cache(maxsize=4)
+def _restored(run_dir: str, config_json: str, step: int | None):
+  """`(setup, state, step)` of a run's checkpoint, restored once per (run, step) and config."""
+  return train_loop.load_checkpoint(ml_collections.ConfigDict(json.loads(config_json)), run_dir,
+                                    step=step)
+
+
 def measure(run_dir: str, config, sampler: str, steps: int, num: int, cache_dir: str,
             step: int | None = None, keep_options: bool = False) -> dict:
   """Samples `num` images of the run's checkpoint (`step`, default the newest; EMA
   parameters) with `sampler` at `steps`, from the key the run itself samples with, and returns
   the metrics of the data (FD... for digits, SW... for 2-D toys), `nfe` and seconds.
   `keep_options` keeps the config's other sampler options (else they take their defaults)."""
+  base, state, at = _restored(run_dir, config.to_json(), step)
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.sample.update(sampler=sampler, steps=steps)
   if not keep_options:
     cfg = _with_sampler(config, sampler, steps)
-  setup, state, at = train_loop.load_checkpoint(cfg, run_dir, step=step)
+  sample = configuration.from_section(run_config.SampleConfig, 'sample', cfg.sample)
+  run_config.check_sampler(sample, base.process, base.kind, base.image_shape,
+                           base.learned_variance)
+  setup = dataclasses.replace(base, sample=sample)
   labels = generation.sample_labels(num, setup.num_classes)
   key = jax.random.split(jax.random.key(cfg.seed))[1]
   t0 = time.time()

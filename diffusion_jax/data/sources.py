@@ -98,6 +98,14 @@ class ToySource:
   def __len__(self) -> int:
     return 2 ** 31 - 1
 
+  # Toys of one name are the same distribution: equal and hashable by name (evaluation caches
+  # its exact reference draws per toy).
+  def __eq__(self, other):
+    return isinstance(other, ToySource) and other.name == self.name
+
+  def __hash__(self):
+    return hash(('ToySource', self.name))
+
   def sample(self, key, n: int) -> np.ndarray:
     return np.asarray(self.sampler(key, n), np.float32)
 
