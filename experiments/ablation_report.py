@@ -156,20 +156,22 @@ def loss_vs_logsnr(losses, path):
 
 
 def guidance_figure(rows, path):
+  """FD (left axis) and class accuracy, precision and recall (right axis, 0-1) vs the scale."""
   plt = _plt()
-  fig, ax = plt.subplots(figsize=(4.8, 3.4))
+  fig, ax = plt.subplots(figsize=(5.2, 3.6))
   scales = [r['scale'] for r in rows]
-  ax.plot(scales, [r['fd'] for r in rows], 'o-', color='C0', label='FD (fidelity + diversity)')
+  ax.plot(scales, [r['fd'] for r in rows], 'o-', color='C0', label='FD')
   ax.axhline(rows[0]['fd_floor'], color='C0', ls='--', lw=1, label='FD floor')
-  ax.plot(scales, [r['recall'] * max(r['fd'] for r in rows) for r in rows], 's:', color='C2',
-          label='recall (diversity, scaled)')
   ax.set(xlabel='guidance scale', ylabel='FD vs test digits')
   ax2 = ax.twinx()
-  ax2.plot(scales, [r['class_accuracy'] for r in rows], 'o-', color='C3', label='class accuracy')
-  ax2.set_ylabel('accuracy on the intended class', color='C3')
+  ax2.plot(scales, [r['class_accuracy'] for r in rows], 'o-', color='C3',
+           label='class accuracy')
+  ax2.plot(scales, [r['precision'] for r in rows], 's:', color='C1', label='precision')
+  ax2.plot(scales, [r['recall'] for r in rows], 's:', color='C2', label='recall (diversity)')
+  ax2.set(ylim=(0, 1.05), ylabel='accuracy / precision / recall')
   h1, l1 = ax.get_legend_handles_labels()
   h2, l2 = ax2.get_legend_handles_labels()
-  ax.legend(h1 + h2, l1 + l2, fontsize=7, loc='upper center')
+  ax.legend(h1 + h2, l1 + l2, fontsize=7, loc='center right')
   fig.tight_layout()
   _save(fig, path)
 

@@ -2,7 +2,7 @@ r"""One benchmark table for this machine: training per reference config, samplin
 
   python -m experiments.benchmark [--models=digits,ddpm_cifar10,dit:S/2] [--batch=2]
       [--samplers=ddim,euler,heun,dpm_solver_pp_2m] [--nfe=20] [--sample_batch=256]
-      [--out=docs/benchmark.md]
+      [--output=docs/benchmark.md]
 
 Part 1, per reference config (`benchmark_models.benchmark`): parameters, compile time of the
 jitted train step (cold: no persistent cache), steady-state training images/s at --batch, and
@@ -32,16 +32,14 @@ from diffusion_jax import train_loop
 from diffusion_jax.samplers import _common
 from experiments import benchmark_models
 
-_MODELS = flags.DEFINE_list('models', ['digits', 'digits:dit', 'ddpm_cifar10', 'dit:S/2'],
-                            'configs/<name>[:variant] list for part 1.')
-_BATCH = flags.DEFINE_integer('batch', 2, 'Train batch size of part 1.')
-_STEPS = flags.DEFINE_integer('steps', 3, 'Timed train steps after one warm-up step.')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+# Part 1 takes benchmark_models' flags: --models (every reference config by default), --batch,
+# --steps and --dtype.
+FLAGS = flags.FLAGS
 _SAMPLERS = flags.DEFINE_list('samplers', ['ddpm', 'ddim', 'euler', 'heun', 'dpm_solver_pp_2m',
                                            'unipc_bh2', 'euler_maruyama'], 'Samplers of part 2.')
 _NFE = flags.DEFINE_integer('nfe', 20, 'NFE of every sampler in part 2 (steps chosen to fit).')
 _SAMPLE_BATCH = flags.DEFINE_integer('sample_batch', 256, 'Images per sampler call.')
-_OUT = flags.DEFINE_string('out', 'docs/benchmark.md', 'Markdown output ("" = none).')
+_OUTPUT = flags.DEFINE_string('output', 'docs/benchmark.md', 'Markdown output ("" = none).')
 
 
 def _python_scan(step_fn, carry, xs, return_trajectory, x_of=lambda c: c):
@@ -127,10 +125,10 @@ def train_table(rows) -> str:
 def main(argv):
   del argv
   machine = benchmark_models.machine()
-  print(f'Machine: {machine}\nPart 1: training, batch {_BATCH.value}', flush=True)
+  print(f'Machine: {machine}\nPart 1: training, batch {FLAGS.batch}', flush=True)
   train_rows = []
-  for spec in _MODELS.value:
-    train_rows.append(benchmark_models.benchmark(spec, _BATCH.value, _STEPS.value, _DTYPE.value))
+  for spec in FLAGS.models:
+    train_rows.append(benchmark_models.benchmark(spec, FLAGS.batch, FLAGS.steps, FLAGS.dtype))
     r = train_rows[-1]
     print(f"  {spec}: {r['images_per_s']:.2f} images/s, compile {r['compile_s']:.1f} s, "
           f"peak {r['memory_gib']:.3f} GiB", flush=True)
@@ -138,7 +136,7 @@ def main(argv):
   s_rows = sampler_rows(_SAMPLERS.value, _NFE.value, _SAMPLE_BATCH.value)
   text = (f'# Benchmark\n\nMachine: {machine}. Written by `python -m experiments.benchmark` '
           f'(defaults); timings vary about 2x between runs on shared machines.\n\n'
-          f'## Training (batch {_BATCH.value}, {_DTYPE.value}, objective of the config + Adam)\n\n'
+          f'## Training (batch {FLAGS.batch}, {FLAGS.dtype}, objective of the config + Adam)\n\n'
           f'{train_table(train_rows)}\n\n'
           f'## Sampling: the whole sampler compiled vs stepped from Python\n\n'
           f'Quick-start digits U-Net (0.18 M parameters, perturbed random weights), '
@@ -147,8 +145,8 @@ def main(argv):
           f'sampler\'s own step function, jitted once, from a Python loop with a host sync per '
           f'step.\n\n{sampler_table(s_rows)}\n')
   print(text)
-  if _OUT.value:
-    with open(_OUT.value, 'w', encoding='utf-8') as f:
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
       f.write(text)
 
 
