@@ -31,17 +31,13 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  cli.setup_runtime()
+  config, workdir = cli.begin(argv, _CONFIG, _WORKDIR)
   # pylint: disable=g-import-not-at-top
   import ml_collections
   from diffusion_jax import train_loop
   from experiments import ablation_lib as lib
   from experiments import ablation_report as report
   # pylint: enable=g-import-not-at-top
-  config = cli.config_value(_CONFIG)
-  workdir = os.path.abspath(_WORKDIR.value)
   cache_dir = config.eval.cache_dir or cli.default_cache_dir()
   with cli.user_errors():
     scales = lib.split_list(_SCALES.value, 'scales', float)

@@ -32,15 +32,11 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  cli.setup_runtime()
+  config, workdir = cli.begin(argv, _CONFIG, _WORKDIR)
   # pylint: disable=g-import-not-at-top
   from experiments import ablation_lib as lib
   from experiments import ablation_report as report
   # pylint: enable=g-import-not-at-top
-  config = cli.config_value(_CONFIG)
-  workdir = os.path.abspath(_WORKDIR.value)
   with cli.user_errors():
     runs = lib.make_runs(config)
     if _EMIT.value:

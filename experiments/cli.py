@@ -100,3 +100,12 @@ def setup_runtime():
   jax.config.update('jax_compilation_cache_dir', os.path.join(default_cache_dir(), 'xla'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   jax.config.update('jax_threefry_partitionable', True)
+
+
+def begin(argv, config_holder, workdir_flag):
+  """The start of every entry point: no stray arguments, the runtime set up, the config
+  loaded (one-line errors) and the work dir made absolute. Returns `(config, workdir)`."""
+  if len(argv) > 1:
+    fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  setup_runtime()
+  return config_value(config_holder), os.path.abspath(workdir_flag.value)

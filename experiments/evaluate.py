@@ -42,9 +42,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  cli.setup_runtime()
+  config, workdir = cli.begin(argv, _CONFIG, _WORKDIR)
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
@@ -58,8 +56,6 @@ def main(argv):
   from diffusion_jax.metrics import frechet
   from diffusion_jax.metrics import inception
   # pylint: enable=g-import-not-at-top
-  config = cli.config_value(_CONFIG)
-  workdir = os.path.abspath(_WORKDIR.value)
   is_digits = config.data.name == 'digits'
   if not is_digits and not (_INCEPTION.value and _REFERENCE.value):
     cli.fail(f'config.data.name={config.data.name!r}: FID needs --inception_weights and '

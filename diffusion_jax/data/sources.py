@@ -50,6 +50,15 @@ class DataConfig:
 DATASETS = ('digits', 'npy', 'tfds', 'toy2d', *tfds_images.PRESETS)
 
 
+def process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
+  """Process p's rows `[p B / P, (p + 1) B / P)` of a global batch of B."""
+  if global_batch % process_count:
+    raise ValueError(f'data: global batch {global_batch} is not divisible by '
+                     f'process_count={process_count}')
+  per = global_batch // process_count
+  return slice(process_index * per, (process_index + 1) * per)
+
+
 class ArraySource:
   """Examples held in (or memory-mapped from) arrays: images `[N, H, W, C]`, labels `[N]`."""
 
@@ -68,12 +77,8 @@ class ArraySource:
 
   def batch(self, seed: int, step: int, global_batch: int, process_index: int = 0,
             process_count: int = 1) -> dict:
-    if global_batch % process_count:
-      raise ValueError(f'data: global batch {global_batch} is not divisible by '
-                       f'process_count={process_count}')
-    per = global_batch // process_count
-    idx = data_sampler.batch_indices(seed, step, global_batch, len(self))
-    idx = idx[process_index * per:(process_index + 1) * per]
+    rows = process_rows(global_batch, process_index, process_count)
+    idx = data_sampler.batch_indices(seed, step, global_batch, len(self))[rows]
     out = {'image': np.asarray(self.images[idx], np.float32)}
     if self.labels is not None:
       out['label'] = np.asarray(self.labels[idx], np.int32)
@@ -111,13 +116,9 @@ class ToySource:
 
   def batch(self, seed: int, step: int, global_batch: int, process_index: int = 0,
             process_count: int = 1) -> dict:
-    if global_batch % process_count:
-      raise ValueError(f'data: global batch {global_batch} is not divisible by '
-                       f'process_count={process_count}')
-    per = global_batch // process_count
+    rows = process_rows(global_batch, process_index, process_count)
     key = jax.random.fold_in(jax.random.key(seed), step)
-    x = self.sample(key, global_batch)
-    return {'image': x[process_index * per:(process_index + 1) * per]}
+    return {'image': self.sample(key, global_batch)[rows]}
 
 
 def make_source(cfg: DataConfig):
