@@ -21,9 +21,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/python -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR)
 
-# Two pytest-xdist workers: the suite is dominated by single-threaded XLA compiles.
+# Two pytest-xdist workers: the suite is dominated by single-threaded XLA compiles. Modules
+# marked with an xdist_group run whole on one worker (their module fixtures are built once).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

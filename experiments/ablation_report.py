@@ -42,7 +42,8 @@ def results_table(rows: list[dict], metric: str) -> str:
     lines.append(f'| {o} | ' + ' | '.join(cells) + ' |')
 
   budgets = sorted({r['nfe_budget'] for r in rows})
-  lines += ['', 'Best sampler per objective at each NFE budget (mean over seeds):', '',
+  lines += ['', 'Best sampler per objective at each NFE budget (mean over seeds; a sampler '
+            'non-finite on any seed is left out):', '',
             '| objective | ' + ' | '.join(f'NFE ≤ {b}' for b in budgets) + ' |',
             '|---|' + '---|' * len(budgets)]
   for o in objectives:
@@ -50,8 +51,11 @@ def results_table(rows: list[dict], metric: str) -> str:
     for b in budgets:
       cands = collections.defaultdict(list)
       for r in rows:
-        if r['objective'] == o and r['nfe_budget'] == b and r.get(metric) is not None:
-          cands[r['sampler']].append(r[metric])
+        if r['objective'] == o and r['nfe_budget'] == b:
+          v = r.get(metric)
+          cands[r['sampler']].append(np.nan if v is None else v)
+      # A sampler that diverged on any seed is not a candidate for the best.
+      cands = {s: v for s, v in cands.items() if np.all(np.isfinite(v))}
       if cands:
         s, v = min(((s, float(np.mean(v))) for s, v in cands.items()), key=lambda sv: sv[1])
         cells.append(f'{v:.3g} ({s})')

@@ -1,10 +1,29 @@
-"""Shared test set-up: a persistent compilation cache keeps repeated compiles cheap."""
+"""Shared test set-up: persistent caches keep repeated compiles (and the digits classifier)
+cheap.
+
+* In-process tests compile into `.jax_cache/` (or `$JAX_COMPILATION_CACHE_DIR`).
+* Tests that start `experiments.*` in subprocesses pass `subprocess_cache` as their
+  `DIFFUSION_JAX_CACHE`: one directory for the whole run and both xdist workers, so the digits
+  classifier is trained once and a config's train step compiles once, whichever test file
+  starts it first. Cache files are written atomically (temp file + rename), so concurrent
+  writers are safe; the entries are keyed by content, so sharing cannot change a result.
+"""
 
 import os
 
 import jax
+import pytest
+
+_ROOT_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '.jax_cache')
 
 jax.config.update('jax_compilation_cache_dir',
-                  os.environ.get('JAX_COMPILATION_CACHE_DIR',
-                                 os.path.join(os.path.dirname(__file__), '..', '.jax_cache')))
+                  os.environ.get('JAX_COMPILATION_CACHE_DIR', _ROOT_CACHE))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+@pytest.fixture(scope='session')
+def subprocess_cache():
+  path = os.path.abspath(os.environ.get('DIFFUSION_JAX_TEST_CACHE',
+                                        os.path.join(_ROOT_CACHE, 'subprocess')))
+  os.makedirs(path, exist_ok=True)
+  return path

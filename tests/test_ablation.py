@@ -100,3 +100,23 @@ def test_emit_sweep_writes_configs_the_training_cli_accepts(tmp_path):
   loaded = json_config.get_config(path)
   assert loaded.objective.name == 'flow_matching' and loaded.process.name == 'linear'
   assert train_loop.build(loaded).image_shape == (2,)
+
+
+def test_table_gives_mean_and_spread_over_seeds_and_names_a_diverged_seed():
+  """Two seeds: the cell is mean ± sample std; a non-finite seed is counted, not averaged away,
+  and a sampler that diverged on a seed is not called the best."""
+  def row(o, s, n, seed, fd):
+    return {'objective': o, 'sampler': s, 'nfe': n, 'nfe_budget': n, 'seed': seed, 'fd': fd,
+            'fd_floor': 2.0}
+  rows = [row('eps', 'euler', 10, 0, 4.0), row('eps', 'euler', 10, 1, 6.0),
+          row('eps', 'heun', 10, 0, 3.0), row('eps', 'heun', 10, 1, float('nan')),
+          row('v', 'euler', 10, 0, 5.0), row('v', 'euler', 10, 1, 5.5)]
+  md = report.results_table(rows, 'fd')
+  assert '2 seed(s) [0, 1]: mean ± std' in md
+  lines = md.splitlines()
+  eps = next(ln for ln in lines if ln.startswith('| eps | 5 ± 1.4'))   # std([4, 6], ddof=1)
+  assert '3 (1/2 non-finite)' in eps
+  assert '| v | 5.25 ± 0.35 |' in md
+  best = [ln for ln in lines if ln.startswith('| eps |')][1]
+  assert best == '| eps | 5 (euler) |'      # heun's finite seed (3) is lower, but it diverged
+  assert 'Floor (real data against the reference, same n): 2.' in md

@@ -12,14 +12,22 @@ import pytest
 from configs import digits as digits_config
 from diffusion_jax import train_loop
 
+# One xdist worker runs the whole module, so its module fixtures are built once
+# (`make test` passes --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('test_cli')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = 'configs/digits.py:smoke'
+# The finished run (and the evaluation of it) uses the MLP: the CLI's outputs do not depend on
+# the network, and the U-Net's compile would cost a minute of CI; test_train_loop_models
+# trains and samples every model family.
+RUN = 'configs/digits.py:smoke,mlp'
 
 
 @pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  """One classifier / XLA cache for the module, so only the first run trains the classifier."""
-  return str(tmp_path_factory.mktemp('cache'))
+def cache_dir(subprocess_cache):
+  """The test run's classifier / XLA cache (conftest): the classifier is trained once."""
+  return subprocess_cache
 
 
 def _train(workdir, *overrides, cache_dir, config=SMOKE):
@@ -40,7 +48,7 @@ def _error_line(proc):
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory, cache_dir):
   workdir = tmp_path_factory.mktemp('run')
-  proc = _train(workdir, cache_dir=cache_dir)
+  proc = _train(workdir, cache_dir=cache_dir, config=RUN)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
 
@@ -65,7 +73,7 @@ def test_short_run_leaves_all_outputs(finished_run):
 @pytest.mark.slow  # the resume path is also run by test_reliability.py's SIGKILL and SIGTERM tests
 def test_rerun_resumes_instead_of_retraining(finished_run, cache_dir):
   workdir, _ = finished_run
-  proc = _train(workdir, cache_dir=cache_dir)
+  proc = _train(workdir, cache_dir=cache_dir, config=RUN)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Resuming from checkpoint step 20' in proc.stdout
   assert 'Trained steps' not in proc.stdout
@@ -82,7 +90,7 @@ def test_corrupted_latest_checkpoint_falls_back(finished_run, cache_dir, tmp_pat
       if 'METADATA' not in f and 'commit' not in f:
         with open(os.path.join(root, f), 'wb') as fh:
           fh.write(b'garbage')
-  proc = _train(workdir, cache_dir=cache_dir)
+  proc = _train(workdir, cache_dir=cache_dir, config=RUN)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Resuming from checkpoint step 10' in proc.stdout
   assert 'checkpoint step 20' in proc.stderr and 'unreadable' in proc.stderr
@@ -131,7 +139,7 @@ def test_unwritable_workdir_is_one_line(tmp_path, cache_dir):
   assert str(blocker / 'sub') in line and 'not writable' in line
 
 
-def _evaluate(workdir, *args, cache_dir, config=SMOKE):
+def _evaluate(workdir, *args, cache_dir, config=RUN):
   env = dict(os.environ, DIFFUSION_JAX_CACHE=cache_dir, PYTHONUNBUFFERED='1')
   cmd = [sys.executable, '-m', 'experiments.evaluate', f'--config={config}',
          f'--workdir={workdir}', *args]
@@ -156,9 +164,9 @@ def test_evaluate_reproduces_the_run_and_adds_kid_precision_recall_nll(finished_
 
 def test_evaluate_with_the_wrong_config_is_one_line_and_moves_nothing(finished_run, cache_dir):
   workdir, _ = finished_run
-  done = _evaluate(workdir, '--config.model.ch=16', cache_dir=cache_dir)
+  done = _evaluate(workdir, '--config.model.hidden=16', cache_dir=cache_dir)
   errors = [ln for ln in done.stderr.splitlines() if ln.startswith('error: ')]
   assert done.returncode == 2 and len(errors) == 1 and 'Traceback' not in done.stderr
   assert 'no readable checkpoint' in errors[0] and 'holds a different state: ' in errors[0]
-  assert 'conv_in/bias is (8,) float32 there, this config expects (16,) float32' in errors[0]
+  assert 'Dense_0/bias is (32,) float32 there, this config expects (16,) float32' in errors[0]
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20']   # read-only: nothing moved

@@ -190,7 +190,8 @@ def test_exact_trace_log_likelihood_equals_gmm_density(name):
   assert products == 2
 
 
-@pytest.mark.parametrize('probe,num_probes', [('rademacher', 1), ('gaussian', 2)])
+@pytest.mark.parametrize('probe,num_probes', [
+    ('rademacher', 1), pytest.param('gaussian', 2, marks=pytest.mark.slow)])
 def test_hutchinson_is_unbiased(probe, num_probes):
   """4 points x 512 copies, each copy with its own fixed probes (one batched solve): the mean
   of the Hutchinson estimates lies within 4 standard errors of the exact-trace value (measured

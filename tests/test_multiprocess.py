@@ -29,8 +29,8 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  return dict(os.environ, DIFFUSION_JAX_CACHE=str(tmp_path_factory.mktemp('cache')),
+def env(subprocess_cache):
+  return dict(os.environ, DIFFUSION_JAX_CACHE=subprocess_cache,
               PYTHONUNBUFFERED='1', JAX_PLATFORMS='cpu', XLA_FLAGS='')
 
 
@@ -84,6 +84,9 @@ def _pid_of(workdir, process_id):
   return None
 
 
+# The single-process SIGTERM path is in test_reliability.py's default run; this two-process
+# copy (~40 s of a CI worker) is `slow`.
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path, env):
   workdir = tmp_path / 'pre'
   run = _launch(2, workdir, env, '--config.train.num_steps=100000',

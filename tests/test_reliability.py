@@ -28,17 +28,23 @@ from diffusion_jax import train_loop
 from diffusion_jax import training
 from diffusion_jax.data import sources
 
+# One xdist worker runs the whole module, so its module fixtures are built once
+# (`make test` passes --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('test_reliability')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 40
-ARGS = ['--config=configs/digits.py:smoke', f'--config.train.num_steps={STEPS}',
+# The MLP: what is tested (data order, keys, checkpoints, signals) does not depend on the
+# network, and its few ops compile in seconds. Checkpoints every 10 steps keep the run long
+# enough (~30 steps/s) for a kill to land mid-run.
+STEPS = 200
+ARGS = ['--config=configs/digits.py:smoke,mlp', f'--config.train.num_steps={STEPS}',
         '--config.train.checkpoint_every=10', '--config.eval.enabled=False',
         '--config.sample.grid_size=0']
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  cache = str(tmp_path_factory.mktemp('cache'))
-  return dict(os.environ, DIFFUSION_JAX_CACHE=cache, PYTHONUNBUFFERED='1')
+def env(subprocess_cache):
+  return dict(os.environ, DIFFUSION_JAX_CACHE=subprocess_cache, PYTHONUNBUFFERED='1')
 
 
 def _cmd(workdir):
@@ -88,7 +94,7 @@ def _start_and_wait(workdir, env, ready):
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, env, uninterrupted):
   workdir = tmp_path / 'killed'
   proc = _start_and_wait(workdir, env, (workdir / 'checkpoints' / '10').exists)
-  delay = random.Random().uniform(0.0, 1.5)   # anywhere in the next ~5 steps, or mid-save
+  delay = random.Random().uniform(0.0, 1.5)   # anywhere in the next ~40 steps, or mid-save
   time.sleep(delay)
   proc.send_signal(signal.SIGKILL)
   proc.communicate()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -44,6 +46,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+# ~50 s of a CI worker: `slow`. test_sharded_training.py's default run keeps DDIM sampling,
+# sharded over 8 devices against one.
+@pytest.mark.slow
 def test_every_sampler_runs_sharded_and_matches_one_device():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu')

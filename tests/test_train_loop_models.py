@@ -80,6 +80,9 @@ def _run(tmp_path, variant):
   return result
 
 
+# ~30 s: `slow`. A conditional run of the loop, sampled with guidance, stays in the default
+# run through test_tfds_images.py (the MLP on mock CIFAR-10).
+@pytest.mark.slow
 def test_conditional_dit_trains_and_samples_with_guidance(tmp_path):
   _run(tmp_path, 'smoke,dit,cond')
 

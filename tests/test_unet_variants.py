@@ -199,6 +199,7 @@ def test_bfloat16_agrees_with_float32(all_switches):
   assert err > 1e-5, 'bf16 output equals float32: the compute dtype was not applied'
 
 
+@pytest.mark.slow  # ~20 s; test_dit.py's remat test keeps the same check in the default run
 def test_remat_gives_the_same_outputs_and_gradients():
   kw = dict(ch=8, num_groups=4, dropout=0.3, num_classes=10, label_dropout=0.2)
   x, t = _inputs(jax.random.key(13))
