@@ -12,10 +12,6 @@ import pytest
 from configs import digits as digits_config
 from diffusion_jax import train_loop
 
-# One xdist worker runs the whole module, so its module fixtures are built once
-# (`make test` passes --dist loadgroup).
-pytestmark = pytest.mark.xdist_group('test_cli')
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = 'configs/digits.py:smoke'
 # The finished run (and the evaluation of it) uses the MLP: the CLI's outputs do not depend on

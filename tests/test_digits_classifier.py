@@ -20,10 +20,6 @@ from diffusion_jax.metrics import (
     load_or_train_digits_classifier,
 )
 
-# One xdist worker runs the whole module, so its module fixtures are built once
-# (`make test` passes --dist loadgroup).
-pytestmark = pytest.mark.xdist_group('test_digits_classifier')
-
 # A few steps are enough to exercise caching and retraining without paying for a real run.
 _TINY = {'steps': 10}
 

@@ -28,10 +28,6 @@ from diffusion_jax import train_loop
 from diffusion_jax import training
 from diffusion_jax.data import sources
 
-# One xdist worker runs the whole module, so its module fixtures are built once
-# (`make test` passes --dist loadgroup).
-pytestmark = pytest.mark.xdist_group('test_reliability')
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The MLP: what is tested (data order, keys, checkpoints, signals) does not depend on the
 # network, and its few ops compile in seconds. Checkpoints every 10 steps keep the run long

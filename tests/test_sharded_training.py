@@ -20,10 +20,6 @@ import pytest
 
 import sharded_runs
 
-# One xdist worker runs the whole module, so its module fixtures are built once
-# (`make test` passes --dist loadgroup).
-pytestmark = pytest.mark.xdist_group('test_sharded_training')
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
 
