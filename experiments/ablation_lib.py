@@ -117,6 +117,10 @@ def nfe_of(sampler: str, setup, steps: int) -> float:
   Memoized on (sampler, steps, process, kind, image shape): a trace builds the time grid
   eagerly, which compiles a few ops for every new step count (~1 s on 2 CPU cores)."""
   key = (sampler, int(steps), setup.process, setup.kind, tuple(setup.image_shape))
+  try:
+    hash(key)
+  except TypeError:   # a process that is not hashable is traced every time
+    return _trace_nfe(sampler, setup, steps)
   if key not in _NFE_CACHE:
     _NFE_CACHE[key] = _trace_nfe(sampler, setup, steps)
   return _NFE_CACHE[key]
