@@ -116,32 +116,23 @@ def nfe_of(sampler: str, setup, steps: int) -> float:
   tracing it with a stand-in denoiser (nothing is computed); inf if it refuses those steps.
   Memoized on (sampler, steps, process, kind, image shape): a trace builds the time grid
   eagerly, which compiles a few ops for every new step count (~1 s on 2 CPU cores)."""
-  key = (sampler, int(steps), setup.process, setup.kind, tuple(setup.image_shape))
-  try:
-    hash(key)
-  except TypeError:   # a process that is not hashable is traced every time
-    return _trace_nfe(sampler, setup, steps)
-  if key not in _NFE_CACHE:
-    _NFE_CACHE[key] = _trace_nfe(sampler, setup, steps)
-  return _NFE_CACHE[key]
+  return _traced_nfe(sampler, int(steps), setup.process, setup.kind, tuple(setup.image_shape))
 
 
-_NFE_CACHE: dict = {}
-
-
-def _trace_nfe(sampler: str, setup, steps: int) -> float:
+@functools.lru_cache(maxsize=None)
+def _traced_nfe(sampler: str, steps: int, process, kind: str, image_shape: tuple) -> float:
   out = {}
 
   def den(x, t, cond=None):
     return x, x
-  den.kind = setup.kind
+  den.kind = kind
 
   def f(x):
-    y, info = samplers.SAMPLERS[sampler](den, setup.process, x, jax.random.key(0), steps=steps)
+    y, info = samplers.SAMPLERS[sampler](den, process, x, jax.random.key(0), steps=steps)
     out['nfe'] = info['nfe']
     return y
   try:
-    jax.eval_shape(f, jax.ShapeDtypeStruct((1,) + tuple(setup.image_shape), jnp.float32))
+    jax.eval_shape(f, jax.ShapeDtypeStruct((1,) + image_shape, jnp.float32))
   except (ValueError, TypeError):
     return math.inf
   return int(out['nfe'])

@@ -35,17 +35,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  cli.setup_runtime()
+  config, workdir = cli.begin(argv, _CONFIG, _WORKDIR)
   cli.start_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from diffusion_jax import train_loop  # pylint: disable=g-import-not-at-top
-  config = cli.config_value(_CONFIG)
   if not config.eval.cache_dir:
     with config.unlocked():
       config.eval.cache_dir = cli.default_cache_dir()
   with cli.user_errors():
-    result = train_loop.train_and_evaluate(config, _WORKDIR.value)
+    result = train_loop.train_and_evaluate(config, workdir)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     print(train_loop.format_eval_line(result), flush=True)
