@@ -48,6 +48,12 @@ def gaussian_decoder_nll(process, t0, shape):
   return jnp.full(shape[:1], 0.5 * d * (jnp.log(2 * math.pi * s_tilde2) + 1.0))
 
 
+def vdm_t0(process, t_min=None) -> float:
+  """VDM's lowest time `t0`: `t_min`, the process's by default, and at least 1e-6."""
+  t0 = float(process.t_min if t_min is None else t_min)
+  return max(t0, 1e-6)  # lambda(0) = inf for most processes: the decoder sits at finite SNR
+
+
 def vdm_elbo(process, t_min=None, t_max: float = 1.0):
   """VDM continuous-time negative ELBO (Kingma et al. 2021, Eqs. 11, 17), eps-prediction.
 
@@ -55,8 +61,7 @@ def vdm_elbo(process, t_min=None, t_max: float = 1.0):
   (-lambda'(t)) ||eps - eps_hat(x_t, t)||²` with `lambda = log SNR` (their `gamma = -lambda`).
   `t0 = t_min` (the process's by default) bounds the SNR, as VDM's `gamma_max` does.
   """
-  t0 = float(getattr(process, 't_min', 1e-5) if t_min is None else t_min)
-  t0 = max(t0, 1e-6)  # lambda(0) = inf for most processes: the decoder sits at finite SNR
+  t0 = vdm_t0(process, t_min)
 
   def objective(model_fn, x0, key, cond=None):
     key_t, key_eps = jax.random.split(key)
@@ -82,16 +87,6 @@ def vdm_elbo(process, t_min=None, t_max: float = 1.0):
 def _gaussian_kl(mean1, var1, mean2, var2):
   """Elementwise KL(N(mean1, var1) || N(mean2, var2))."""
   return 0.5 * (jnp.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1.0)
-
-
-def split_learned_variance(out):
-  """`[..., 2C]` network output -> `(eps_hat [..., C], v [..., C] in [0, 1])`.
-
-  Nichol & Dhariwal (2021, Eq. 15) let the network output `v` per dimension with
-  `Sigma = exp(v log beta + (1 - v) log beta~)`; the raw output in [-1, 1] maps to `(out + 1)/2`.
-  """
-  c = out.shape[-1] // 2
-  return out[..., :c], (out[..., c:] + 1.0) / 2.0
 
 
 def _ddpm_vlb_terms(process, x0, key, eps_out_fn, variance, stop_mean_gradient=False):
@@ -152,7 +147,7 @@ def ddpm_vlb(process, variance: str = 'small'):
   def objective(model_fn, x0, key, cond=None):
     def eps_out(x_t, t):
       out = model_fn(x_t, t, cond)
-      return split_learned_variance(out) if variance == 'learned' else (out, None)
+      return param.split_learned_variance(out) if variance == 'learned' else (out, None)
     terms, prior, _, _, t = _ddpm_vlb_terms(process, x0, key, eps_out, variance)
     nll = terms + prior
     d = math.prod(x0.shape[1:])
@@ -171,7 +166,7 @@ def ddpm_hybrid(process, vlb_weight: float = 0.001):
   only the mean, as in the paper.
   """
   def objective(model_fn, x0, key, cond=None):
-    eps_out = lambda x_t, t: split_learned_variance(model_fn(x_t, t, cond))
+    eps_out = lambda x_t, t: param.split_learned_variance(model_fn(x_t, t, cond))
     terms, _, eps, eps_hat, t = _ddpm_vlb_terms(process, x0, key, eps_out, 'learned',
                                                 stop_mean_gradient=True)
     d = math.prod(x0.shape[1:])

@@ -20,7 +20,6 @@ import jax
 import numpy as np
 
 from diffusion_jax import parameterization
-from diffusion_jax import samplers
 from diffusion_jax.data import digits
 from diffusion_jax.metrics import classifier_scores
 from diffusion_jax.metrics import digits_classifier
@@ -36,14 +35,15 @@ KID_SUBSETS = 100
 PR_NEIGHBOURS = 3        # Kynkäänniemi et al. 2019
 
 
-def evaluate_samples(setup, samples: np.ndarray, labels: np.ndarray | None,
+def evaluate_samples(data_name: str, source, samples: np.ndarray, labels: np.ndarray | None,
                      cache_dir: str) -> dict:
-  """The metrics of `samples` for the setup's data: `digits_metrics` (the feature classifier
-  trained once and cached in `cache_dir`) or `toy_metrics`."""
-  if setup.data.name == 'toy2d':
-    return toy_metrics(setup.source, samples)
-  if setup.data.name != 'digits':
-    raise ValueError(f'evaluate_samples: data {setup.data.name!r} has no built-in evaluation; '
+  """The metrics of `samples` of the data named `data_name` (one of `EVALUATED`):
+  `digits_metrics` (the feature classifier trained once and cached in `cache_dir`) or
+  `toy_metrics` against the toy `source`."""
+  if data_name == 'toy2d':
+    return toy_metrics(source, samples)
+  if data_name != 'digits':
+    raise ValueError(f'evaluate_samples: data {data_name!r} has no built-in evaluation; '
                      f'use InceptionMetrics')
   params, info = digits_classifier.load_or_train_digits_classifier(cache_dir, seed=0)
   return digits_metrics(params, info, samples, labels)
@@ -148,11 +148,13 @@ class InceptionMetrics:
     return out
 
 
-def heldout_bits_per_dim(setup, params, key, images: np.ndarray, *, num_bins: int,
-                      data_range: tuple[float, float], batch_size: int = 150,
-                      trace: str = 'hutchinson', rtol: float = 1e-4, atol: float = 1e-4) -> dict:
-  """NLL in bits/dim of `images` (on the grid `lo + (hi - lo) k / num_bins`) under the model's
-  probability-flow ODE, each uniformly dequantized once (`likelihood.bits_per_dim`).
+def heldout_bits_per_dim(denoiser, process, key, images: np.ndarray, *, num_bins: int,
+                         data_range: tuple[float, float], batch_size: int = 150,
+                         trace: str = 'hutchinson', rtol: float = 1e-4,
+                         atol: float = 1e-4) -> dict:
+  """NLL in bits/dim of `images` (on the grid `lo + (hi - lo) k / num_bins`) under the
+  probability-flow ODE of `denoiser` (build it with `make_denoiser(model_fn, process,
+  objective)`, no clipping), each uniformly dequantized once (`likelihood.bits_per_dim`).
 
   Digits have 17 grey levels, 2/16 apart in [-1, 1]: `num_bins=17`, `data_range=(-1, 1.125)`,
   so that level k's cell is `[-1 + k / 8, -1 + (k + 1) / 8)`; a uniform model scores
@@ -164,19 +166,12 @@ def heldout_bits_per_dim(setup, params, key, images: np.ndarray, *, num_bins: in
     raise ValueError(f'heldout_bits_per_dim: images outside the {num_bins}-level grid on '
                      f'[{lo}, {hi})')
 
-  if setup.kind == 'consistency':
+  if parameterization.as_denoiser(denoiser).kind == 'consistency':
     raise ValueError('heldout_bits_per_dim: a consistency model defines no probability-flow ODE')
-
-  def model_fn(x, t, c):
-    return setup.model.apply({'params': params}, x, t, c)
-  if setup.learned_variance:      # the ODE uses the mean prediction; the variance is unused
-    den = samplers.learned_variance_denoiser(model_fn, setup.process, setup.kind, None)
-  else:
-    den = parameterization.make_denoiser(model_fn, setup.process, setup.kind)
 
   @jax.jit
   def bpd(x, key):
-    out, info = likelihood.bits_per_dim(den, setup.process, x, key, num_bins=num_bins,
+    out, info = likelihood.bits_per_dim(denoiser, process, x, key, num_bins=num_bins,
                                         data_range=data_range, trace=trace, rtol=rtol,
                                         atol=atol)
     return out, info['nfe']

@@ -31,21 +31,21 @@ def make_sample_fn(setup: Setup):
   @jax.jit
   def sample(params, z, key, cond=None):
     x_T = setup.process.prior_std * z
-    def model_fn(x, t, c):
-      return setup.model.apply({'params': params}, x, t, c)
-    if setup.learned_variance:   # every sampler works; ddpm can use variance='learned'
-      den = samplers.learned_variance_denoiser(model_fn, setup.process, setup.kind, clip)
-    else:
-      den = parameterization.make_denoiser(
-          model_fn, setup.process, setup.kind, clip_x0=clip,
-          sigma_min=(parameterization.consistency_sigma_min(setup.process)
-                     if setup.kind == 'consistency' else None))
+    den = make_model_denoiser(setup, params, clip_x0=clip)
     if setup.conditional and s.guidance_scale != 1.0:
       den = guidance.classifier_free_guidance(den, s.guidance_scale, null_cond=setup.num_classes)
     x0, _ = sampler(den, setup.process, x_T, key, steps=s.steps, cond=cond, **options)
     return x0
 
   return sample
+
+
+def make_model_denoiser(setup: Setup, params, clip_x0: float | None = None):
+  """The denoiser of the run's network at `params`, built from the run's `Objective` (so its
+  prediction kind, `sigma_data` and learned variance are the ones training used)."""
+  def model_fn(x, t, c):
+    return setup.model.apply({'params': params}, x, t, c)
+  return parameterization.make_denoiser(model_fn, setup.process, setup.objective, clip_x0)
 
 
 def sample_labels(num: int, num_classes: int) -> np.ndarray | None:

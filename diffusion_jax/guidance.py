@@ -11,12 +11,15 @@ and pass through the attributes samplers read: `kind` (for the zero-terminal-SNR
 `evals_per_call` (for honest NFE; guidance doubles it).
 """
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.parameterization import Denoiser
+from diffusion_jax.parameterization import as_denoiser
 from diffusion_jax.parameterization import expand_like
 from diffusion_jax.samplers import _common
 from diffusion_jax.samplers.grids import discrete_timesteps
@@ -24,11 +27,12 @@ from diffusion_jax.samplers.grids import discrete_timesteps
 INTERVAL_VARIABLES = ('t', 'sigma')
 
 
-def _pass_attributes(wrapped, inner, evals_factor: int = 1):
-  wrapped.evals_per_call = evals_factor * _common.evals_per_call(inner)
-  if hasattr(inner, 'kind'):
-    wrapped.kind = inner.kind
-  return wrapped
+def _pass_attributes(wrapped, inner, evals_factor: int = 1) -> Denoiser:
+  """The `Denoiser` calling `wrapped`, with `inner`'s kind and `sigma_min`, `evals_factor`
+  times its evaluations per call, and no `with_variance` (it would bypass the wrapper)."""
+  inner = as_denoiser(inner)
+  return dataclasses.replace(inner, fn=wrapped, evals_per_call=evals_factor * inner.evals_per_call,
+                             with_variance=None)
 
 
 def _per_example_t(t, x):

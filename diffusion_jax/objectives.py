@@ -15,10 +15,13 @@ which only rescales the learning rate.
 An objective never touches devices, optimizers or checkpoints.
 """
 
+import dataclasses
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.stats as jstats
 import numpy as np
 
 from diffusion_jax import consistency
@@ -26,6 +29,13 @@ from diffusion_jax import elbo
 from diffusion_jax import parameterization as param
 
 # --- which t ------------------------------------------------------------------------------
+# Each law is a sampler `(process, key, batch_size) -> t [B]` and, beside it, the density of
+# `lambda = log_snr(t)` it implies (for Kingma & Gao's weighting view, `weighting.py`).
+
+
+def _dt_dlambda(process, lam):
+  _, dt = jax.jvp(process.t_of_log_snr, (lam,), (jnp.ones_like(lam),))
+  return jnp.abs(dt)
 
 
 def discrete_uniform_t(process, key, batch_size):
@@ -34,16 +44,36 @@ def discrete_uniform_t(process, key, batch_size):
   return process.t_of_step(n)
 
 
+def discrete_uniform_density(process, lam):
+  """`p(lambda)` of `discrete_uniform_t`, treating `n / T` as uniform on (0, 1] (T -> inf)."""
+  return _dt_dlambda(process, lam)
+
+
 def uniform_t(process, key, batch_size, t_min=None):
-  """`t ~ U(t_min, 1)` (Song et al. 2021, Eq. 7 with `t_min = 1e-5`)."""
-  t_min = getattr(process, 't_min', 1e-5) if t_min is None else t_min
+  """`t ~ U(t_min, 1)` (Song et al. 2021, Eq. 7), `t_min` defaulting to the process's."""
+  t_min = process.t_min if t_min is None else t_min
   return jax.random.uniform(key, (batch_size,), jnp.float32, t_min, 1.0)
+
+
+def uniform_density(process, lam, t_min=None):
+  """`p(lambda)` of `uniform_t`: `|dt / d lambda| / (1 - t_min)` inside `[t_min, 1]`."""
+  t_min = process.t_min if t_min is None else t_min
+  t = process.t_of_log_snr(lam)
+  inside = (t >= t_min) & (t <= 1.0)
+  return jnp.where(inside, _dt_dlambda(process, lam) / (1.0 - t_min), 0.0)
 
 
 def logit_normal_t(process, key, batch_size, mean=0.0, std=1.0):
   """`t = sigmoid(u)`, `u ~ N(mean, std²)` (Esser et al. 2024, SD3, Eq. 19)."""
   del process
   return jax.nn.sigmoid(mean + std * jax.random.normal(key, (batch_size,)))
+
+
+def logit_normal_density(process, lam, mean=0.0, std=1.0):
+  """`p(lambda)` of `logit_normal_t`: `N(logit t; mean, std²) / (t (1 - t)) |dt / d lambda|`."""
+  t = process.t_of_log_snr(lam)
+  u = jnp.log(t) - jnp.log1p(-t)
+  return jstats.norm.pdf(u, mean, std) / (t * (1 - t)) * _dt_dlambda(process, lam)
 
 
 def log_normal_t(process, key, batch_size, p_mean=-1.2, p_std=1.2):
@@ -56,11 +86,35 @@ def log_normal_t(process, key, batch_size, p_mean=-1.2, p_std=1.2):
   return process.t_of_log_snr(-2.0 * log_sigma)
 
 
+def log_normal_density(process, lam, p_mean=-1.2, p_std=1.2):
+  """`p(lambda)` of `log_normal_t`: `ln sigma~ = -lambda/2` gives `½ N(-lambda/2; P_mean, P_std²)`.
+  """
+  del process
+  return 0.5 * jstats.norm.pdf(-0.5 * lam, p_mean, p_std)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeLaw:
+  """How an objective draws `t`: `sample(process, key, batch_size) -> t [B]` and the density
+  `log_snr_density(process, lam)` of `lambda = log_snr(t)` that this implies."""
+  name: str
+  sample: Callable
+  log_snr_density: Callable
+
+
+def time_law(name: str, **kwargs) -> TimeLaw:
+  """The named law of `t` (a `T_SAMPLERS` key) with its parameters, sampler and density alike."""
+  if name not in T_SAMPLERS:
+    raise ValueError(f'unknown t-sampler {name!r}; choose from {sorted(T_SAMPLERS)}')
+  sample, density = T_SAMPLERS[name]
+  return TimeLaw(name, functools.partial(sample, **kwargs), functools.partial(density, **kwargs))
+
+
 T_SAMPLERS = {
-    'discrete_uniform': discrete_uniform_t,
-    'uniform': uniform_t,
-    'logit_normal': logit_normal_t,
-    'log_normal': log_normal_t,
+    'discrete_uniform': (discrete_uniform_t, discrete_uniform_density),
+    'uniform': (uniform_t, uniform_density),
+    'logit_normal': (logit_normal_t, logit_normal_density),
+    'log_normal': (log_normal_t, log_normal_density),
 }
 
 # --- how errors are weighted ---------------------------------------------------------------
@@ -177,11 +231,53 @@ def denoising_loss(model_fn, x0, key, cond=None, *, process, kind='eps',
   return jnp.mean(per_example), aux
 
 
+# --- the objective record -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A configured objective: its loss and every fact the rest of the code needs about it.
+
+  `loss(model_fn, x0, key, cond=None, **kw) -> (loss, aux)` is the pure function (calling the
+  record calls it); `kind` says what the network outputs (`parameterization`), with
+  `sigma_data` for the preconditioned kinds ('edm', 'consistency'); `learned_variance` means
+  the network outputs `2C` channels (a prediction and Nichol & Dhariwal's `v`); `takes_step`
+  means the loss takes the training step as `step=` (consistency training's curriculum).
+  For objectives that are a weighted eps-MSE (Kingma & Gao 2023), `time` is the law of `t`
+  and `eps_weight(t)` the weight on the per-dimension eps-MSE; both are None otherwise.
+  `make_denoiser(model_fn, process, objective)` builds the sampling denoiser from this record,
+  so training and sampling cannot disagree.
+  """
+  name: str
+  loss: Callable
+  process: Any
+  kind: str
+  sigma_data: float = param.SIGMA_DATA
+  learned_variance: bool = False
+  takes_step: bool = False
+  time: TimeLaw | None = None
+  eps_weight: Callable | None = None
+
+  def __call__(self, model_fn, x0, key, cond=None, **kwargs):
+    return self.loss(model_fn, x0, key, cond, **kwargs)
+
+
+def _weighted_mse(name, process, kind, time: TimeLaw, weighting=no_weighting,
+                  sigma_data=param.SIGMA_DATA, ot_coupling=False) -> Objective:
+  loss = functools.partial(denoising_loss, process=process, kind=kind, t_sampler=time.sample,
+                           weighting=weighting, sigma_data=sigma_data, ot_coupling=ot_coupling)
+
+  def eps_weight(t):
+    return weighting(process, t, kind) * eps_mse_factor(kind, process, t, sigma_data)
+  return Objective(name, loss, process, kind, sigma_data=sigma_data, time=time,
+                   eps_weight=eps_weight)
+
+
 # --- named presets: each reproduces its paper ------------------------------------------------
 
 
-def _default_t_sampler(process):
-  return discrete_uniform_t if hasattr(process, 'num_steps') else uniform_t
+def _default_time(process) -> TimeLaw:
+  return time_law('discrete_uniform' if hasattr(process, 'num_steps') else 'uniform')
 
 
 def _weighting(min_snr_gamma):
@@ -190,23 +286,25 @@ def _weighting(min_snr_gamma):
   return functools.partial(min_snr_weighting, gamma=float(min_snr_gamma))
 
 
-def _preset(kind):
-  def make(process, min_snr_gamma=None):
-    return functools.partial(denoising_loss, process=process, kind=kind,
-                             t_sampler=_default_t_sampler(process),
-                             weighting=_weighting(min_snr_gamma))
-  return make
+def ddpm_eps(process, min_snr_gamma=None) -> Objective:
+  """DDPM `L_simple`: eps-MSE, `n ~ U{1..T}` (Ho et al. 2020, Eq. 14)."""
+  return _weighted_mse('ddpm_eps', process, 'eps', _default_time(process),
+                       _weighting(min_snr_gamma))
 
 
-ddpm_eps = _preset('eps')
-ddpm_eps.__doc__ = 'DDPM `L_simple`: eps-MSE, `n ~ U{1..T}` (Ho et al. 2020, Eq. 14).'
-ddpm_x0 = _preset('x0')
-ddpm_x0.__doc__ = 'x0-MSE, `n ~ U{1..T}` (Ho et al. 2020, §3.2 "predicting x0" ablation).'
-v_prediction = _preset('v')
-v_prediction.__doc__ = 'v-MSE, v = alpha eps - sigma x0 (Salimans & Ho 2022, §4 and App. D).'
+def ddpm_x0(process, min_snr_gamma=None) -> Objective:
+  """x0-MSE, `n ~ U{1..T}` (Ho et al. 2020, §3.2 "predicting x0" ablation)."""
+  return _weighted_mse('ddpm_x0', process, 'x0', _default_time(process),
+                       _weighting(min_snr_gamma))
 
 
-def dsm(process, weighting='sigma2', t_min=None):
+def v_prediction(process, min_snr_gamma=None) -> Objective:
+  """v-MSE, v = alpha eps - sigma x0 (Salimans & Ho 2022, §4 and App. D)."""
+  return _weighted_mse('v_prediction', process, 'v', _default_time(process),
+                       _weighting(min_snr_gamma))
+
+
+def dsm(process, weighting='sigma2', t_min=None) -> Objective:
   """Denoising score matching on an SDE (Song et al. 2021, Eq. 7): `lambda(t) E||s - grad||²`.
 
   `weighting='sigma2'` is `lambda = sigma²` (their default); `'likelihood'` is `lambda = g²`
@@ -214,59 +312,108 @@ def dsm(process, weighting='sigma2', t_min=None):
   """
   if weighting not in ('sigma2', 'likelihood'):
     raise ValueError(f"dsm: weighting={weighting!r}; choose 'sigma2' or 'likelihood'")
-  return functools.partial(denoising_loss, process=process, kind='score',
-                           t_sampler=functools.partial(uniform_t, t_min=t_min),
-                           weighting=WEIGHTINGS[weighting])
+  return _weighted_mse('dsm', process, 'score', time_law('uniform', t_min=t_min),
+                       WEIGHTINGS[weighting])
 
 
-def edm(process, p_mean=-1.2, p_std=1.2, sigma_data=param.SIGMA_DATA):
+def edm(process, p_mean=-1.2, p_std=1.2, sigma_data=param.SIGMA_DATA) -> Objective:
   """EDM (Karras et al. 2022, Eq. 8, Table 1): `lambda(s) ||D(x; s) - x0||²`, ln s ~ N(-1.2, 1.2²).
 
   With `lambda = 1 / c_out²` the loss on the raw network `F` has weight 1, which is how it is
-  computed here (kind 'edm').
+  computed here (kind 'edm'). `sigma_data` travels with the record to the sampling denoiser.
   """
-  return functools.partial(denoising_loss, process=process, kind='edm',
-                           t_sampler=functools.partial(log_normal_t, p_mean=p_mean, p_std=p_std),
-                           weighting=no_weighting, sigma_data=sigma_data)
+  return _weighted_mse('edm', process, 'edm',
+                       time_law('log_normal', p_mean=p_mean, p_std=p_std),
+                       sigma_data=float(sigma_data))
 
 
-def flow_matching(process, t_sampling='uniform', logit_mean=0.0, logit_std=1.0):
+def _flow_time(t_sampling, logit_mean, logit_std) -> TimeLaw:
+  if t_sampling == 'uniform':
+    return time_law('uniform', t_min=0.0)
+  if t_sampling == 'logit_normal':
+    return time_law('logit_normal', mean=logit_mean, std=logit_std)
+  raise ValueError(f"t_sampling={t_sampling!r}; choose 'uniform' or 'logit_normal'")
+
+
+def flow_matching(process, t_sampling='uniform', logit_mean=0.0, logit_std=1.0) -> Objective:
   """Conditional flow matching / rectified flow (Lipman et al. 2023, Eq. 23; Liu et al. 2023).
 
   Regresses the path velocity `alpha' x0 + sigma' eps` (= eps - x0 on the linear interpolant),
   `t ~ U(0, 1)` or logit-normal (`t_sampling='logit_normal'`, Esser et al. 2024).
   """
-  return functools.partial(denoising_loss, process=process, kind='velocity',
-                           t_sampler=_flow_t_sampler(t_sampling, logit_mean, logit_std),
-                           weighting=no_weighting)
+  return _weighted_mse('flow_matching', process, 'velocity',
+                       _flow_time(t_sampling, logit_mean, logit_std))
 
 
-def ot_flow_matching(process, t_sampling='uniform', logit_mean=0.0, logit_std=1.0):
+def ot_flow_matching(process, t_sampling='uniform', logit_mean=0.0,
+                     logit_std=1.0) -> Objective:
   """OT-CFM (Tong et al. 2023, Alg. 3): flow matching on minibatch-OT-paired (x0, eps)."""
-  return functools.partial(denoising_loss, process=process, kind='velocity',
-                           t_sampler=_flow_t_sampler(t_sampling, logit_mean, logit_std),
-                           weighting=no_weighting, ot_coupling=True)
+  return _weighted_mse('ot_flow_matching', process, 'velocity',
+                       _flow_time(t_sampling, logit_mean, logit_std), ot_coupling=True)
 
 
-def _flow_t_sampler(t_sampling, logit_mean, logit_std):
-  if t_sampling == 'uniform':
-    return functools.partial(uniform_t, t_min=0.0)
-  if t_sampling == 'logit_normal':
-    return functools.partial(logit_normal_t, mean=logit_mean, std=logit_std)
-  raise ValueError(f"t_sampling={t_sampling!r}; choose 'uniform' or 'logit_normal'")
+def vdm_elbo(process, t_min=None, t_max: float = 1.0) -> Objective:
+  """VDM's continuous-time negative ELBO (`elbo.vdm_elbo`): eps-prediction, Kingma & Gao's
+  `w(lambda) = 1` (uniform t on `[t0, t_max]`, eps weight `½ (t_max - t0) (-lambda'(t))`)."""
+  t0 = elbo.vdm_t0(process, t_min)
+
+  def eps_weight(t):
+    _, d_lambda = jax.jvp(process.log_snr, (t,), (jnp.ones_like(t),))
+    return 0.5 * (t_max - t0) * (-d_lambda)
+  time = TimeLaw('uniform', functools.partial(uniform_t, t_min=t0),
+                 functools.partial(_uniform_between_density, t_lo=t0, t_hi=t_max))
+  return Objective('vdm_elbo', elbo.vdm_elbo(process, t0, t_max), process, 'eps', time=time,
+                   eps_weight=eps_weight)
 
 
-def make_objective(name: str, process, **kwargs):
-  """Builds a configured objective from its name in `OBJECTIVES`."""
+def _uniform_between_density(process, lam, t_lo, t_hi):
+  t = process.t_of_log_snr(lam)
+  inside = (t >= t_lo) & (t <= t_hi)
+  return jnp.where(inside, _dt_dlambda(process, lam) / (t_hi - t_lo), 0.0)
+
+
+def ddpm_vlb(process, variance: str = 'small') -> Objective:
+  """DDPM's `L_vlb` (`elbo.ddpm_vlb`); `variance='learned'` makes the network output `2C`."""
+  return Objective('ddpm_vlb', elbo.ddpm_vlb(process, variance), process, 'eps',
+                   learned_variance=variance == 'learned')
+
+
+def ddpm_hybrid(process, vlb_weight: float = 0.001) -> Objective:
+  """Nichol & Dhariwal's `L_hybrid` (`elbo.ddpm_hybrid`): `2C` outputs, (eps, v)."""
+  return Objective('ddpm_hybrid', elbo.ddpm_hybrid(process, vlb_weight), process, 'eps',
+                   learned_variance=True)
+
+
+def consistency_training(process, total_steps: int, sigma_data: float = param.SIGMA_DATA,
+                         **kwargs) -> Objective:
+  """Consistency training (`consistency.consistency_training`); the loss takes `step=`."""
+  loss = consistency.consistency_training(process, total_steps, sigma_data=sigma_data, **kwargs)
+  return Objective('consistency_training', loss, process, 'consistency',
+                   sigma_data=float(sigma_data), takes_step=True)
+
+
+def consistency_distillation(process, teacher_denoiser, sigma_data: float = param.SIGMA_DATA,
+                             **kwargs) -> Objective:
+  """Consistency distillation (`consistency.consistency_distillation`) from a teacher
+  denoiser; the loss takes `step=` (unused) and an optional EMA `target_model_fn`."""
+  loss = consistency.consistency_distillation(process, teacher_denoiser, sigma_data=sigma_data,
+                                              **kwargs)
+  return Objective('consistency_distillation', loss, process, 'consistency',
+                   sigma_data=float(sigma_data), takes_step=True)
+
+
+def make_objective(name: str, process, **kwargs) -> Objective:
+  """Builds the configured `Objective` named `name` in `OBJECTIVES`."""
   if name not in OBJECTIVES:
     raise ValueError(f'unknown objective {name!r}; choose from {sorted(OBJECTIVES)}')
   try:
-    return OBJECTIVES[name](process, **kwargs)
+    objective = OBJECTIVES[name](process, **kwargs)
   except TypeError as e:
     raise ValueError(f'objective {name!r}: {e}') from None
+  return dataclasses.replace(objective, name=name)
 
 
-# name -> constructor(process, **kwargs) -> objective(model_fn, x0, key, cond=None).
+# name -> constructor(process, **kwargs) -> Objective.
 OBJECTIVES = {
     'ddpm_eps': ddpm_eps,
     'ddpm_x0': ddpm_x0,
@@ -276,19 +423,10 @@ OBJECTIVES = {
     'flow_matching': flow_matching,
     'rectified_flow': flow_matching,
     'ot_flow_matching': ot_flow_matching,
-    'vdm_elbo': elbo.vdm_elbo,
-    'ddpm_vlb': elbo.ddpm_vlb,
-    'ddpm_hybrid': elbo.ddpm_hybrid,
-    # These two take `step=` (the discretisation curriculum) and, optionally, an EMA
-    # `target_model_fn`; distillation also needs a `teacher_denoiser` (not config-buildable).
-    'consistency_training': consistency.consistency_training,
-    'consistency_distillation': consistency.consistency_distillation,
-}
-
-# The prediction kind each named objective's network outputs (what samplers must be told).
-PREDICTION_KIND = {
-    'ddpm_eps': 'eps', 'ddpm_x0': 'x0', 'v_prediction': 'v', 'dsm': 'score', 'edm': 'edm',
-    'flow_matching': 'velocity', 'rectified_flow': 'velocity', 'ot_flow_matching': 'velocity',
-    'vdm_elbo': 'eps', 'ddpm_vlb': 'eps', 'ddpm_hybrid': 'eps',  # hybrid: 2C outputs (eps, v)
-    'consistency_training': 'consistency', 'consistency_distillation': 'consistency',
+    'vdm_elbo': vdm_elbo,
+    'ddpm_vlb': ddpm_vlb,
+    'ddpm_hybrid': ddpm_hybrid,
+    'consistency_training': consistency_training,
+    # Needs a trained teacher's denoiser (not config-buildable).
+    'consistency_distillation': consistency_distillation,
 }

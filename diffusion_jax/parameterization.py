@@ -26,6 +26,7 @@ to any kind's target; the pair round-trips exactly up to float rounding. Sampler
 see a denoiser `(x_t, t, cond) -> (x0_hat, eps_hat)` built by `make_denoiser`.
 """
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -36,7 +37,6 @@ ALL_KINDS = KINDS + ('consistency',)                      # kinds a network's ou
 SIGMA_DATA = 0.5  # EDM's default data standard deviation (Karras et al. 2022, Table 1)
 
 ModelFn = Callable[..., jax.Array]   # (x_t [B, ...], t [B], cond) -> out [B, ...]
-Denoiser = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 def expand_like(a, x):
@@ -189,20 +189,91 @@ def denoise(model_fn: ModelFn, process, kind: str, x_t, t, cond: Any = None, *,
   return x0, eps, extra
 
 
-def make_denoiser(model_fn: ModelFn, process, kind: str, clip_x0: float | None = None,
-                  sigma_data: float = SIGMA_DATA, sigma_min: float | None = None) -> Denoiser:
-  """Wraps a network into the denoiser `(x_t, t, cond) -> (x0_hat, eps_hat)` samplers consume.
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+  """What every sampler consumes: `denoiser(x_t, t, cond) -> (x0_hat, eps_hat)` plus what a
+  sampler must know about it.
+
+  `fn(x_t, t, cond) -> (x0_hat, eps_hat)` is the call itself. `kind` is the network's
+  prediction kind (None when unknown), which samplers read to refuse a kind that divides by
+  `alpha = 0`; `evals_per_call` is the number of network evaluations one call costs (2 under
+  classifier-free guidance), from which samplers report an exact `info['nfe']`; `sigma_min`
+  is where a consistency model is the identity; `with_variance(x_t, t, cond) -> (x0_hat,
+  eps_hat, v)`, when not None, also returns Nichol & Dhariwal's variance interpolation `v` in
+  [0, 1] from the same single call (`ddpm_sample(variance='learned')`). A wrapper that changes
+  the prediction (guidance, inpainting) is `dataclasses.replace(inner, fn=..., ...)` and drops
+  `with_variance` unless it wraps it too. Samplers accept any plain callable as well
+  (`as_denoiser`): a function is a denoiser of unknown kind costing 1 evaluation a call.
+  """
+  fn: Callable[..., tuple[jax.Array, jax.Array]]
+  kind: str | None = None
+  evals_per_call: int = 1
+  sigma_min: float | None = None
+  with_variance: Callable[..., tuple[jax.Array, jax.Array, jax.Array]] | None = None
+
+  def __call__(self, x_t, t, cond: Any = None):
+    return self.fn(x_t, t, cond)
+
+
+def as_denoiser(denoiser) -> Denoiser:
+  """`denoiser` itself if it is a `Denoiser`, else a plain callable wrapped into one."""
+  if isinstance(denoiser, Denoiser):
+    return denoiser
+  if not callable(denoiser):
+    raise TypeError(f'a denoiser must be callable as (x_t, t, cond) -> (x0_hat, eps_hat); '
+                    f'got {type(denoiser).__name__}')
+  return Denoiser(denoiser)
+
+
+def make_denoiser(model_fn: ModelFn, process, objective, clip_x0: float | None = None, *,
+                  sigma_data: float | None = None, learned_variance: bool = False,
+                  sigma_min: float | None = None) -> Denoiser:
+  """Wraps a network into the `Denoiser` samplers consume.
+
+  `objective` is the `objectives.Objective` the network was trained with: it says the
+  prediction kind, `sigma_data` and whether the output carries a learned variance, so
+  sampling uses exactly the parameterization training used. For outside use a kind string
+  (one of `ALL_KINDS`) is accepted too, with `sigma_data` (default `SIGMA_DATA`) and
+  `learned_variance` (the network outputs `2C` channels, `elbo.split_learned_variance`) given
+  here; with an `Objective` these two come from it and must not be passed.
 
   `clip_x0` (e.g. 1.0 for data in [-1, 1]) clips `x0_hat` to the data range and recomputes
   `eps_hat` from it so the pair stays consistent with `x_t`, as DDPM's sampler does.
-  `sigma_min` is read only by kind `consistency` (see `to_x0_eps`).
+  `sigma_min` (kind 'consistency' only) defaults to `consistency_sigma_min(process)`.
   """
+  if isinstance(objective, str):
+    kind = objective
+    sigma_data = SIGMA_DATA if sigma_data is None else float(sigma_data)
+  else:
+    if sigma_data is not None or learned_variance:
+      raise ValueError('make_denoiser: sigma_data and learned_variance come from the objective '
+                       f'{objective.name!r}; pass them only with a kind string')
+    kind, sigma_data = objective.kind, objective.sigma_data
+    learned_variance = objective.learned_variance
   _check_kind(kind)
+  if kind != 'consistency':
+    sigma_min = None
+  elif sigma_min is None:
+    sigma_min = consistency_sigma_min(process)
+  split = split_learned_variance if learned_variance else None
 
-  def denoiser(x_t, t, cond: Any = None):
-    x0, eps, _ = denoise(model_fn, process, kind, x_t, t, cond, clip_x0=clip_x0,
-                         sigma_data=sigma_data, sigma_min=sigma_min)
+  def with_variance(x_t, t, cond: Any = None):
+    return denoise(model_fn, process, kind, x_t, t, cond, clip_x0=clip_x0,
+                   sigma_data=sigma_data, sigma_min=sigma_min, split_output=split)
+
+  def fn(x_t, t, cond: Any = None):
+    x0, eps, _ = with_variance(x_t, t, cond)
     return x0, eps
 
-  denoiser.kind = kind   # samplers read it, e.g. to refuse eps-prediction where alpha = 0
-  return denoiser
+  return Denoiser(fn, kind=kind, sigma_min=sigma_min,
+                  with_variance=with_variance if learned_variance else None)
+
+
+def split_learned_variance(out):
+  """`[..., 2C]` network output -> `(prediction [..., C], v [..., C] in [0, 1])`.
+
+  Nichol & Dhariwal (2021, Eq. 15) let the network output `v` per dimension with
+  `Sigma = exp(v log beta + (1 - v) log beta~)`; the raw output in [-1, 1] maps to `(out + 1)/2`.
+  """
+  c = out.shape[-1] // 2
+  return out[..., :c], (out[..., c:] + 1.0) / 2.0

@@ -16,6 +16,7 @@ import ml_collections
 from diffusion_jax import configuration
 from diffusion_jax import evaluation
 from diffusion_jax import objectives
+from diffusion_jax import parameterization
 from diffusion_jax import parallel
 from diffusion_jax import processes
 from diffusion_jax import samplers
@@ -95,14 +96,12 @@ class Setup:
   eval: EvalConfig
   optim: training.OptimConfig
   process: Any
-  objective: Any
-  kind: str
+  objective: objectives.Objective
   model: Any
   conditional: bool
   data: sources.DataConfig = sources.DataConfig()
   image_shape: tuple = ()
   source: Any = None             # the training data (None when built for a given image_shape)
-  learned_variance: bool = False
 
   @property
   def num_classes(self) -> int:
@@ -166,12 +165,12 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
   model = build_model(config.model)
   _check_model(model, image_shape)
   # Nichol & Dhariwal's learned variances: the network outputs 2C channels (prediction, v).
-  learned_variance = name == 'ddpm_hybrid' or objective_cfg.get('variance') == 'learned'
   channels = image_shape[-1]
-  want = 2 * channels if learned_variance else channels
+  want = 2 * channels if objective.learned_variance else channels
   got = getattr(model, 'out_channels', None)
   if (got or channels) != want:
-    what = 'a prediction and a learned variance' if learned_variance else 'one prediction'
+    what = ('a prediction and a learned variance' if objective.learned_variance
+            else 'one prediction')
     raise ConfigError(f'config.model.out_channels={got}: objective {name!r} needs {want} output '
                       f'channels ({what} per image channel)')
 
@@ -196,8 +195,7 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
   configuration.choice('sample.sampler', sample.sampler, samplers.SAMPLERS)
   configuration.positive('sample.batch_size', sample.batch_size)
   configuration.positive('sample.grid_size', sample.grid_size, allow_zero=True)
-  kind = objectives.PREDICTION_KIND[name]
-  check_sampler(sample, process, kind, image_shape, learned_variance)
+  check_sampler(sample, process, objective, image_shape)
 
   conditional = getattr(model, 'num_classes', 0) > 0
   if conditional and source is not None:
@@ -218,9 +216,8 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
     raise ConfigError(f'config.eval.enabled=True: the in-loop evaluation measures digits and '
                       f'2-D toys (data.name={data.name!r}); set --config.eval.enabled=False')
   return Setup(train=train, sample=sample, eval=ev, optim=optim, process=process,
-               objective=objective, kind=kind, model=model, conditional=conditional,
-               data=data, image_shape=image_shape, source=source,
-               learned_variance=learned_variance)
+               objective=objective, model=model, conditional=conditional,
+               data=data, image_shape=image_shape, source=source)
 
 
 def sampler_options(sample: SampleConfig) -> dict:
@@ -228,8 +225,7 @@ def sampler_options(sample: SampleConfig) -> dict:
   return {k: getattr(sample, k) for k in SAMPLER_OPTIONS if getattr(sample, k) is not None}
 
 
-def check_sampler(sample: SampleConfig, process, kind: str, image_shape,
-                   learned_variance: bool = False):
+def check_sampler(sample: SampleConfig, process, objective: objectives.Objective, image_shape):
   """Checks the options against the sampler's signature, then traces it abstractly with a
   stand-in denoiser (no compile) so that bad grids, step counts or processes fail now."""
   fn = samplers.SAMPLERS[sample.sampler]
@@ -240,11 +236,9 @@ def check_sampler(sample: SampleConfig, process, kind: str, image_shape,
       raise ConfigError(f'config.sample.{k}={v!r}: sampler {sample.sampler!r} takes no {k!r}; '
                         f'its options are {accepted}')
 
-  def denoiser(x, t, cond=None):
-    return x, x
-  denoiser.kind = kind
-  if learned_variance:
-    denoiser.with_variance = lambda x, t, cond=None: (x, x, x)
+  denoiser = parameterization.Denoiser(
+      lambda x, t, cond=None: (x, x), kind=objective.kind,
+      with_variance=(lambda x, t, cond=None: (x, x, x)) if objective.learned_variance else None)
   x = jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.float32)
   try:
     jax.eval_shape(lambda x: fn(denoiser, process, x, jax.random.key(0), steps=sample.steps,

@@ -44,14 +44,8 @@ from diffusion_jax.generation import make_sample_fn
 from diffusion_jax.generation import sample_labels
 from diffusion_jax.run_config import Setup
 from diffusion_jax.run_config import build
-from diffusion_jax.run_config import build_model
 
 log = logging.getLogger(__name__)
-
-__all__ = ['ConfigError', 'Setup', 'build', 'build_model', 'format_eval_line', 'generate',
-           'load_checkpoint', 'make_sample_fn', 'prepare_workdir', 'sample_labels',
-           'train_and_evaluate', 'write_config']
-
 
 def prepare_workdir(workdir: str) -> str:
   """Creates `workdir` and checks it is writable; a one-line `ConfigError` otherwise."""
@@ -95,13 +89,6 @@ def init_state_fn(setup: Setup, optimizer, ema_fn):
     params = setup.model.init({'params': k_params}, x, t, cond)['params']
     return training.init_train_state(params, optimizer, ema_fn, k_state)
   return init
-
-
-def _init_state(setup: Setup, key, image_shape, optimizer, ema_fn):
-  """The initial state on the default device (tests; the loop shards it)."""
-  del image_shape  # the setup's
-  # Jitted: eager Flax init dispatches (and compiles) every op separately, ~30 s on CPU.
-  return jax.jit(init_state_fn(setup, optimizer, ema_fn))(key)
 
 
 def _optimizer_and_ema(setup: Setup):
@@ -365,7 +352,7 @@ def _sample_and_evaluate(setup: Setup, state, k_sample, mesh, workdir, writer, w
   if setup.eval.enabled and is_main:
     n = setup.eval.num_samples
     result.update(evaluation.evaluate_samples(
-        setup, samples[:n], None if labels is None else labels[:n],
+        setup.data.name, setup.source, samples[:n], None if labels is None else labels[:n],
         setup.eval.cache_dir or os.path.join(workdir, 'cache')))
     if 'fd' in result:
       result['fd_ratio'] = result['fd'] / result['fd_floor']

@@ -7,7 +7,6 @@ step counter and the skip counters (the data position still moves on, past the b
 """
 
 import dataclasses
-import inspect
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -106,9 +105,10 @@ def make_train_step(objective, apply_fn, optimizer: optax.GradientTransformation
                     batch_constraint=None):
   """Builds the pure `train_step(state, batch) -> (state, metrics)`; jit it at the call site.
 
-  `objective(model_fn, x0, key, cond)` as in `diffusion_jax.objectives`; `apply_fn` is a Flax
-  `Module.apply`. `batch` holds 'image' `[B, ...]` and, if `conditional`, 'label' `[B]`.
-  Objectives with a `step` argument (consistency training's curriculum) receive the step.
+  `objective` is an `objectives.Objective` (called as `objective(model_fn, x0, key, cond)`);
+  `apply_fn` is a Flax `Module.apply`. `batch` holds 'image' `[B, ...]` and, if
+  `conditional`, 'label' `[B]`. An objective with `takes_step` (consistency training's
+  curriculum) receives the step.
 
   `grad_accum_steps = A > 1` splits the batch into A micro-batches of B / A examples, run one
   after another (`lax.scan`), and applies the mean of their gradients once: the update of a
@@ -122,7 +122,7 @@ def make_train_step(objective, apply_fn, optimizer: optax.GradientTransformation
   """
   if grad_accum_steps < 1:
     raise ValueError(f'grad_accum_steps={grad_accum_steps} must be >= 1')
-  takes_step = 'step' in inspect.signature(objective).parameters
+  takes_step = objective.takes_step
 
   def loss_and_grad(params, batch, key, step):
     key_obj, key_dropout = jax.random.split(key)

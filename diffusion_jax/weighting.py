@@ -2,70 +2,33 @@
 
 Kingma & Gao write a diffusion loss as `L_w = ½ ∫ w(lambda) E||eps - eps_hat||² d lambda`; the
 ELBO is `w ≡ 1`. An objective here draws `t ~ p_t` and weights the eps-MSE by `e(t)`
-(`aux['eps_weight']`), so its implied weighting is
+(`Objective.eps_weight`, also reported as `aux['eps_weight']`), so its implied weighting is
 
-  `w(lambda) = 2 e(t(lambda)) p_t(t(lambda)) |dt / d lambda|`,
+  `w(lambda) = 2 e(t(lambda)) p_lambda(lambda)`,  `p_lambda = p_t |dt / d lambda|`,
 
-which is what lets a paper state "objective A = objective B with weighting w". The t-sampler's
-density enters through `p_lambda = p_t |dt/d lambda|`. DDPM's discrete `n ~ U{1..T}` is treated
-as uniform on (0, 1] (exact in the T -> inf limit).
+which is what lets a paper state "objective A = objective B with weighting w". The density of
+lambda comes from the objective's `TimeLaw`. DDPM's discrete `n ~ U{1..T}` is treated as
+uniform on (0, 1] (exact in the T -> inf limit).
 """
 
-import functools
-
-import jax
 import jax.numpy as jnp
-import jax.scipy.stats as jstats
 
 from diffusion_jax import objectives as obj_lib
-
-
-def _dt_dlambda(process, lam):
-  _, dt = jax.jvp(process.t_of_log_snr, (lam,), (jnp.ones_like(lam),))
-  return jnp.abs(dt)
-
-
-def log_snr_density(t_sampler, process, lam):
-  """Density of `lambda = log_snr(t)` when `t` is drawn by `t_sampler` (a `T_SAMPLERS` entry,
-  possibly a `functools.partial` of one)."""
-  fn = t_sampler.func if isinstance(t_sampler, functools.partial) else t_sampler
-  kw = t_sampler.keywords if isinstance(t_sampler, functools.partial) else {}
-  t = process.t_of_log_snr(lam)
-  if fn is obj_lib.log_normal_t:
-    # ln sigma~ = -lambda / 2 ~ N(p_mean, p_std²)  =>  p(lambda) = ½ N(-lambda/2; ...).
-    return 0.5 * jstats.norm.pdf(-0.5 * lam, kw.get('p_mean', -1.2), kw.get('p_std', 1.2))
-  if fn is obj_lib.logit_normal_t:
-    u = jnp.log(t) - jnp.log1p(-t)
-    p_t = jstats.norm.pdf(u, kw.get('mean', 0.0), kw.get('std', 1.0)) / (t * (1 - t))
-    return p_t * _dt_dlambda(process, lam)
-  if fn is obj_lib.discrete_uniform_t:
-    return _dt_dlambda(process, lam)
-  if fn is obj_lib.uniform_t:
-    t_min = kw.get('t_min')
-    t_min = getattr(process, 't_min', 1e-5) if t_min is None else t_min
-    inside = (t >= t_min) & (t <= 1.0)
-    return jnp.where(inside, _dt_dlambda(process, lam) / (1.0 - t_min), 0.0)
-  raise ValueError(f'no density known for t-sampler {fn!r}')
 
 
 def implied_weighting(name: str, process, lam, **objective_kwargs):
   """Kingma & Gao's `w(lambda)` of the named objective on `process`, at log-SNRs `lam`.
 
-  Defined for the weighted-MSE objectives (`denoising_loss` presets) and the VDM ELBO (which
-  gives exactly 1). The discrete VLB and consistency objectives are not weighted eps-MSEs.
+  Defined for the objectives that are a weighted eps-MSE (those whose `Objective` has `time`
+  and `eps_weight`: the `denoising_loss` presets and the VDM ELBO, which gives 1). The discrete
+  VLB and the consistency objectives are not.
   """
   lam = jnp.asarray(lam, jnp.float32)
-  if name == 'vdm_elbo':
-    return jnp.ones_like(lam)
   objective = obj_lib.make_objective(name, process, **objective_kwargs)
-  if not (isinstance(objective, functools.partial)
-          and objective.func is obj_lib.denoising_loss):
+  if objective.time is None or objective.eps_weight is None:
     raise ValueError(f'objective {name!r} is not a weighted eps-MSE; no w(lambda) is defined')
-  kw = objective.keywords
   t = process.t_of_log_snr(lam)
-  e = kw['weighting'](process, t, kw['kind']) * obj_lib.eps_mse_factor(
-      kw['kind'], process, t, kw.get('sigma_data', 0.5))
-  return 2.0 * e * log_snr_density(kw['t_sampler'], process, lam)
+  return 2.0 * objective.eps_weight(t) * objective.time.log_snr_density(process, lam)
 
 
 # The objectives `implied_weighting` covers, each on the process its paper uses.

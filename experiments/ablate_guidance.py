@@ -34,6 +34,7 @@ def main(argv):
   config, workdir = cli.begin(argv, _CONFIG, _WORKDIR)
   # pylint: disable=g-import-not-at-top
   import ml_collections
+  from diffusion_jax import run_config
   from diffusion_jax import train_loop
   from experiments import ablation_lib as lib
   from experiments import ablation_report as report
@@ -41,7 +42,7 @@ def main(argv):
   cache_dir = config.eval.cache_dir or cli.default_cache_dir()
   with cli.user_errors():
     scales = lib.split_list(_SCALES.value, 'scales', float)
-    if train_loop.build(config).num_classes == 0:
+    if run_config.build(config).num_classes == 0:
       cli.fail('ablate_guidance needs a class-conditional model (config.model.num_classes), '
                'e.g. --config=configs/digits.py:cond')
     if not lib.is_trained(workdir, config):

@@ -35,7 +35,7 @@ def main(argv):
   config, workdir = cli.begin(argv, _CONFIG, _WORKDIR)
   # pylint: disable=g-import-not-at-top
   from diffusion_jax import samplers
-  from diffusion_jax import train_loop
+  from diffusion_jax import run_config
   from experiments import ablation_lib as lib
   from experiments import ablation_report as report
   # pylint: enable=g-import-not-at-top
@@ -44,10 +44,11 @@ def main(argv):
     names = (lib.split_list(_SAMPLERS.value, 'samplers') if _SAMPLERS.value
              else [s for s in samplers.SAMPLERS if s != 'adaptive'])
     nfes = lib.split_list(_NFES.value, 'nfes', int)
-    setup = train_loop.build(config)
+    setup = run_config.build(config)
     cells = [(s, n, *lib.steps_for_nfe(s, setup, n)) for s in names for n in nfes
              if s in samplers.SAMPLERS]
-    cells = [c for c in cells if c[2] and (c[0] == 'consistency') == (setup.kind == 'consistency')]
+    is_cm = setup.objective.kind == 'consistency'
+    cells = [c for c in cells if c[2] and (c[0] == 'consistency') == is_cm]
     if not cells:
       cli.fail(f'no sampler of {names} applies to this run at NFE {nfes}')
     progress = lib.SweepProgress(sum(lib.sample_units(e, _NUM.value, config) for *_, e in cells),

@@ -31,6 +31,7 @@ from diffusion_jax import checkpointing
 from diffusion_jax import configuration
 from diffusion_jax import evaluation
 from diffusion_jax import generation
+from diffusion_jax import parameterization
 from diffusion_jax import run_config
 from diffusion_jax import samplers
 from diffusion_jax import train_loop
@@ -116,16 +117,15 @@ def nfe_of(sampler: str, setup, steps: int) -> float:
   tracing it with a stand-in denoiser (nothing is computed); inf if it refuses those steps.
   Memoized on (sampler, steps, process, kind, image shape): a trace builds the time grid
   eagerly, which compiles a few ops for every new step count (~1 s on 2 CPU cores)."""
-  return _traced_nfe(sampler, int(steps), setup.process, setup.kind, tuple(setup.image_shape))
+  return _traced_nfe(sampler, int(steps), setup.process, setup.objective.kind,
+                     tuple(setup.image_shape))
 
 
 @functools.lru_cache(maxsize=None)
 def _traced_nfe(sampler: str, steps: int, process, kind: str, image_shape: tuple) -> float:
   out = {}
 
-  def den(x, t, cond=None):
-    return x, x
-  den.kind = kind
+  den = parameterization.Denoiser(lambda x, t, cond=None: (x, x), kind=kind)
 
   def f(x):
     y, info = samplers.SAMPLERS[sampler](den, process, x, jax.random.key(0), steps=steps)
@@ -194,8 +194,7 @@ def measure(run_dir: str, config, sampler: str, steps: int, num: int, cache_dir:
   if not keep_options:
     cfg = _with_sampler(config, sampler, steps)
   sample = configuration.from_section(run_config.SampleConfig, 'sample', cfg.sample)
-  run_config.check_sampler(sample, base.process, base.kind, base.image_shape,
-                           base.learned_variance)
+  run_config.check_sampler(sample, base.process, base.objective, base.image_shape)
   setup = dataclasses.replace(base, sample=sample)
   labels = generation.sample_labels(num, setup.num_classes)
   key = jax.random.split(jax.random.key(cfg.seed))[1]
@@ -203,7 +202,7 @@ def measure(run_dir: str, config, sampler: str, steps: int, num: int, cache_dir:
   x = generation.generate(generation.make_sample_fn(setup), state.ema_params, key, num,
                           setup.sample.batch_size, setup.image_shape, labels)
   seconds = time.time() - t0
-  result = evaluation.evaluate_samples(setup, x, labels, cache_dir)
+  result = evaluation.evaluate_samples(setup.data.name, setup.source, x, labels, cache_dir)
   result.update(step=int(at), sampler=sampler, steps=steps, sample_seconds=seconds,
                 nfe=nfe_of(sampler, setup, steps) * (2 if _guided(setup) else 1))
   return result
@@ -251,8 +250,7 @@ def _guided(setup) -> bool:
 
 
 def _takes_step(setup) -> bool:
-  import inspect  # pylint: disable=g-import-not-at-top
-  return 'step' in inspect.signature(setup.objective).parameters
+  return setup.objective.takes_step
 
 
 def _heldout(setup) -> np.ndarray:
@@ -336,7 +334,7 @@ def run_ablation(runs: list[Run], config, workdir: str, cache_dir: str):
   curve_nfe = int(ab.curve_nfe)
   plan = []   # (run, setup, [(sampler, nfe, steps, exact)])
   for run in runs:
-    setup = train_loop.build(run.config)
+    setup = run_config.build(run.config)
     cells = []
     for sampler in run.samplers:
       for nfe in run.nfes:

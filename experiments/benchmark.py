@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from configs import digits as digits_config
-from diffusion_jax import parameterization
+from diffusion_jax import generation
 from diffusion_jax import samplers
-from diffusion_jax import train_loop
+from diffusion_jax import run_config
 from diffusion_jax.samplers import _common
 from experiments import benchmark_models
 
@@ -73,7 +73,7 @@ def _time(fn, repeats=3):
 
 def sampler_rows(names, nfe: int, batch: int):
   config = digits_config.get_config()
-  setup = train_loop.build(config)
+  setup = run_config.build(config)
   params = jax.jit(setup.model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
                                       jnp.zeros((1,)))['params']
   # A zero-initialised output layer would make every sampler trivial: perturb all weights.
@@ -82,9 +82,7 @@ def sampler_rows(names, nfe: int, batch: int):
   params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
                                      for p, k in zip(leaves, keys, strict=True)])
 
-  def model_fn(x, t, c):
-    return setup.model.apply({'params': params}, x, t, c)
-  den = parameterization.make_denoiser(model_fn, setup.process, setup.kind, clip_x0=1.0)
+  den = generation.make_model_denoiser(setup, params, clip_x0=1.0)
   x_T = jax.random.normal(jax.random.key(2), (batch, 8, 8, 1))
   key = jax.random.key(3)
   from experiments import ablation_lib  # pylint: disable=g-import-not-at-top

@@ -28,7 +28,7 @@ import optax
 
 from diffusion_jax import objectives
 from diffusion_jax import processes
-from diffusion_jax import train_loop
+from diffusion_jax import run_config
 
 DEFAULT_MODELS = ('digits', 'digits:dit', 'ddpm_cifar10', 'ddpm_cifar10:ddpmpp',
                   'adm_imagenet64', 'dit:S/2', 'dit:B/2', 'dit:L/2', 'dit:XL/2')
@@ -71,7 +71,7 @@ def _flops(compiled) -> float:
 def benchmark(spec: str, batch: int, steps: int, dtype: str) -> dict:
   config, shape = load(spec)
   config.model.dtype = dtype
-  model = train_loop.build_model(config.model)
+  model = run_config.build_model(config.model)
   process_cfg = dict(config.process)
   process = processes.make_process(process_cfg.pop('name'), **process_cfg)
   objective_cfg = dict(config.objective)

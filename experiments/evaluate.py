@@ -110,7 +110,8 @@ def main(argv):
     t1 = time.time()
     with cli.user_errors():
       result.update(evaluation.heldout_bits_per_dim(
-          setup, params, jax.random.fold_in(key, 1), test_x[:_NLL.value], num_bins=17,
+          generation.make_model_denoiser(setup, params), setup.process,
+          jax.random.fold_in(key, 1), test_x[:_NLL.value], num_bins=17,
           data_range=(-1.0, 1.125)))
     result['nll_seconds'] = time.time() - t1
 

@@ -1,11 +1,14 @@
 """Shared checks for sampler tests: convergence order on Gaussian data against the closed-form
 probability-flow ODE solution (DESIGN §6), and call counting for exact NFE."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import analytic
+from diffusion_jax import parameterization
 from diffusion_jax import samplers
 
 MU = np.array([1.5, -0.5, 0.0])
@@ -50,7 +53,7 @@ def counting(denoiser):
     jax.debug.callback(lambda: calls.append(1), ordered=False)
     return denoiser(x, t, cond)
 
-  for attr in ('evals_per_call', 'kind'):
-    if hasattr(denoiser, attr):
-      setattr(wrapped, attr, getattr(denoiser, attr))
-  return wrapped, lambda: len(calls)
+  # The same Denoiser record (kind, evals_per_call, sigma_min) around the counting call.
+  counted = dataclasses.replace(parameterization.as_denoiser(denoiser), fn=wrapped,
+                                with_variance=None)
+  return counted, lambda: len(calls)

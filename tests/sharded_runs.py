@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from configs import digits as digits_config
+from diffusion_jax import generation
 from diffusion_jax import train_loop
 
 NUM_STEPS = 4
@@ -59,7 +60,7 @@ def main(root, jobs):
         cfg.sample.update(sampler='ddim', steps=5)
       setup, state, step = train_loop.load_checkpoint(cfg, workdir)
       if kind == 'sample':
-        x = train_loop.generate(train_loop.make_sample_fn(setup), state.ema_params,
+        x = generation.generate(generation.make_sample_fn(setup), state.ema_params,
                                 jax.random.key(7), 10, 4, setup.image_shape)
         np.save(os.path.join(root, f'{name}.samples.{devices}.npy'), x)
         continue

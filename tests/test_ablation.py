@@ -10,7 +10,7 @@ import pytest
 
 from configs import ablation_digits
 from configs import ablation_toy2d
-from diffusion_jax import train_loop
+from diffusion_jax import run_config
 from experiments import ablation_lib as lib
 from experiments import ablation_report as report
 
@@ -37,7 +37,7 @@ def test_runs_share_model_data_optimizer_seed_and_budget():
     for section in ('model', 'data', 'optim', 'train'):
       assert len({json.dumps(r.config[section].to_dict(), sort_keys=True) for r in group}) == 1
     assert {r.config.seed for r in group} == {seed}
-    sources = [train_loop.build(r.config).source for r in group[:3]]
+    sources = [run_config.build(r.config).source for r in group[:3]]
     for step in (0, 7, 2999):
       batches = [s.batch(seed, step, 128)['image'] for s in sources]
       for b in batches[1:]:
@@ -99,7 +99,7 @@ def test_emit_sweep_writes_configs_the_training_cli_accepts(tmp_path):
   path = lines[1].split('--config=configs/json_config.py:')[1]
   loaded = json_config.get_config(path)
   assert loaded.objective.name == 'flow_matching' and loaded.process.name == 'linear'
-  assert train_loop.build(loaded).image_shape == (2,)
+  assert run_config.build(loaded).image_shape == (2,)
 
 
 def test_table_gives_mean_and_spread_over_seeds_and_names_a_diverged_seed():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import digits as digits_config
-from diffusion_jax import train_loop
+from diffusion_jax import run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = 'configs/digits.py:smoke'
@@ -118,8 +118,8 @@ def test_config_errors_are_one_line(tmp_path, cache_dir, override, expected):
 def test_build_errors_name_the_key(section, values, expected):
   config = digits_config.get_config('smoke')
   config[section].update(values)
-  with pytest.raises(train_loop.ConfigError) as e:
-    train_loop.build(config)
+  with pytest.raises(run_config.ConfigError) as e:
+    run_config.build(config)
   assert expected in str(e.value) and '\n' not in str(e.value)
 
 

@@ -6,6 +6,8 @@ the 50/50 mixture); inpainting on Gaussian data, diagonal (replacement is exact 
 correlated (replacement is biased, RePaint's resampling reduces the bias).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 
 from diffusion_jax import analytic
 from diffusion_jax import guidance
+from diffusion_jax import parameterization
 from diffusion_jax import processes
 from diffusion_jax import samplers
 from tests.sampler_testing import counting
@@ -43,8 +46,7 @@ def labelled_denoiser(seen=None):
                                jnp.where(label[:, None] == 1, outs[1][i], outs[2][i]))
     return pick(0), pick(1)
 
-  den.kind = 'eps'
-  return den
+  return parameterization.Denoiser(den, kind='eps')
 
 
 def batch(b=16, seed=0):
@@ -123,7 +125,7 @@ def test_cfg_attributes():
   den = labelled_denoiser()
   guided = guidance.classifier_free_guidance(den, 2.0, NULL)
   assert guided.evals_per_call == 2 and guided.kind == 'eps'
-  den.evals_per_call = 3      # e.g. an inner denoiser that is itself an ensemble of 3
+  den = dataclasses.replace(den, evals_per_call=3)   # e.g. an inner ensemble of 3
   assert guidance.classifier_free_guidance(den, 2.0, NULL).evals_per_call == 6
 
 

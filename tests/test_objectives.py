@@ -66,8 +66,8 @@ def test_loss_at_optimal_model_is_closed_form_minimum(case):
   """
   obj_name, kwargs, proc_name, proc_kwargs = case
   proc = _process(proc_name, **proc_kwargs)
-  kind = objectives.PREDICTION_KIND[obj_name]
   objective = objectives.make_objective(obj_name, proc, **kwargs)
+  kind = objective.kind
   optimal = analytic.gaussian_optimal_model(kind, MU, S2, proc)
   perturbed = lambda x, t, c: optimal(x, t, c) + 0.1
   k_data, k_obj = jax.random.split(jax.random.key(0))
@@ -255,8 +255,8 @@ def test_loss_at_optimal_gmm_model_is_its_expected_minimum(case):
   same t's; the two means agree within 5 combined standard errors. A perturbed model is worse."""
   obj_name, kwargs, proc_name, proc_kwargs = case
   proc = _process(proc_name, **proc_kwargs)
-  kind = objectives.PREDICTION_KIND[obj_name]
   objective = objectives.make_objective(obj_name, proc, **kwargs)
+  kind = objective.kind
   optimal = analytic.optimal_model(kind, analytic.gmm_denoiser(GMM_W, GMM_MEANS, GMM_S2, proc),
                                    proc)
   x0 = _gmm_data(jax.random.key(10), 100_000)

@@ -2,7 +2,7 @@
 
 Counts use `jax.eval_shape` on `init` (nothing is allocated), so even DiT-XL/2 costs seconds.
 Every reference config is also validated whole (process, objective, model, sampler) by
-`train_loop.build` at the image shape it was written for.
+`run_config.build` at the image shape it was written for.
 """
 
 import importlib
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from diffusion_jax import train_loop
+from diffusion_jax import run_config
 
 
 def _config(name, variant=None):
@@ -48,7 +48,7 @@ PUBLISHED = [
                          ids=[p[3] for p in PUBLISHED])
 def test_parameter_count_matches_paper(name, variant, published, what):
   module, config = _config(name, variant)
-  model = train_loop.build_model(config.model)
+  model = run_config.build_model(config.model)
   count = count_params(model, module.IMAGE_SHAPE, config.model.get('num_classes', 0))
   print(f'{what}: {count:,} parameters (paper {published / 1e6:.2f} M)')
   if isinstance(published, int):
@@ -62,7 +62,7 @@ def test_parameter_count_matches_paper(name, variant, published, what):
 ])
 def test_reference_config_is_valid_whole(name, variant):
   module, config = _config(name, variant)
-  setup = train_loop.build(config, image_shape=module.IMAGE_SHAPE)
+  setup = run_config.build(config, image_shape=module.IMAGE_SHAPE)
   assert setup.model.out_channels in (None, 2 * module.IMAGE_SHAPE[-1])
   assert setup.learned_variance == (setup.model.out_channels is not None)
   # Output = input shape, with 2C channels where the variances are learned.
@@ -79,8 +79,8 @@ def test_reference_config_is_valid_whole(name, variant):
 def test_reference_configs_say_how_to_prepare_missing_data(tmp_path):
   _, config = _config('ddpm_cifar10')
   config.data.data_dir = str(tmp_path)
-  with pytest.raises(train_loop.ConfigError) as e:
-    train_loop.build(config)
+  with pytest.raises(run_config.ConfigError) as e:
+    run_config.build(config)
   message = str(e.value)
   assert f"TFDS dataset 'cifar10' is not readable in data_dir={tmp_path}" in message
   assert 'tfds build cifar10' in message and '\n' not in message
@@ -88,8 +88,8 @@ def test_reference_configs_say_how_to_prepare_missing_data(tmp_path):
 
 def test_latent_config_needs_its_file():
   _, config = _config('dit', 'S/8')
-  with pytest.raises(train_loop.ConfigError, match=r"config.data.path: data.name='npy' needs"):
-    train_loop.build(config)
+  with pytest.raises(run_config.ConfigError, match=r"config.data.path: data.name='npy' needs"):
+    run_config.build(config)
 
 
 def test_dit_config_rejects_unknown_sizes():
@@ -109,7 +109,7 @@ def test_dit_forward_gflops_match_paper(variant, paper):
   XLA also counts the softmax, norms and modulation, which the paper's counter skips).
   """
   module, config = _config('dit', variant)
-  model = train_loop.build_model(config.model)
+  model = run_config.build_model(config.model)
   x = jax.ShapeDtypeStruct((1, *module.IMAGE_SHAPE), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.float32)
   c = jax.ShapeDtypeStruct((1,), jnp.int32)

@@ -153,12 +153,14 @@ def test_ddpm_learned_variance_interpolates_small_and_large():
                 static_argnums=(0, 1))
   large, small = run(plain, 'large')[0], run(plain, 'small')[0]
   calls = []
-  one = discrete.learned_variance_denoiser(_learned_model(1.0, DVP, calls), DVP)
+  one = parameterization.make_denoiser(_learned_model(1.0, DVP, calls), DVP, 'eps',
+                                      learned_variance=True)
   x, info = run(one, 'learned')
   jax.effects_barrier()
   assert info['nfe'] == len(calls) == steps and one.evals_per_call == 1 and one.kind == 'eps'
   np.testing.assert_array_equal(x, large)
-  zero = discrete.learned_variance_denoiser(_learned_model(-1.0, DVP), DVP)
+  zero = parameterization.make_denoiser(_learned_model(-1.0, DVP), DVP, 'eps',
+                                       learned_variance=True)
   np.testing.assert_array_equal(run(zero, 'learned')[0], small)
   # v = 1/2, on the update 501 -> 1 ('leading' spacing), where beta~ / beta = 1.1e-4:
   # x_1 = mean + std z with the same mean and z in all three runs.
@@ -166,7 +168,8 @@ def test_ddpm_learned_variance_interpolates_small_and_large():
     x64 = jnp.asarray(x_T, jnp.float64)
     eps_model = analytic.gaussian_optimal_model('eps', MU, S2, DVP)
     plain = parameterization.make_denoiser(eps_model, DVP, 'eps')
-    half = discrete.learned_variance_denoiser(_learned_model(0.0, DVP), DVP)
+    half = parameterization.make_denoiser(_learned_model(0.0, DVP), DVP, 'eps',
+                                          learned_variance=True)
     first = {}
     for name, den, variance in [('small', plain, 'small'), ('large', plain, 'large'),
                                 ('half', half, 'learned')]:
@@ -184,7 +187,8 @@ def test_ddpm_learned_variance_interpolates_small_and_large():
 def test_learned_variance_denoiser_is_a_plain_denoiser_and_required():
   """Called plainly it is the same denoiser as `make_denoiser` on the first C channels (so every
   sampler takes it); 'learned' without `.with_variance` is refused."""
-  den = discrete.learned_variance_denoiser(_learned_model(0.3, DVP), DVP, clip_x0=3.0)
+  den = parameterization.make_denoiser(_learned_model(0.3, DVP), DVP, 'eps', clip_x0=3.0,
+                                       learned_variance=True)
   ref = parameterization.make_denoiser(analytic.gaussian_optimal_model('eps', MU, S2, DVP), DVP,
                                        'eps', clip_x0=3.0)
   x_T = jax.random.normal(jax.random.key(0), (16, 3))
@@ -375,7 +379,7 @@ def test_nfe_is_exact(name, final):
   fn, kwargs, expected = NFE_CASES[name]
   for steps in (1, 5):
     den, count = st.counting(analytic.gaussian_denoiser(MU, S2, VP))
-    den.evals_per_call = 2
+    den = parameterization.Denoiser(den, evals_per_call=2)
     x, info = jax.jit(lambda x, k: fn(den, VP, x, k, steps=steps, final=final, **kwargs))(
         jnp.ones((4, 3)), jax.random.key(0))
     jax.block_until_ready(x)

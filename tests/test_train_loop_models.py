@@ -12,6 +12,8 @@ import optax
 import pytest
 
 from configs import digits as digits_config
+from diffusion_jax import run_config
+from diffusion_jax import generation
 from diffusion_jax import train_loop
 from diffusion_jax import training
 
@@ -29,7 +31,7 @@ def _config(variant, steps=4):
 
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_variant_wiring(variant):
-  setup = train_loop.build(_config(variant))
+  setup = run_config.build(_config(variant))
   x = jax.ShapeDtypeStruct((8, 8, 8, 1), jnp.float32)
   labels = jax.ShapeDtypeStruct((8,), jnp.int32) if setup.conditional else None
   params = jax.eval_shape(lambda x, c: setup.model.init(jax.random.key(0), x[:1], jnp.zeros((1,)),
@@ -44,17 +46,17 @@ def test_variant_wiring(variant):
   new_state, metrics = jax.eval_shape(step, state, batch)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   assert metrics['loss'].shape == ()
-  out = jax.eval_shape(train_loop.make_sample_fn(setup), params,
+  out = jax.eval_shape(generation.make_sample_fn(setup), params,
                        jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32), jax.random.key(2),
                        None if labels is None else jax.ShapeDtypeStruct((4,), jnp.int32))
   assert out.shape == (4, 8, 8, 1)
 
 
 def test_variants_select_the_model_family():
-  names = {v: type(train_loop.build(_config(v)).model).__name__ for v in VARIANTS}
+  names = {v: type(run_config.build(_config(v)).model).__name__ for v in VARIANTS}
   assert names['smoke,dit'] == 'DiT' and names['smoke,mlp'] == 'MLP'
   assert names['smoke,adm'] == 'UNet'
-  setup = train_loop.build(_config('smoke,dit,cond'))
+  setup = run_config.build(_config('smoke,dit,cond'))
   assert setup.conditional and setup.model.label_dropout == 0.1
   assert setup.sample.guidance_scale == 2.0
 
@@ -62,14 +64,14 @@ def test_variants_select_the_model_family():
 def test_guidance_needs_a_conditional_model():
   config = _config('smoke')
   config.sample.guidance_scale = 3.0
-  with pytest.raises(train_loop.ConfigError, match=r'guidance_scale=3.0: guidance needs a '
+  with pytest.raises(run_config.ConfigError, match=r'guidance_scale=3.0: guidance needs a '
                                                     r'class-conditional model'):
-    train_loop.build(config)
+    run_config.build(config)
 
 
 def test_sample_labels_cycle_through_classes():
-  np.testing.assert_array_equal(train_loop.sample_labels(12, 10), [*range(10), 0, 1])
-  assert train_loop.sample_labels(5, 0) is None
+  np.testing.assert_array_equal(generation.sample_labels(12, 10), [*range(10), 0, 1])
+  assert generation.sample_labels(5, 0) is None
 
 
 def _run(tmp_path, variant):

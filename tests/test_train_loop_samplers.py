@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from configs import digits as digits_config
+from diffusion_jax import run_config
+from diffusion_jax import generation
 from diffusion_jax import train_loop
 
 CASES = {
@@ -47,11 +49,11 @@ def test_sample_fn_wiring_for_every_objective_family(case):
   """The loop's compiled sampler, traced abstractly with the model's real parameter shapes:
   the learned-variance model gets a denoiser with `.with_variance` (else ddpm(variance=
   'learned') raises), the consistency model its sigma_min, and the output has image shape."""
-  setup = train_loop.build(_config(case))
+  setup = run_config.build(_config(case))
   x = jnp.zeros((1, 8, 8, 1))
   params = jax.eval_shape(lambda: setup.model.init(jax.random.key(0), x, jnp.zeros((1,)))
                           )['params']
-  out = jax.eval_shape(train_loop.make_sample_fn(setup), params,
+  out = jax.eval_shape(generation.make_sample_fn(setup), params,
                        jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32), jax.random.key(1))
   assert out.shape == (4, 8, 8, 1)
 
@@ -80,11 +82,11 @@ def test_sampling_starts_from_the_process_prior_not_unit_noise():
   config.sample.update(sampler='heun', steps=128, clip_x0=0.0)
   # Any network whose output layer is zero at init will do; the MLP compiles in seconds.
   config.model = dict(name='mlp', hidden=32, depth=2)
-  setup = train_loop.build(config)
+  setup = run_config.build(config)
   x = jnp.zeros((1, 8, 8, 1))
   params = jax.jit(setup.model.init)(jax.random.key(0), x, jnp.zeros((1,)))['params']
   z = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
-  x0 = train_loop.make_sample_fn(setup)(params, z, jax.random.key(2))
+  x0 = generation.make_sample_fn(setup)(params, z, jax.random.key(2))
   p = setup.process
   expected = (p.sigma_data ** 2 * p.sigma_max
               / np.sqrt((p.sigma_min ** 2 + p.sigma_data ** 2) * (p.sigma_max ** 2

@@ -10,6 +10,7 @@ import pytest
 
 from configs import digits as digits_config
 from diffusion_jax import checkpointing
+from diffusion_jax import run_config
 from diffusion_jax import train_loop
 from diffusion_jax import training
 from diffusion_jax.data import digits
@@ -20,10 +21,10 @@ def _tiny_setup(num_steps=6):
   config = digits_config.get_config('smoke')
   config.model.update(ch=8, num_groups=4)
   config.train.batch_size = 8
-  setup = train_loop.build(config)
+  setup = run_config.build(config)
   optimizer = training.make_optimizer(setup.optim, num_steps)
   ema_fn = training.ema(0.9)
-  state = train_loop._init_state(setup, jax.random.key(0), (8, 8, 1), optimizer, ema_fn)
+  state = jax.jit(train_loop.init_state_fn(setup, optimizer, ema_fn))(jax.random.key(0))
   step_fn = jax.jit(training.make_train_step(setup.objective, setup.model.apply, optimizer,
                                              ema_fn))
   return state, step_fn
@@ -196,10 +197,10 @@ def test_gradient_accumulation_equals_the_full_batch(accum):
 def _setup_and_state(variant='smoke'):
   config = digits_config.get_config(variant)
   config.optim.update(warmup_steps=1, schedule='constant')
-  setup = train_loop.build(config)
+  setup = run_config.build(config)
   optimizer = training.make_optimizer(setup.optim, 10)
   ema_fn = training.ema(0.9)
-  state = train_loop._init_state(setup, jax.random.key(0), (8, 8, 1), optimizer, ema_fn)
+  state = jax.jit(train_loop.init_state_fn(setup, optimizer, ema_fn))(jax.random.key(0))
   return setup, state, (optimizer, ema_fn)
 
 
@@ -245,7 +246,7 @@ def test_digits_at_16x16_are_the_8x8_digits_pixel_repeated():
   np.testing.assert_array_equal(digits.to_native(x16), x8)     # exact: block means of copies
   config = digits_config.get_config('smoke')
   config.data.image_size = 16
-  assert train_loop.build(config).image_shape == (16, 16, 1)
+  assert run_config.build(config).image_shape == (16, 16, 1)
   config.data.image_size = 12
-  with pytest.raises(train_loop.ConfigError, match=r'config.data.image_size=12: digits: size'):
-    train_loop.build(config)
+  with pytest.raises(run_config.ConfigError, match=r'config.data.image_size=12: digits: size'):
+    run_config.build(config)

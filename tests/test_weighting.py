@@ -19,7 +19,10 @@ def _w(name, proc_name, **kwargs):
 
 
 def test_elbo_is_one():
-  np.testing.assert_array_equal(_w('vdm_elbo', 'vp_cosine'), 1.0)
+  """VDM's eps weight ½ (t1 - t0) (-lambda'(t)) times its uniform-t density of lambda,
+  |dt / d lambda| / (t1 - t0), times 2 is 1 (Kingma & Gao 2023, §3): float32 rounding of the
+  two autodiff derivatives (and the bisection inverse of the cosine schedule) only."""
+  np.testing.assert_allclose(_w('vdm_elbo', 'vp_cosine'), 1.0, rtol=1e-4)
 
 
 def test_rectified_flow_is_exp_minus_half_lambda():

@@ -15,7 +15,6 @@ from diffusion_jax.samplers.discrete import ddim_sample
 from diffusion_jax.samplers.discrete import ddim_invert
 from diffusion_jax.samplers.discrete import ddpm_sample
 from diffusion_jax.samplers.discrete import euler_invert
-from diffusion_jax.samplers.discrete import learned_variance_denoiser
 from diffusion_jax.samplers.grids import GRIDS
 from diffusion_jax.samplers.grids import SPACINGS
 from diffusion_jax.samplers.grids import Grid

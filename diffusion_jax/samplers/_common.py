@@ -2,9 +2,9 @@
 step to data. Samplers are pure functions of `(denoiser, process, x_T, key)`; nothing here holds
 state.
 
-NFE: a denoiser may say how many network evaluations one call costs through an integer
-attribute `evals_per_call` (classifier-free guidance costs 2: conditional and unconditional);
-plain denoisers cost 1. `info['nfe'] = calls * evals_per_call` and `info['denoiser_calls']`.
+NFE: a `parameterization.Denoiser` says how many network evaluations one call costs in
+`evals_per_call` (classifier-free guidance costs 2: conditional and unconditional); plain
+callables cost 1. `info['nfe'] = calls * evals_per_call` and `info['denoiser_calls']`.
 """
 
 import functools
@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import parameterization
 from diffusion_jax.samplers import grids as grids_lib
 
 
 def evals_per_call(denoiser) -> int:
-  return int(getattr(denoiser, 'evals_per_call', 1))
+  return int(parameterization.as_denoiser(denoiser).evals_per_call)
 
 
 def make_info(denoiser, calls: int, trajectory=None, **extra) -> dict:
@@ -35,7 +36,7 @@ DIVIDE_BY_ALPHA = ('eps', 'score', 'edm', 'consistency')
 def check_terminal_snr(denoiser, alpha_first, who: str):
   """Refuses eps-type predictions where alpha = 0 (zero terminal SNR): there `x0 = (x - sigma
   eps) / alpha` is 0/0, and the sampler would return inf/NaN (Lin et al. 2024, §3.2)."""
-  kind = getattr(denoiser, 'kind', None)
+  kind = parameterization.as_denoiser(denoiser).kind
   if kind in DIVIDE_BY_ALPHA and float(alpha_first) == 0.0:
     raise ValueError(f'{who}: the first step is at alpha = 0 (zero terminal SNR), where a '
                      f"{kind!r}-prediction model cannot give x0; use a 'v' or 'x0' model, a "

@@ -28,6 +28,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import parameterization
 from diffusion_jax.samplers import _common
 from diffusion_jax.samplers.ode import velocity
 
@@ -142,7 +143,7 @@ def check_sigma_endpoint(denoiser, process, t, who: str) -> bool:
   """True where `sigma(t) = 0`; refuses a denoiser whose eps_hat divides by sigma there."""
   with jax.ensure_compile_time_eval():
     at_data = float(process.sigma(jnp.asarray(t, jnp.float32))) == 0.0
-  kind = getattr(denoiser, 'kind', None)
+  kind = parameterization.as_denoiser(denoiser).kind
   if at_data and kind in DIVIDE_BY_SIGMA:
     raise ValueError(f'{who}: sigma(t={t}) = 0, where the velocity of a {kind!r}-prediction '
                      'model divides by sigma; pass t_min > 0')

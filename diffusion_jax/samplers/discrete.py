@@ -6,19 +6,16 @@ identical noise. The time grid is separate from the update rule, and the whole l
 (DESIGN §4). `info['nfe']` is the exact number of denoiser (network) evaluations.
 
 This module holds the discrete samplers that run on DDPM's integer grid with the exact
-`alphas_cumprod` (DESIGN §1): DDPM ancestral sampling (fixed or learned variance, with
-`learned_variance_denoiser`) and DDIM, with DDIM inversion (`ddim_invert`) and its continuous
-counterpart (`euler_invert`, the inverse of `euler_sample`).
+`alphas_cumprod` (DESIGN §1): DDPM ancestral sampling (fixed or learned variance, the latter
+from a `Denoiser` with `with_variance`) and DDIM, with DDIM inversion (`ddim_invert`) and its
+continuous counterpart (`euler_invert`, the inverse of `euler_sample`).
 """
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import parameterization
-from diffusion_jax.elbo import split_learned_variance
 from diffusion_jax.parameterization import expand_like
 from diffusion_jax.samplers import _common
 from diffusion_jax.samplers.grids import discrete_timesteps
@@ -79,45 +76,6 @@ def ddim_sample(denoiser, process, x_T, key=None, *, steps: int, eta: float = 0.
   return _scan(step, x_T, (n, m, keys), return_trajectory, denoiser)
 
 
-class LearnedVarianceDenoiser:
-  """See `learned_variance_denoiser`."""
-  evals_per_call = 1
-
-  def __init__(self, model_fn, process, kind: str = 'eps', clip_x0: float | None = None,
-               sigma_data: float = parameterization.SIGMA_DATA, sigma_min: float | None = None):
-    if kind not in parameterization.ALL_KINDS:
-      raise ValueError(f'unknown prediction kind {kind!r}; choose from '
-                       f'{parameterization.ALL_KINDS}')
-    self.model_fn, self.process, self.kind, self.clip_x0 = model_fn, process, kind, clip_x0
-    self.sigma_data, self.sigma_min = sigma_data, sigma_min
-
-  def with_variance(self, x_t, t, cond: Any = None):
-    """`(x0_hat, eps_hat, v)`, one network call."""
-    return parameterization.denoise(
-        self.model_fn, self.process, self.kind, x_t, t, cond, clip_x0=self.clip_x0,
-        sigma_data=self.sigma_data, sigma_min=self.sigma_min,
-        split_output=split_learned_variance)
-
-  def __call__(self, x_t, t, cond: Any = None):
-    x0, eps, _ = self.with_variance(x_t, t, cond)
-    return x0, eps
-
-
-def learned_variance_denoiser(model_fn, process, kind: str = 'eps',
-                              clip_x0: float | None = None, **kwargs) -> LearnedVarianceDenoiser:
-  """A denoiser for a network that also outputs Nichol & Dhariwal's variance interpolation.
-
-  `model_fn(x_t, t, cond) -> out [..., 2C]`: the first C channels are a prediction of `kind`
-  (any of `parameterization.ALL_KINDS`), the last C the raw `v` in [-1, 1]
-  (`elbo.split_learned_variance`). Calling the result gives `(x0_hat, eps_hat)`, so every
-  sampler works with it; `.with_variance(x_t, t, cond)` gives `(x0_hat, eps_hat, v)` with `v`
-  in [0, 1] from the same single network call, which `ddpm_sample(variance='learned')` uses.
-  `clip_x0` and `kwargs` (`sigma_data`, `sigma_min`) as in `make_denoiser`. Attributes `kind`
-  and `evals_per_call = 1`.
-  """
-  return LearnedVarianceDenoiser(model_fn, process, kind, clip_x0, **kwargs)
-
-
 def ddpm_sample(denoiser, process, x_T, key, *, steps: int | None = None, cond=None,
                 variance: str = 'small', spacing: str = 'trailing',
                 return_trajectory: bool = False):
@@ -128,18 +86,18 @@ def ddpm_sample(denoiser, process, x_T, key, *, steps: int | None = None, cond=N
   `sqrt(abar_m) beta / (1 - abar_n) x0_hat + sqrt(1 - beta) (1 - abar_m) / (1 - abar_n) x_n`,
   variance `beta~ = (1 - abar_m) / (1 - abar_n) beta` ('small', the posterior's), `beta`
   ('large'), or 'learned': `exp(v log beta + (1 - v) log beta~)` per dimension (Nichol &
-  Dhariwal 2021, Eq. 15) on the respaced betas, with `v` from `denoiser.with_variance` (see
-  `learned_variance_denoiser`; same single call per step). All three form the noise scale as
-  `exp(log_var / 2)`, so `v = 1` is 'large' and `v = 0` is 'small' bit for bit. The last update
-  (to m = 0) adds no noise and returns `x0_hat`.
+  Dhariwal 2021, Eq. 15) on the respaced betas, with `v` from the `Denoiser`'s
+  `with_variance` (`make_denoiser` of a learned-variance objective; same single call per
+  step). All three form the noise scale as `exp(log_var / 2)`, so `v = 1` is 'large' and
+  `v = 0` is 'small' bit for bit. The last update (to m = 0) adds no noise and returns `x0_hat`.
   """
   if variance not in VARIANCES:
     raise ValueError(f'variance={variance!r}; choose from {VARIANCES}')
   learned = variance == 'learned'
-  if learned and not callable(getattr(denoiser, 'with_variance', None)):
-    raise ValueError("ddpm_sample(variance='learned') needs a denoiser with a `with_variance("
-                     "x_t, t, cond) -> (x0, eps, v)` method (e.g. samplers.discrete."
-                     f'learned_variance_denoiser); got {type(denoiser).__name__} without one')
+  with_variance = parameterization.as_denoiser(denoiser).with_variance
+  if learned and with_variance is None:
+    raise ValueError("ddpm_sample(variance='learned') needs a Denoiser with `with_variance` "
+                     '(make_denoiser of a learned-variance objective, or learned_variance=True)')
   n, m = _pairs(process, steps or getattr(process, 'num_steps', 1), spacing, denoiser,
                 'ddpm_sample')
   keys = jax.random.split(key, n.shape[0])
@@ -150,7 +108,7 @@ def ddpm_sample(denoiser, process, x_T, key, *, steps: int | None = None, cond=N
     beta = 1 - abar_n / abar_m
     t = process.t_of_step(n, x.dtype)
     if learned:
-      x0, _, v = denoiser.with_variance(x, t, cond)
+      x0, _, v = with_variance(x, t, cond)
     else:
       (x0, _), v = denoiser(x, t, cond), (0.0 if variance == 'small' else 1.0)
     mean = (jnp.sqrt(abar_m) * beta / (1 - abar_n)) * x0 \

@@ -188,9 +188,10 @@ def consistency_times(process, steps: int, grid: str = 'karras', *, t_min=None,
 def _consistency_sigma_min(denoiser, process, sigma_min):
   if sigma_min is not None:
     return float(sigma_min)
-  if getattr(denoiser, 'sigma_min', None) is not None:
+  denoiser = parameterization.as_denoiser(denoiser)
+  if denoiser.sigma_min is not None:
     return float(denoiser.sigma_min)
-  if getattr(denoiser, 'kind', None) == 'consistency':
+  if denoiser.kind == 'consistency':
     return parameterization.consistency_sigma_min(process)
   return 0.0
 
