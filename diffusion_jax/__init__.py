@@ -6,6 +6,8 @@ Public names, one dict per family, so configs, ablations and outside scripts sel
 
 from diffusion_jax import analytic
 from diffusion_jax import guidance
+from diffusion_jax import inpainting
+from diffusion_jax import interpolation
 from diffusion_jax import parameterization
 from diffusion_jax import processes
 from diffusion_jax import objectives

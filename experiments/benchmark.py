@@ -5,9 +5,9 @@ r"""One benchmark table for this machine: training per reference config, samplin
       [--output=docs/benchmark.md]
 
 Part 1, per reference config (`benchmark_models.benchmark`): parameters, compile time of the
-jitted train step (cold: no persistent cache), steady-state training images/s at --batch, and
-the peak device memory of the step as XLA accounts it (arguments + outputs + temporaries, less
-donated buffers).
+jitted `training.make_train_step` (cold: no persistent cache), steady-state training
+images/s at --batch, and the peak device memory of the step as XLA accounts it (arguments +
+outputs + temporaries, less donated buffers).
 Part 2, per sampler on the quick-start digits U-Net (random weights: speed does not depend on
 them) at a fixed NFE: images/s of the whole sampler compiled as one `lax.scan` against the same
 update stepped from Python (every sampler's step function, jitted once and dispatched per step
@@ -144,7 +144,8 @@ def main(argv):
   s_rows = sampler_rows(_SAMPLERS.value, _NFE.value, _SAMPLE_BATCH.value)
   text = (f'# Benchmark\n\nMachine: {machine}. Written by `python -m experiments.benchmark` '
           f'(defaults); timings vary about 2x between runs on shared machines.\n\n'
-          f'## Training (batch {FLAGS.batch}, {FLAGS.dtype}, objective of the config + Adam)\n\n'
+          f'## Training (batch {FLAGS.batch}, {FLAGS.dtype}, `training.make_train_step` with the '
+          f'config\'s objective, optimizer and EMA)\n\n'
           f'{train_table(train_rows)}\n\n'
           f'## Sampling: the whole sampler compiled vs stepped from Python\n\n'
           f'Quick-start digits U-Net (0.18 M parameters, perturbed random weights), '

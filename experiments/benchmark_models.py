@@ -7,7 +7,8 @@ For each model (a reference config of `configs/`, optionally `:variant`): parame
 forward GFLOPs per image and forward+backward GFLOPs per train step, both from XLA's cost
 analysis of the compiled programs (XLA counts a multiply-add as 2 FLOPs; papers such as DiT
 count it once, so the table also gives forward GMACs = GFLOPs / 2 per image); compile time of
-one jitted train step (the config's objective on a random batch + Adam, state donated);
+one jitted `training.make_train_step` (the config's objective, optimizer and EMA, as the
+training loop builds them, on a random batch; state donated);
 steady-state seconds per step (median of --steps after one warm-up) and images/s; achieved
 FLOP/s against this machine's measured dense float32 matmul peak. The persistent compilation
 cache is not enabled: compile times are cold. Writes a Markdown table with the machine
@@ -24,11 +25,9 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import optax
 
-from diffusion_jax import objectives
-from diffusion_jax import processes
 from diffusion_jax import run_config
+from diffusion_jax import training
 
 DEFAULT_MODELS = ('digits', 'digits:dit', 'ddpm_cifar10', 'ddpm_cifar10:ddpmpp',
                   'adm_imagenet64', 'dit:S/2', 'dit:B/2', 'dit:L/2', 'dit:XL/2')
@@ -71,15 +70,11 @@ def _flops(compiled) -> float:
 def benchmark(spec: str, batch: int, steps: int, dtype: str) -> dict:
   config, shape = load(spec)
   config.model.dtype = dtype
-  model = run_config.build_model(config.model)
-  process_cfg = dict(config.process)
-  process = processes.make_process(process_cfg.pop('name'), **process_cfg)
-  objective_cfg = dict(config.objective)
-  objective = objectives.make_objective(objective_cfg.pop('name'), process, **objective_cfg)
-  num_classes = config.model.get('num_classes', 0)
+  setup = run_config.build(config, image_shape=shape)  # validates; opens no data
+  model = setup.model
   x = jnp.zeros((batch, *shape), jnp.float32)
   t = jnp.full((batch,), 0.5)
-  labels = jnp.zeros((batch,), jnp.int32) if num_classes else None
+  labels = jnp.zeros((batch,), jnp.int32) if setup.conditional else None
 
   t0 = time.perf_counter()
   params = jax.jit(model.init)(jax.random.key(0), x[:1], t[:1],
@@ -92,35 +87,27 @@ def benchmark(spec: str, batch: int, steps: int, dtype: str) -> dict:
   fwd_compiled = fwd.lower(params, x[:1], t[:1], None if labels is None else labels[:1]).compile()
   fwd_flops = _flops(fwd_compiled)  # one image
 
-  optimizer = optax.adam(1e-4)
-
-  def train_step(state, x0, key, cond):
-    params, opt_state = state
-
-    def loss_fn(p):
-      def model_fn(x_t, t_, c):
-        return model.apply({'params': p}, x_t, t_, c, train=True,
-                           rngs={'dropout': jax.random.fold_in(key, 1)})
-      loss, _ = objective(model_fn, x0, key, cond)
-      return loss
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
-
-  state = (params, optimizer.init(params))
-  step = jax.jit(train_step, donate_argnums=(0,))
+  # The library's train step, as the training loop builds it: objective, optimizer, EMA.
+  optimizer = training.make_optimizer(setup.optim, setup.train.num_steps)
+  ema_fn = training.ema(setup.train.ema_decay)
+  step_fn = training.make_train_step(setup.objective, model.apply, optimizer, ema_fn,
+                                     conditional=setup.conditional)
+  state = jax.jit(lambda p: training.init_train_state(p, optimizer, ema_fn,
+                                                      jax.random.key(1)))(params)
+  x0 = jax.random.uniform(jax.random.key(2), x.shape, minval=-1, maxval=1)
+  data = {'image': x0} if labels is None else {'image': x0, 'label': labels}
+  step = jax.jit(step_fn, donate_argnums=(0,))
   t0 = time.perf_counter()
-  compiled = step.lower(state, x, jax.random.key(1), labels).compile()
+  compiled = step.lower(state, data).compile()
   compile_s = time.perf_counter() - t0
   step_flops = _flops(compiled)
   memory_gib = peak_memory_bytes(compiled) / 2 ** 30
 
-  x0 = jax.random.uniform(jax.random.key(2), x.shape, minval=-1, maxval=1)
   times = []
-  for i in range(steps + 1):
+  for _ in range(steps + 1):
     t0 = time.perf_counter()
-    state, loss = compiled(state, x0, jax.random.key(3 + i), labels)
-    jax.block_until_ready(loss)
+    state, metrics = compiled(state, data)
+    loss = jax.block_until_ready(metrics['loss'])
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times[1:])
   return dict(model=spec, shape='x'.join(map(str, shape)), params_m=n_params / 1e6,
@@ -186,7 +173,8 @@ def main(argv):
       f.write('# Reference models: size and speed\n\n'
               f'Machine: {machine()}; measured dense float32 matmul peak {peak:.0f} GFLOP/s. '
               f'Batch {_BATCH.value}, compute dtype {_DTYPE.value}, median of {_STEPS.value} '
-              f'train steps (objective of the config + Adam) after one warm-up.\n'
+              f'train steps (`training.make_train_step` with the config\'s objective, optimizer '
+              'and EMA) after one warm-up.\n'
               'FLOPs are from XLA\'s cost analysis (a multiply-add = 2 FLOPs); GMACs = '
               'GFLOPs / 2 is the convention of the DiT paper.\n\n'
               f'Command: `python -m experiments.benchmark_models '

@@ -4,11 +4,11 @@ r"""Sizes the DDPM U-Net for 8x8x1 digits on this machine: params, compile and s
       [--batches=64,128] [--sample_batch=1000] [--dtype=bfloat16] [--train_opt_level=0]
 
 For each config: parameter count; `init` compile+run time; compile time of one jitted train
-step (eps-MSE on a cosine VP corruption + optax Adam, params and optimizer state donated);
-steady-state seconds per step (median over --steps after two warm-up steps); forward
-images/s at --sample_batch, i.e. the cost of one network evaluation when sampling. The
-persistent compilation cache is deliberately not enabled: the times are cold compiles.
-XLA_FLAGS from the environment apply (set them on the command line to compare).
+step (`training.make_train_step` with the digits config's objective, optimizer and EMA, the
+train state donated); steady-state seconds per step (median over --steps after two warm-up
+steps); forward images/s at --sample_batch, i.e. the cost of one network evaluation when
+sampling. The persistent compilation cache is deliberately not enabled: the times are cold
+compiles. XLA_FLAGS from the environment apply (set them on the command line to compare).
 """
 
 import math
@@ -18,12 +18,13 @@ import time
 
 from absl import app
 from absl import flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from configs import digits as digits_config
+from diffusion_jax import run_config
+from diffusion_jax import training
 from diffusion_jax.models.unet import UNet
 
 _D = dict(ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
@@ -52,24 +53,12 @@ _TRAIN_OPT_LEVEL = flags.DEFINE_integer(
 _BUDGET_S = flags.DEFINE_float('budget_s', 300.0, 'Wall-clock budget for the steps/budget column.')
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation):
-  """One Adam step on DDPM's L_simple (Ho et al. 2020, Eq. 14) with a cosine VP corruption."""
-
-  def loss_fn(params, x0, key):
-    k_t, k_eps = jax.random.split(key)
-    t = jax.random.uniform(k_t, (x0.shape[0],))  # [B]
-    eps = jax.random.normal(k_eps, x0.shape)  # [B, H, W, C]
-    alpha = jnp.cos(0.5 * jnp.pi * t)[:, None, None, None]
-    sigma = jnp.sin(0.5 * jnp.pi * t)[:, None, None, None]
-    pred = model.apply(params, alpha * x0 + sigma * eps, t)
-    return jnp.mean((pred - eps) ** 2)
-
-  def train_step(params, opt_state, x0, key):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x0, key)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return train_step
+def train_pieces():
+  """`(objective, optimizer, ema_fn)` of the quick-start digits run (configs/digits.py), as the
+  training loop builds them; only the network differs between the configs measured here."""
+  setup = run_config.build(digits_config.get_config(), image_shape=IMAGE_SHAPE)
+  optimizer = training.make_optimizer(setup.optim, setup.train.num_steps)
+  return setup.objective, optimizer, training.ema(setup.train.ema_decay)
 
 
 def _flops(compiled) -> float:
@@ -108,29 +97,28 @@ def benchmark(name: str, kwargs: dict, key: jax.Array) -> dict:
   params0 = jax.device_get(init(k_init, x1, t1))
   row['init_s'] = time.perf_counter() - start
 
-  optimizer = optax.adam(2e-4)
+  objective, optimizer, ema_fn = train_pieces()
   step_opts = (None if _TRAIN_OPT_LEVEL.value is None
                else {'xla_backend_optimization_level': _TRAIN_OPT_LEVEL.value})
-  train_step = jax.jit(make_train_step(model, optimizer), donate_argnums=(0, 1),
-                       compiler_options=step_opts)
+  train_step = jax.jit(training.make_train_step(objective, model.apply, optimizer, ema_fn),
+                       donate_argnums=(0,), compiler_options=step_opts)
+  init_state = jax.jit(lambda p: training.init_train_state(p, optimizer, ema_fn, k_step))
   for batch in (int(b) for b in _BATCHES.value):
     # Digit-like data in [-1, 1]; values do not change the cost of dense float math.
-    x0 = jax.random.uniform(k_data, (batch, *IMAGE_SHAPE), minval=-1.0, maxval=1.0)
-    params = jax.device_put(params0)  # fresh buffers: the step donates them
-    opt_state = jax.jit(optimizer.init)(params)
+    data = {'image': jax.random.uniform(k_data, (batch, *IMAGE_SHAPE), minval=-1.0, maxval=1.0)}
+    state = init_state(params0['params'])  # fresh buffers: the step donates them
     start, cpu_start = time.perf_counter(), time.process_time()
-    compiled = train_step.lower(params, opt_state, x0, k_step).compile()
+    compiled = train_step.lower(state, data).compile()
     row[f'compile_s_{batch}'] = time.perf_counter() - start
     # CPU seconds barely depend on other processes sharing the cores; wall seconds do.
     row[f'compile_cpu_s_{batch}'] = time.process_time() - cpu_start
     row[f'gflop_{batch}'] = _flops(compiled) / 1e9
 
-    state = [params, opt_state]
-    step_keys = iter(jax.random.split(k_step, _STEPS.value + 3))
+    state = [state]
 
-    def one_step(compiled=compiled, state=state, x0=x0, step_keys=step_keys):
-      state[0], state[1], loss = compiled(state[0], state[1], x0, next(step_keys))
-      return loss
+    def one_step(compiled=compiled, state=state, data=data):
+      state[0], metrics = compiled(state[0], data)
+      return metrics['loss']
 
     _times(one_step, 2)  # warm-up: first-call allocations
     times = _times(one_step, _STEPS.value)

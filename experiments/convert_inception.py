@@ -26,7 +26,7 @@ def main(argv):
   del argv
   cli.setup_runtime()
   import jax  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.weights import fid_inception  # pylint: disable=g-import-not-at-top
   if not _PTH.value:
     cli.fail('--pth is required (the pytorch-fid weights file)')
   try:
@@ -41,7 +41,7 @@ def main(argv):
           f' -- not the pytorch-fid release (whose SHA-256 starts {_EXPECTED_SHA256_PREFIX})')
   print(f'{_PTH.value}: sha256 {sha256}{note}')
   try:
-    variables = inception.convert_pytorch_fid_weights(_PTH.value, _OUT.value)
+    variables = fid_inception.convert_pytorch_fid_weights(_PTH.value, _OUT.value)
   except ValueError as e:
     cli.fail(str(e))
   sizes = {name: sum(v.size for v in jax.tree_util.tree_leaves(tree))

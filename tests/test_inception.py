@@ -15,9 +15,10 @@ import pytest
 from flax import traverse_util
 
 from diffusion_jax.metrics import inception
-from diffusion_jax.metrics import torch_files
 from diffusion_jax.metrics.classifier_scores import inception_score
 from diffusion_jax.metrics.frechet import FeatureStats
+from diffusion_jax.weights import fid_inception
+from diffusion_jax.weights import torch_files
 
 # pytorch-fid's `fid_inception_v3()` is torchvision's `Inception3(num_classes=1008,
 # aux_logits=False)` with patched blocks; `sum(p.numel() for p in model.parameters())` is
@@ -180,7 +181,7 @@ def test_resize_non_integer_ratio_and_identity():
 
 
 def test_name_map_covers_every_layer_with_the_reference_shapes():
-  shapes = inception.state_dict_shapes()
+  shapes = fid_inception.state_dict_shapes()
   assert len(shapes) == NUM_CONV_LAYERS * 5 + 2
   assert len(set(shapes)) == len(inception.variable_shapes())  # one torch name per variable
   # Shapes as torchvision's Inception3 / pytorch-fid define the layers: [O, I, kh, kw].
@@ -210,14 +211,14 @@ def test_name_map_covers_every_layer_with_the_reference_shapes():
 
 
 def test_state_dict_round_trip_is_exact(variables):
-  sd = inception.variables_to_state_dict(variables)
+  sd = fid_inception.variables_to_state_dict(variables)
   assert len(sd) == NUM_STATE_DICT_KEYS
   assert sd['Mixed_5b.branch1x1.bn.num_batches_tracked'].dtype == np.int64
   assert sd['fc.weight'].shape == (1008, 2048)
   np.testing.assert_array_equal(sd['fc.weight'], variables['params']['fc']['kernel'].T)
   k = variables['params']['Mixed_6b']['branch7x7_2']['conv']['kernel']  # [1, 7, 128, 128]
   np.testing.assert_array_equal(sd['Mixed_6b.branch7x7_2.conv.weight'][3, 5, 0, 6], k[0, 6, 5, 3])
-  back = traverse_util.flatten_dict(inception.state_dict_to_variables(sd), sep='/')
+  back = traverse_util.flatten_dict(fid_inception.state_dict_to_variables(sd), sep='/')
   flat = traverse_util.flatten_dict(variables, sep='/')
   assert back.keys() == flat.keys()
   for key in flat:
@@ -226,8 +227,8 @@ def test_state_dict_round_trip_is_exact(variables):
 
 def test_save_convert_load_gives_identical_features(variables, images, tmp_path):
   pth = str(tmp_path / 'pt_inception-2015-12-05-6726825d.pth')
-  torch_files.save_torch_state_dict(pth, inception.variables_to_state_dict(variables))
-  converted = inception.convert_pytorch_fid_weights(pth, str(tmp_path / 'fid_inception.npz'))
+  torch_files.save_torch_state_dict(pth, fid_inception.variables_to_state_dict(variables))
+  converted = fid_inception.convert_pytorch_fid_weights(pth, str(tmp_path / 'fid_inception.npz'))
   loaded = inception.load_inception_params(str(tmp_path / 'fid_inception.npz'))
   want = inception.inception_features(variables, images, batch_size=2)
   for vs in (converted, loaded):
@@ -238,7 +239,7 @@ def test_save_convert_load_gives_identical_features(variables, images, tmp_path)
 
 def test_legacy_format_reads_the_same_arrays(variables, tmp_path):
   # pytorch-fid's file dates from 2019 (torch 1.1), before the zip format became the default.
-  sd = inception.variables_to_state_dict(variables)
+  sd = fid_inception.variables_to_state_dict(variables)
   torch_files.save_torch_state_dict(str(tmp_path / 'legacy.pth'), sd, legacy=True)
   got = torch_files.load_torch_state_dict(str(tmp_path / 'legacy.pth'))
   assert list(got) == list(sd)
@@ -312,7 +313,7 @@ def test_reader_refuses_foreign_globals(tmp_path):
 
 
 def test_reader_and_converter_errors_are_one_line_and_name_file_and_key(variables, tmp_path):
-  sd = inception.variables_to_state_dict(variables)
+  sd = fid_inception.variables_to_state_dict(variables)
   cases = {
       'missing': ({k: v for k, v in sd.items() if k != 'Mixed_6c.branch1x1.conv.weight'},
                   r"missing 'Mixed_6c\.branch1x1\.conv\.weight'"),
@@ -325,7 +326,7 @@ def test_reader_and_converter_errors_are_one_line_and_name_file_and_key(variable
     pth = str(tmp_path / f'{name}.pth')
     torch_files.save_torch_state_dict(pth, state_dict)
     with pytest.raises(ValueError, match=rf'{re.escape(pth)}: .*{pattern}') as err:
-      inception.convert_pytorch_fid_weights(pth, str(tmp_path / f'{name}.npz'))
+      fid_inception.convert_pytorch_fid_weights(pth, str(tmp_path / f'{name}.npz'))
     assert '\n' not in str(err.value)
   (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
   for bad, pattern in [('absent.pth', 'cannot read'), ('junk.pth', 'is neither a torch.save')]:
@@ -371,7 +372,7 @@ def test_loader_errors_are_one_line_and_name_file_and_key(variables, tmp_path):
 
 def test_matches_torch_when_torch_is_importable(variables, tmp_path):
   torch = pytest.importorskip('torch')
-  sd = inception.variables_to_state_dict(variables)
+  sd = fid_inception.variables_to_state_dict(variables)
   for legacy in (False, True):
     ours = str(tmp_path / f'ours_{legacy}.pth')
     torch_files.save_torch_state_dict(ours, sd, legacy=legacy)

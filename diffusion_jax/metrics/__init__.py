@@ -1,6 +1,6 @@
 """Sample-quality metrics: Fréchet distance, KID / MMD, precision and recall, Inception Score,
-sliced Wasserstein; the FID InceptionV3 (with a torch-free converter of its weights) and the
-digits classifier whose features they use on the embedded data."""
+sliced Wasserstein; the FID InceptionV3 (its weights are converted by `diffusion_jax.weights`)
+and the digits classifier whose features they use on the embedded data."""
 
 from diffusion_jax.metrics.digits_classifier import (
     DEFAULT_RECIPE,
@@ -27,7 +27,6 @@ from diffusion_jax.metrics.frechet import (
 from diffusion_jax.metrics.classifier_scores import inception_score
 from diffusion_jax.metrics.inception import (
     InceptionV3,
-    convert_pytorch_fid_weights,
     inception_features,
     load_inception_params,
     save_inception_params,
@@ -44,7 +43,6 @@ __all__ = [
     'classifier_accuracy',
     'classifier_features',
     'classifier_logits',
-    'convert_pytorch_fid_weights',
     'digits_classifier_cache_path',
     'digits_fd',
     'digits_fd_eval',
