@@ -19,10 +19,12 @@ stop the run with `training.TrainingDiverged`); SIGTERM / SIGUSR1 save the curre
 raise `preemption.Preempted`.
 """
 
+import dataclasses
 import json
 import logging
 import os
 import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -211,11 +213,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           flush=True)
 
   with preemption.PreemptionWatcher() as watcher:
+    run = _Run(setup, mesh, workdir, ckpt, writer, watcher,
+               lambda step: checkpoint_meta(config, setup, step, mesh))
     try:
-      state = _train(state, train_step, load, start, setup, ckpt, writer, watcher,
-                     lambda step: checkpoint_meta(config, setup, step, mesh), is_main)
-      return _sample_and_evaluate(setup, state, k_sample, mesh, workdir, writer, watcher,
-                                  n_params)
+      state = _train(run, state, train_step, load, start)
+      return _sample_and_evaluate(run, state, k_sample, n_params)
     finally:
       ckpt.close()
       if writer is not None:
@@ -234,7 +236,25 @@ def _check_resume_meta(meta, config, setup: Setup) -> None:
                 setup.train.batch_size)
 
 
-def _train(state, train_step, load, start, setup: Setup, ckpt, writer, watcher, meta, is_main):
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the loop's phases share: the setup, where it runs and what it writes to."""
+  setup: Setup
+  mesh: Any
+  workdir: str
+  ckpt: checkpointing.Checkpointer
+  writer: metric_writer.JsonlWriter | None    # process 0 only
+  watcher: preemption.PreemptionWatcher
+  meta: Callable[[int], dict]                 # step -> the checkpoint's `meta` item
+
+  @property
+  def is_main(self) -> bool:
+    return self.writer is not None
+
+
+def _train(run: _Run, state, train_step, load, start: int):
+  setup, ckpt, writer, watcher, meta = run.setup, run.ckpt, run.writer, run.watcher, run.meta
+  is_main = run.is_main
   train = setup.train
   num_steps = train.num_steps
   t0 = time.time()
@@ -318,10 +338,10 @@ def _interval_scalars(running) -> dict:
   return scalars
 
 
-def _sample_and_evaluate(setup: Setup, state, k_sample, mesh, workdir, writer, watcher,
-                         n_params) -> dict:
+def _sample_and_evaluate(run: _Run, state, k_sample, n_params) -> dict:
   """Samples from the EMA parameters, saves the grid, and evaluates (process 0)."""
-  is_main = writer is not None
+  setup, mesh, workdir, writer, watcher = run.setup, run.mesh, run.workdir, run.writer, run.watcher
+  is_main = run.is_main
   s = setup.sample
   num = max(setup.eval.num_samples if setup.eval.enabled else 0, s.grid_size)
   result = {'step': setup.train.num_steps, 'num_params': int(n_params)}
