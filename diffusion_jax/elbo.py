@@ -55,7 +55,7 @@ def vdm_elbo(process, t_min=None, t_max: float = 1.0):
   (-lambda'(t)) ||eps - eps_hat(x_t, t)||²` with `lambda = log SNR` (their `gamma = -lambda`).
   `t0 = t_min` (the process's by default) bounds the SNR, as VDM's `gamma_max` does.
   """
-  t0 = float(getattr(process, 't_min', 1e-5) if t_min is None else t_min)
+  t0 = float(process.t_min if t_min is None else t_min)
   t0 = max(t0, 1e-6)  # lambda(0) = inf for most processes: the decoder sits at finite SNR
 
   def objective(model_fn, x0, key, cond=None):

@@ -36,7 +36,7 @@ def discrete_uniform_t(process, key, batch_size):
 
 def uniform_t(process, key, batch_size, t_min=None):
   """`t ~ U(t_min, 1)` (Song et al. 2021, Eq. 7 with `t_min = 1e-5`)."""
-  t_min = getattr(process, 't_min', 1e-5) if t_min is None else t_min
+  t_min = process.t_min if t_min is None else t_min
   return jax.random.uniform(key, (batch_size,), jnp.float32, t_min, 1.0)
 
 

@@ -51,13 +51,18 @@ def _floats(obj, *names):
 class Process(abc.ABC):
   """What every process provides, with the SDE view derived from `alpha` and `sigma`.
 
-  A family defines `log_alpha(t)` and `sigma_squared(t)`, and overrides `alpha`, `sigma`,
-  `log_snr` and `t_of_log_snr` where a closed form is more accurate. `t_min` (a field or
-  property of each family) and `t_max = 1` bound the interval samplers integrate over; the
-  prior is `N(0, prior_std² I)`.
+  A family defines `log_alpha(t)`, `sigma_squared(t)` and `t_min` (a field or property), and
+  overrides `alpha`, `sigma`, `log_snr` and `t_of_log_snr` where a closed form is more accurate.
+  `t_min` and `t_max = 1` bound the interval samplers integrate over (and objectives draw from);
+  the prior is `N(0, prior_std² I)`.
   """
 
   t_max = 1.0
+
+  @property
+  @abc.abstractmethod
+  def t_min(self) -> float:
+    """The smallest time samplers and objectives use; every family defines it."""
 
   @property
   def prior_std(self) -> float:

@@ -42,7 +42,7 @@ def log_snr_density(t_sampler, process, lam):
     return _dt_dlambda(process, lam)
   if fn is obj_lib.uniform_t:
     t_min = kw.get('t_min')
-    t_min = getattr(process, 't_min', 1e-5) if t_min is None else t_min
+    t_min = process.t_min if t_min is None else t_min
     inside = (t >= t_min) & (t <= 1.0)
     return jnp.where(inside, _dt_dlambda(process, lam) / (1.0 - t_min), 0.0)
   raise ValueError(f'no density known for t-sampler {fn!r}')

@@ -342,6 +342,20 @@ def test_edm_training_t_is_log_normal():
   assert stats.kstest(log_sigma, stats.norm(-1.2, 1.2).cdf).pvalue > 1e-4
 
 
+def test_t_min_is_required_of_every_process():
+  """`t_min` is abstract in `Process`: a family without one cannot be built."""
+  class NoTMin(processes.Process):
+    def log_alpha(self, t):
+      return jnp.zeros_like(t)
+
+    def sigma_squared(self, t):
+      return jnp.ones_like(t)
+
+  with pytest.raises(TypeError, match='t_min'):
+    NoTMin()
+  assert all(_make(case).t_min >= 0 for case in CASES)
+
+
 # --- jit, vmap, dtypes, names ---------------------------------------------------------------
 
 METHODS = ('alpha', 'sigma', 'log_snr', 'drift_coefficient', 'diffusion_squared', 't_of_log_snr')
