@@ -18,20 +18,21 @@ import jax
 import jax.numpy as jnp
 
 
-def _float_dtype(x):
-  # float32 unless the input is already a wider float (tests run some checks in float64).
+def float_dtype(x):
+  """float32 unless `x` is already a wider float (tests run some checks in float64)."""
   return jnp.promote_types(x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) \
       else jnp.dtype(jnp.float32)
 
 
-def _as_float(t):
+def as_float(t):
+  """`t` as an array in `float_dtype(t)`: what every process method computes in."""
   t = jnp.asarray(t)
-  return t.astype(_float_dtype(t))
+  return t.astype(float_dtype(t))
 
 
 def _time_derivative(fn, t):
   """`(fn(t), d fn / dt)` by forward-mode autodiff, elementwise for array `t`."""
-  t = _as_float(t)
+  t = as_float(t)
   return jax.jvp(fn, (t,), (jnp.ones_like(t),))
 
 
@@ -92,7 +93,7 @@ class Process(abc.ABC):
     Resolves `t` to the float's resolution (nmant + 2 halvings); `lam` beyond the range of
     `log_snr` on [0, 1] gives the nearer end point.
     """
-    lam = _as_float(lam)
+    lam = as_float(lam)
 
     def halve(_, bounds):
       lo, hi = bounds
@@ -147,7 +148,7 @@ class VPLinear(Process):
            f'beta_min={self.beta_min}, beta_max={self.beta_max}')
 
   def log_alpha(self, t):
-    t = _as_float(t)
+    t = as_float(t)
     return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
   def sigma_squared(self, t):
@@ -164,7 +165,7 @@ class VPLinear(Process):
     c = log alpha = -softplus(-lambda)/2 (alpha² = sigmoid(lambda)), in the cancellation-free
     form `t = -2c / (b + sqrt(b² - 4ac))`.
     """
-    lam = _as_float(lam)
+    lam = as_float(lam)
     c = -0.5 * jax.nn.softplus(-lam)
     a, b = 0.25 * (self.beta_max - self.beta_min), 0.5 * self.beta_min
     t = -2.0 * c / (b + jnp.sqrt(b * b - 4.0 * a * c))
@@ -232,7 +233,7 @@ class VPCosine(Process):
     return _angle(self.logsnr_max), _angle(self.logsnr_min)
 
   def log_snr(self, t):
-    t = _as_float(t)
+    t = as_float(t)
     theta_0, theta_1 = self._angles
     # log tan(theta) = log sin(theta) - log sin(pi/2 - theta), with pi/2 - theta formed from
     # its own end point: no cancellation near theta = pi/2, and -inf exactly there.
@@ -258,7 +259,7 @@ class VPCosine(Process):
     for the interpolated one. Not clipped: lambda outside the range gives t outside [0, 1]."""
     if self.shift_end is not None:
       return super().t_of_log_snr(lam)
-    x = _as_float(lam) - self.shift
+    x = as_float(lam) - self.shift
     theta_0, theta_1 = self._angles
     acute = jnp.arctan(jnp.exp(-0.5 * jnp.abs(x)))   # atan(e^{-x/2}) = pi/2 - atan(e^{x/2})
     theta = jnp.where(x >= 0, acute, 0.5 * math.pi - acute)
@@ -290,13 +291,13 @@ class VE(Process):
     return math.log(self.sigma_max / self.sigma_min)
 
   def _log_sigma(self, t):
-    return math.log(self.sigma_min) + _as_float(t) * self._log_ratio
+    return math.log(self.sigma_min) + as_float(t) * self._log_ratio
 
   def log_alpha(self, t):
-    return jnp.zeros_like(_as_float(t))
+    return jnp.zeros_like(as_float(t))
 
   def alpha(self, t):
-    return jnp.ones_like(_as_float(t))
+    return jnp.ones_like(as_float(t))
 
   def sigma(self, t):
     return jnp.exp(self._log_sigma(t))
@@ -308,7 +309,7 @@ class VE(Process):
     return -2.0 * self._log_sigma(t)
 
   def t_of_log_snr(self, lam):
-    return (-0.5 * _as_float(lam) - math.log(self.sigma_min)) / self._log_ratio
+    return (-0.5 * as_float(lam) - math.log(self.sigma_min)) / self._log_ratio
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -339,13 +340,13 @@ class EDM(Process):
     return self.sigma_max
 
   def log_alpha(self, t):
-    return jnp.zeros_like(_as_float(t))
+    return jnp.zeros_like(as_float(t))
 
   def alpha(self, t):
-    return jnp.ones_like(_as_float(t))
+    return jnp.ones_like(as_float(t))
 
   def sigma(self, t):
-    return self.sigma_max * _as_float(t)
+    return self.sigma_max * as_float(t)
 
   def sigma_squared(self, t):
     return self.sigma(t) ** 2
@@ -354,7 +355,7 @@ class EDM(Process):
     return -2.0 * jnp.log(self.sigma(t))
 
   def t_of_log_snr(self, lam):
-    return jnp.exp(-0.5 * _as_float(lam)) / self.sigma_max
+    return jnp.exp(-0.5 * as_float(lam)) / self.sigma_max
 
   def sample_training_t(self, key, shape, dtype=jnp.float32):
     """EDM's training noise, ln sigma ~ N(P_mean, P_std²) (Karras et al. 2022, Table 1), as t.
@@ -380,20 +381,20 @@ class LinearInterpolant(Process):
     _floats(self, 't_min')
 
   def alpha(self, t):
-    return 1.0 - _as_float(t)
+    return 1.0 - as_float(t)
 
   def log_alpha(self, t):
-    return jnp.log1p(-_as_float(t))
+    return jnp.log1p(-as_float(t))
 
   def sigma(self, t):
-    return _as_float(t)
+    return as_float(t)
 
   def sigma_squared(self, t):
-    return _as_float(t) ** 2
+    return as_float(t) ** 2
 
   def log_snr(self, t):
-    t = _as_float(t)
+    t = as_float(t)
     return 2.0 * (jnp.log1p(-t) - jnp.log(t))
 
   def t_of_log_snr(self, lam):
-    return jax.nn.sigmoid(-0.5 * _as_float(lam))
+    return jax.nn.sigmoid(-0.5 * as_float(lam))
