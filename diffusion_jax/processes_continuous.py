@@ -316,20 +316,17 @@ class VE(Process):
 class EDM(Process):
   """EDM (Karras et al. 2022, Table 1): alpha = 1 and sigma is time, here sigma(t) = sigma_max t.
 
-  t_min = sigma_min / sigma_max; prior N(0, sigma_max² I). `sigma_data` is stored for the
-  preconditioning, `p_mean` / `p_std` for `sample_training_t`. log_snr(0) = +inf (sigma = 0).
+  t_min = sigma_min / sigma_max; prior N(0, sigma_max² I). log_snr(0) = +inf (sigma = 0).
+  The preconditioning's `sigma_data` and the training law of ln sigma (`P_mean`, `P_std`)
+  belong to the EDM objective (`objectives.edm`, `objectives.log_normal_t`), not to the process.
   """
   sigma_min: float = 0.002
   sigma_max: float = 80.0
-  sigma_data: float = 0.5
-  p_mean: float = -1.2
-  p_std: float = 1.2
 
   def __post_init__(self):
-    _floats(self, 'sigma_min', 'sigma_max', 'sigma_data', 'p_mean', 'p_std')
+    _floats(self, 'sigma_min', 'sigma_max')
     _check(0 < self.sigma_min < self.sigma_max, type(self), 'need 0 < sigma_min < sigma_max, got '
            f'sigma_min={self.sigma_min}, sigma_max={self.sigma_max}')
-    _check(self.sigma_data > 0 and self.p_std > 0, type(self), 'sigma_data, p_std must be > 0')
 
   @property
   def t_min(self) -> float:
@@ -356,14 +353,6 @@ class EDM(Process):
 
   def t_of_log_snr(self, lam):
     return jnp.exp(-0.5 * as_float(lam)) / self.sigma_max
-
-  def sample_training_t(self, key, shape, dtype=jnp.float32):
-    """EDM's training noise, ln sigma ~ N(P_mean, P_std²) (Karras et al. 2022, Table 1), as t.
-
-    Returns `t = sigma / sigma_max`; t > 1 (sigma > sigma_max) happens with probability
-    1.6e-6 at the defaults and is kept: the formulas hold for any t > 0.
-    """
-    return jnp.exp(self.p_mean + self.p_std * jax.random.normal(key, shape, dtype)) / self.sigma_max
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from diffusion_jax import objectives
 from diffusion_jax import parameterization as param
 from diffusion_jax import processes
 
@@ -324,19 +325,19 @@ def test_cosine_log_snr_schedules():
 
 
 def test_ve_and_edm_constants():
-  """VE: sigma from 0.01 to 50 (Song et al. 2021, CIFAR-10); EDM: sigma in [0.002, 80],
-  sigma_data = 0.5 (Karras et al. 2022, Table 1), t_min = sigma_min / sigma_max."""
+  """VE: sigma from 0.01 to 50 (Song et al. 2021, CIFAR-10); EDM: sigma in [0.002, 80]
+  (Karras et al. 2022, Table 1), t_min = sigma_min / sigma_max."""
   ve, edm = processes.make_process('ve'), processes.make_process('edm')
   np.testing.assert_allclose(ve.sigma(jnp.array([0.0, 1.0])), [0.01, 50.0], rtol=1e-6)
   assert ve.prior_std == 50.0 and float(ve.alpha(0.3)) == 1.0
-  assert edm.t_min == pytest.approx(2.5e-5) and edm.sigma_data == 0.5 and edm.prior_std == 80.0
+  assert edm.t_min == pytest.approx(2.5e-5) and edm.prior_std == 80.0
   np.testing.assert_allclose(edm.sigma(jnp.array([edm.t_min, 1.0])), [0.002, 80.0], rtol=1e-6)
 
 
 def test_edm_training_t_is_log_normal():
-  """ln sigma ~ N(P_mean = -1.2, P_std = 1.2) (Karras et al. 2022, Table 1), t = sigma / 80."""
-  edm = processes.make_process('edm')
-  t = edm.sample_training_t(jax.random.key(3), (50_000,))
+  """EDM's training law lives in the objective (`objectives.log_normal_t`): on EDM's process,
+  ln sigma ~ N(P_mean = -1.2, P_std = 1.2) (Karras et al. 2022, Table 1) with t = sigma / 80."""
+  t = objectives.log_normal_t(processes.make_process('edm'), jax.random.key(3), 50_000)
   assert t.dtype == jnp.float32 and t.shape == (50_000,) and np.all(np.asarray(t) > 0)
   log_sigma = np.log(80.0 * np.asarray(t, np.float64))
   assert stats.kstest(log_sigma, stats.norm(-1.2, 1.2).cdf).pvalue > 1e-4
