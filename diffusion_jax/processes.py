@@ -22,6 +22,7 @@ from diffusion_jax.processes_continuous import EDM
 from diffusion_jax.processes_continuous import VE
 from diffusion_jax.processes_continuous import LinearInterpolant
 from diffusion_jax.processes_continuous import Process
+from diffusion_jax.processes_continuous import SubVP
 from diffusion_jax.processes_continuous import VPCosine
 from diffusion_jax.processes_continuous import VPLinear
 from diffusion_jax.processes_continuous import as_float
@@ -230,6 +231,7 @@ def make_process(name: str, **kwargs):
 PROCESSES = {
     'vp_discrete': DiscreteVP.from_name,
     'vp_linear': VPLinear,
+    'subvp': SubVP,
     'vp_cosine': VPCosine,
     'vp_cosine_shifted': VPCosine.shifted,
     'vp_cosine_interpolated': VPCosine.interpolated,

@@ -2,8 +2,8 @@
 
 `Process` derives the SDE view from `alpha` and `sigma` by autodiff, once for every family (the
 discrete VP of `processes` included). The families: VP SDE with linear beta (`VPLinear`),
-cosine in log-SNR form with resolution shift (`VPCosine`), VE SDE (`VE`), EDM (`EDM`) and the
-linear interpolant / rectified flow (`LinearInterpolant`). Import them from
+sub-VP SDE (`SubVP`), cosine in log-SNR form with resolution shift (`VPCosine`), VE SDE (`VE`),
+EDM (`EDM`) and the linear interpolant / rectified flow (`LinearInterpolant`). Import them from
 `diffusion_jax.processes`, which re-exports them and holds `PROCESSES`.
 
 Every method accepts scalar or array `t`, works under `jit` / `vmap`, and computes in the
@@ -169,6 +169,72 @@ class VPLinear(Process):
     c = -0.5 * jax.nn.softplus(-lam)
     a, b = 0.25 * (self.beta_max - self.beta_min), 0.5 * self.beta_min
     t = -2.0 * c / (b + jnp.sqrt(b * b - 4.0 * a * c))
+    return jnp.where(jnp.isneginf(lam), jnp.inf, t)   # inf / inf above
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SubVP(Process):
+  """Sub-VP SDE (Song et al. 2021, "Score-Based Generative Modeling through SDEs", §3.4, Eq. 12;
+  its perturbation kernel, App. B, Eq. 29): the VP SDE's drift with a smaller diffusion.
+
+  With `B(t) = int_0^t beta = beta_min t + (beta_max - beta_min) t² / 2` (the VP's linear
+  beta): `alpha = exp(-B / 2)` and `sigma = 1 - exp(-B)` (not a square root), so
+  `sigma² = (1 - e^{-B})² < 1 - e^{-B}`, the VP's variance, at every t > 0. The derived SDE is
+  `f = -beta / 2`, `g² = beta (1 - e^{-2B})`. Song et al. sample down to `t_min = 1e-3`.
+  Prior N(0, I), as for `VPLinear`: sigma(1) = 1 - e^{-10.05} = 0.99996 with the defaults.
+  """
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  t_min: float = 1e-3
+
+  def __post_init__(self):
+    _floats(self, 'beta_min', 'beta_max', 't_min')
+    _check(0 < self.beta_min <= self.beta_max, type(self), 'need 0 < beta_min <= beta_max, got '
+           f'beta_min={self.beta_min}, beta_max={self.beta_max}')
+
+  def _integrated_beta(self, t):
+    """B(t) = beta_min t + (beta_max - beta_min) t² / 2 = -2 log alpha(t)."""
+    t = as_float(t)
+    return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+
+  def log_alpha(self, t):
+    return -0.5 * self._integrated_beta(t)
+
+  def sigma(self, t):
+    # 1 - e^{-B} without cancellation where B is small.
+    return -jnp.expm1(-self._integrated_beta(t))
+
+  def sigma_squared(self, t):
+    return jnp.expm1(-self._integrated_beta(t)) ** 2
+
+  def log_snr(self, t):
+    """lambda = log(e^{-B} / (1 - e^{-B})²) = -B - 2 log(1 - e^{-B}); +inf at t = 0."""
+    b = self._integrated_beta(t)
+    return -b - 2.0 * jnp.log(-jnp.expm1(-b))
+
+  def t_of_log_snr(self, lam):
+    """Closed-form inverse. With `u = e^{-B}` and `s = e^lambda`, `u / (1 - u)² = s` is
+    `s u² - (2s + 1) u + s = 0`, whose root in (0, 1) is
+    `u = 2s / (2s + 1 + sqrt(4s + 1))` (the other root is 1 / u). Hence, without overflow or
+    cancellation on either side of lambda = 0:
+
+    - lambda < 0: `B = -log u = -lambda + log((2s + 1 + sqrt(4s + 1)) / 2)`;
+    - lambda >= 0, `q = e^{-lambda}`: `1 - u = (q + r) / (2 + q + r)`, `r = sqrt(q (q + 4))`,
+      and `B = -log1p(-(1 - u))`.
+
+    Then `t` is the root t >= 0 of `(beta_max - beta_min) t² / 2 + beta_min t - B = 0`, in the
+    form `t = 2B / (beta_min + sqrt(beta_min² + 2 (beta_max - beta_min) B))`.
+    """
+    lam = as_float(lam)
+    neg = jnp.minimum(lam, 0.0)   # each branch sees only its own side: no inf / nan anywhere
+    s = jnp.exp(neg)
+    b_neg = -neg + jnp.log(0.5 * (2.0 * s + 1.0 + jnp.sqrt(4.0 * s + 1.0)))
+    q = jnp.exp(-jnp.maximum(lam, 0.0))
+    r = jnp.sqrt(q * (q + 4.0))
+    b_pos = -jnp.log1p(-(q + r) / (2.0 + q + r))
+    b = jnp.where(lam < 0, b_neg, b_pos)
+    t = 2.0 * b / (self.beta_min + jnp.sqrt(self.beta_min**2
+                                             + 2.0 * (self.beta_max - self.beta_min) * b))
     return jnp.where(jnp.isneginf(lam), jnp.inf, t)   # inf / inf above
 
 
