@@ -380,7 +380,7 @@ def test_subvp_closed_forms(betas):
 def test_subvp_derived_sde_is_the_papers(betas):
   """The base class's f and g² are the paper's sub-VP SDE, dx = -beta/2 x dt +
   sqrt(beta (1 - e^{-2B})) dW (Eq. 12): f = -beta/2, g² = beta (1 - e^{-2B}). Integrating the
-  moment ODEs dm/dt = f m, dSigma/dt = 2 f Sigma + g² (App. B, as in Eq. 33 for the VP) from
+  moment ODEs dm/dt = f m, dSigma/dt = 2 f Sigma + g² (Song et al. App. B; Eq. 5 in `Process`) from
   m(0) = 1, Sigma(0) = 0 with RK4 on the derived coefficients lands on the paper's kernel
   m = e^{-B/2}, Sigma = (1 - e^{-B})² (Eq. 29)."""
   proc = processes.make_process('subvp', beta_min=betas[0], beta_max=betas[1])
