@@ -89,7 +89,7 @@ def consistency_sigma_min(process) -> float:
   if getattr(process, 'sigma_min', None) is not None:
     return float(process.sigma_min)
   with jax.ensure_compile_time_eval():   # callable under jit: the process's constants only
-    t_min = jnp.asarray(getattr(process, 't_min', 0.0), jnp.float32)
+    t_min = jnp.asarray(process.t_min, jnp.float32)
     return float(process.sigma(t_min) / process.alpha(t_min))
 
 

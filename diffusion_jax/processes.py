@@ -22,10 +22,11 @@ from diffusion_jax.processes_continuous import EDM
 from diffusion_jax.processes_continuous import VE
 from diffusion_jax.processes_continuous import LinearInterpolant
 from diffusion_jax.processes_continuous import Process
+from diffusion_jax.processes_continuous import SubVP
 from diffusion_jax.processes_continuous import VPCosine
 from diffusion_jax.processes_continuous import VPLinear
-from diffusion_jax.processes_continuous import _as_float
-from diffusion_jax.processes_continuous import _float_dtype
+from diffusion_jax.processes_continuous import as_float
+from diffusion_jax.processes_continuous import float_dtype
 
 
 def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -178,12 +179,12 @@ class DiscreteVP(Process):
     return np.concatenate([[0.0], 0.5 * np.log(np.maximum(self.alphas_cumprod, _ABAR_FLOOR))])
 
   def log_alpha(self, t):
-    t = _as_float(t)
+    t = as_float(t)
     grid_t = jnp.linspace(0.0, 1.0, self.num_steps + 1, dtype=t.dtype)
     return jnp.interp(t, grid_t, jnp.asarray(self._log_alpha_grid, t.dtype))
 
   def alpha(self, t):
-    t = _as_float(t)
+    t = as_float(t)
     alpha = jnp.exp(self.log_alpha(t))
     return jnp.where(t >= 1.0, 0.0, alpha) if self.zero_terminal_snr else alpha
 
@@ -196,7 +197,7 @@ class DiscreteVP(Process):
 
   def log_snr(self, t):
     """lambda(t) = log(alpha² / sigma²) = 2 log alpha - log(1 - alpha²); +inf at t = 0."""
-    t = _as_float(t)
+    t = as_float(t)
     la = self.log_alpha(t)
     lam = 2.0 * la - jnp.log(-jnp.expm1(2.0 * la))
     return jnp.where(t >= 1.0, -jnp.inf, lam) if self.zero_terminal_snr else lam
@@ -204,7 +205,7 @@ class DiscreteVP(Process):
   def t_of_log_snr(self, lam):
     """Exact inverse of `log_snr` on [0, 1] (log alpha is piecewise linear in t)."""
     lam = jnp.asarray(lam)
-    dtype = _float_dtype(lam)
+    dtype = float_dtype(lam)
     # alpha² = sigmoid(lambda)  =>  log alpha = -0.5 * softplus(-lambda).
     la = -0.5 * jax.nn.softplus(-lam.astype(dtype))
     grid_t = jnp.linspace(0.0, 1.0, self.num_steps + 1, dtype=dtype)
@@ -230,6 +231,7 @@ def make_process(name: str, **kwargs):
 PROCESSES = {
     'vp_discrete': DiscreteVP.from_name,
     'vp_linear': VPLinear,
+    'subvp': SubVP,
     'vp_cosine': VPCosine,
     'vp_cosine_shifted': VPCosine.shifted,
     'vp_cosine_interpolated': VPCosine.interpolated,

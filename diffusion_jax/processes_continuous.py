@@ -2,8 +2,8 @@
 
 `Process` derives the SDE view from `alpha` and `sigma` by autodiff, once for every family (the
 discrete VP of `processes` included). The families: VP SDE with linear beta (`VPLinear`),
-cosine in log-SNR form with resolution shift (`VPCosine`), VE SDE (`VE`), EDM (`EDM`) and the
-linear interpolant / rectified flow (`LinearInterpolant`). Import them from
+sub-VP SDE (`SubVP`), cosine in log-SNR form with resolution shift (`VPCosine`), VE SDE (`VE`),
+EDM (`EDM`) and the linear interpolant / rectified flow (`LinearInterpolant`). Import them from
 `diffusion_jax.processes`, which re-exports them and holds `PROCESSES`.
 
 Every method accepts scalar or array `t`, works under `jit` / `vmap`, and computes in the
@@ -18,20 +18,21 @@ import jax
 import jax.numpy as jnp
 
 
-def _float_dtype(x):
-  # float32 unless the input is already a wider float (tests run some checks in float64).
+def float_dtype(x):
+  """float32 unless `x` is already a wider float (tests run some checks in float64)."""
   return jnp.promote_types(x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) \
       else jnp.dtype(jnp.float32)
 
 
-def _as_float(t):
+def as_float(t):
+  """`t` as an array in `float_dtype(t)`: what every process method computes in."""
   t = jnp.asarray(t)
-  return t.astype(_float_dtype(t))
+  return t.astype(float_dtype(t))
 
 
 def _time_derivative(fn, t):
   """`(fn(t), d fn / dt)` by forward-mode autodiff, elementwise for array `t`."""
-  t = _as_float(t)
+  t = as_float(t)
   return jax.jvp(fn, (t,), (jnp.ones_like(t),))
 
 
@@ -51,13 +52,18 @@ def _floats(obj, *names):
 class Process(abc.ABC):
   """What every process provides, with the SDE view derived from `alpha` and `sigma`.
 
-  A family defines `log_alpha(t)` and `sigma_squared(t)`, and overrides `alpha`, `sigma`,
-  `log_snr` and `t_of_log_snr` where a closed form is more accurate. `t_min` (a field or
-  property of each family) and `t_max = 1` bound the interval samplers integrate over; the
-  prior is `N(0, prior_std² I)`.
+  A family defines `log_alpha(t)`, `sigma_squared(t)` and `t_min` (a field or property), and
+  overrides `alpha`, `sigma`, `log_snr` and `t_of_log_snr` where a closed form is more accurate.
+  `t_min` and `t_max = 1` bound the interval samplers integrate over (and objectives draw from);
+  the prior is `N(0, prior_std² I)`.
   """
 
   t_max = 1.0
+
+  @property
+  @abc.abstractmethod
+  def t_min(self) -> float:
+    """The smallest time samplers and objectives use; every family defines it."""
 
   @property
   def prior_std(self) -> float:
@@ -87,7 +93,7 @@ class Process(abc.ABC):
     Resolves `t` to the float's resolution (nmant + 2 halvings); `lam` beyond the range of
     `log_snr` on [0, 1] gives the nearer end point.
     """
-    lam = _as_float(lam)
+    lam = as_float(lam)
 
     def halve(_, bounds):
       lo, hi = bounds
@@ -142,7 +148,7 @@ class VPLinear(Process):
            f'beta_min={self.beta_min}, beta_max={self.beta_max}')
 
   def log_alpha(self, t):
-    t = _as_float(t)
+    t = as_float(t)
     return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
   def sigma_squared(self, t):
@@ -159,10 +165,76 @@ class VPLinear(Process):
     c = log alpha = -softplus(-lambda)/2 (alpha² = sigmoid(lambda)), in the cancellation-free
     form `t = -2c / (b + sqrt(b² - 4ac))`.
     """
-    lam = _as_float(lam)
+    lam = as_float(lam)
     c = -0.5 * jax.nn.softplus(-lam)
     a, b = 0.25 * (self.beta_max - self.beta_min), 0.5 * self.beta_min
     t = -2.0 * c / (b + jnp.sqrt(b * b - 4.0 * a * c))
+    return jnp.where(jnp.isneginf(lam), jnp.inf, t)   # inf / inf above
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SubVP(Process):
+  """Sub-VP SDE (Song et al. 2021, "Score-Based Generative Modeling through SDEs", §3.4, Eq. 12;
+  its perturbation kernel, App. B, Eq. 29): the VP SDE's drift with a smaller diffusion.
+
+  With `B(t) = int_0^t beta = beta_min t + (beta_max - beta_min) t² / 2` (the VP's linear
+  beta): `alpha = exp(-B / 2)` and `sigma = 1 - exp(-B)` (not a square root), so
+  `sigma² = (1 - e^{-B})² < 1 - e^{-B}`, the VP's variance, at every t > 0. The derived SDE is
+  `f = -beta / 2`, `g² = beta (1 - e^{-2B})`. Song et al. sample down to `t_min = 1e-3`.
+  Prior N(0, I), as for `VPLinear`: sigma(1) = 1 - e^{-10.05} = 0.99996 with the defaults.
+  """
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  t_min: float = 1e-3
+
+  def __post_init__(self):
+    _floats(self, 'beta_min', 'beta_max', 't_min')
+    _check(0 < self.beta_min <= self.beta_max, type(self), 'need 0 < beta_min <= beta_max, got '
+           f'beta_min={self.beta_min}, beta_max={self.beta_max}')
+
+  def _integrated_beta(self, t):
+    """B(t) = beta_min t + (beta_max - beta_min) t² / 2 = -2 log alpha(t)."""
+    t = as_float(t)
+    return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+
+  def log_alpha(self, t):
+    return -0.5 * self._integrated_beta(t)
+
+  def sigma(self, t):
+    # 1 - e^{-B} without cancellation where B is small.
+    return -jnp.expm1(-self._integrated_beta(t))
+
+  def sigma_squared(self, t):
+    return jnp.expm1(-self._integrated_beta(t)) ** 2
+
+  def log_snr(self, t):
+    """lambda = log(e^{-B} / (1 - e^{-B})²) = -B - 2 log(1 - e^{-B}); +inf at t = 0."""
+    b = self._integrated_beta(t)
+    return -b - 2.0 * jnp.log(-jnp.expm1(-b))
+
+  def t_of_log_snr(self, lam):
+    """Closed-form inverse. With `u = e^{-B}` and `s = e^lambda`, `u / (1 - u)² = s` is
+    `s u² - (2s + 1) u + s = 0`, whose root in (0, 1) is
+    `u = 2s / (2s + 1 + sqrt(4s + 1))` (the other root is 1 / u). Hence, without overflow or
+    cancellation on either side of lambda = 0:
+
+    - lambda < 0: `B = -log u = -lambda + log((2s + 1 + sqrt(4s + 1)) / 2)`;
+    - lambda >= 0, `q = e^{-lambda}`: `1 - u = (q + r) / (2 + q + r)`, `r = sqrt(q (q + 4))`,
+      and `B = -log1p(-(1 - u))`.
+
+    Then `t` is the root t >= 0 of `(beta_max - beta_min) t² / 2 + beta_min t - B = 0`, in the
+    form `t = 2B / (beta_min + sqrt(beta_min² + 2 (beta_max - beta_min) B))`.
+    """
+    lam = as_float(lam)
+    neg = jnp.minimum(lam, 0.0)   # each branch sees only its own side: no inf / nan anywhere
+    s = jnp.exp(neg)
+    b_neg = -neg + jnp.log(0.5 * (2.0 * s + 1.0 + jnp.sqrt(4.0 * s + 1.0)))
+    q = jnp.exp(-jnp.maximum(lam, 0.0))
+    r = jnp.sqrt(q * (q + 4.0))
+    b_pos = -jnp.log1p(-(q + r) / (2.0 + q + r))
+    b = jnp.where(lam < 0, b_neg, b_pos)
+    t = 2.0 * b / (self.beta_min + jnp.sqrt(self.beta_min**2
+                                             + 2.0 * (self.beta_max - self.beta_min) * b))
     return jnp.where(jnp.isneginf(lam), jnp.inf, t)   # inf / inf above
 
 
@@ -227,7 +299,7 @@ class VPCosine(Process):
     return _angle(self.logsnr_max), _angle(self.logsnr_min)
 
   def log_snr(self, t):
-    t = _as_float(t)
+    t = as_float(t)
     theta_0, theta_1 = self._angles
     # log tan(theta) = log sin(theta) - log sin(pi/2 - theta), with pi/2 - theta formed from
     # its own end point: no cancellation near theta = pi/2, and -inf exactly there.
@@ -253,7 +325,7 @@ class VPCosine(Process):
     for the interpolated one. Not clipped: lambda outside the range gives t outside [0, 1]."""
     if self.shift_end is not None:
       return super().t_of_log_snr(lam)
-    x = _as_float(lam) - self.shift
+    x = as_float(lam) - self.shift
     theta_0, theta_1 = self._angles
     acute = jnp.arctan(jnp.exp(-0.5 * jnp.abs(x)))   # atan(e^{-x/2}) = pi/2 - atan(e^{x/2})
     theta = jnp.where(x >= 0, acute, 0.5 * math.pi - acute)
@@ -285,13 +357,13 @@ class VE(Process):
     return math.log(self.sigma_max / self.sigma_min)
 
   def _log_sigma(self, t):
-    return math.log(self.sigma_min) + _as_float(t) * self._log_ratio
+    return math.log(self.sigma_min) + as_float(t) * self._log_ratio
 
   def log_alpha(self, t):
-    return jnp.zeros_like(_as_float(t))
+    return jnp.zeros_like(as_float(t))
 
   def alpha(self, t):
-    return jnp.ones_like(_as_float(t))
+    return jnp.ones_like(as_float(t))
 
   def sigma(self, t):
     return jnp.exp(self._log_sigma(t))
@@ -303,27 +375,24 @@ class VE(Process):
     return -2.0 * self._log_sigma(t)
 
   def t_of_log_snr(self, lam):
-    return (-0.5 * _as_float(lam) - math.log(self.sigma_min)) / self._log_ratio
+    return (-0.5 * as_float(lam) - math.log(self.sigma_min)) / self._log_ratio
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EDM(Process):
   """EDM (Karras et al. 2022, Table 1): alpha = 1 and sigma is time, here sigma(t) = sigma_max t.
 
-  t_min = sigma_min / sigma_max; prior N(0, sigma_max² I). `sigma_data` is stored for the
-  preconditioning, `p_mean` / `p_std` for `sample_training_t`. log_snr(0) = +inf (sigma = 0).
+  t_min = sigma_min / sigma_max; prior N(0, sigma_max² I). log_snr(0) = +inf (sigma = 0).
+  The preconditioning's `sigma_data` and the training law of ln sigma (`P_mean`, `P_std`)
+  belong to the EDM objective (`objectives.edm`, `objectives.log_normal_t`), not to the process.
   """
   sigma_min: float = 0.002
   sigma_max: float = 80.0
-  sigma_data: float = 0.5
-  p_mean: float = -1.2
-  p_std: float = 1.2
 
   def __post_init__(self):
-    _floats(self, 'sigma_min', 'sigma_max', 'sigma_data', 'p_mean', 'p_std')
+    _floats(self, 'sigma_min', 'sigma_max')
     _check(0 < self.sigma_min < self.sigma_max, type(self), 'need 0 < sigma_min < sigma_max, got '
            f'sigma_min={self.sigma_min}, sigma_max={self.sigma_max}')
-    _check(self.sigma_data > 0 and self.p_std > 0, type(self), 'sigma_data, p_std must be > 0')
 
   @property
   def t_min(self) -> float:
@@ -334,13 +403,13 @@ class EDM(Process):
     return self.sigma_max
 
   def log_alpha(self, t):
-    return jnp.zeros_like(_as_float(t))
+    return jnp.zeros_like(as_float(t))
 
   def alpha(self, t):
-    return jnp.ones_like(_as_float(t))
+    return jnp.ones_like(as_float(t))
 
   def sigma(self, t):
-    return self.sigma_max * _as_float(t)
+    return self.sigma_max * as_float(t)
 
   def sigma_squared(self, t):
     return self.sigma(t) ** 2
@@ -349,15 +418,7 @@ class EDM(Process):
     return -2.0 * jnp.log(self.sigma(t))
 
   def t_of_log_snr(self, lam):
-    return jnp.exp(-0.5 * _as_float(lam)) / self.sigma_max
-
-  def sample_training_t(self, key, shape, dtype=jnp.float32):
-    """EDM's training noise, ln sigma ~ N(P_mean, P_std²) (Karras et al. 2022, Table 1), as t.
-
-    Returns `t = sigma / sigma_max`; t > 1 (sigma > sigma_max) happens with probability
-    1.6e-6 at the defaults and is kept: the formulas hold for any t > 0.
-    """
-    return jnp.exp(self.p_mean + self.p_std * jax.random.normal(key, shape, dtype)) / self.sigma_max
+    return jnp.exp(-0.5 * as_float(lam)) / self.sigma_max
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -375,20 +436,20 @@ class LinearInterpolant(Process):
     _floats(self, 't_min')
 
   def alpha(self, t):
-    return 1.0 - _as_float(t)
+    return 1.0 - as_float(t)
 
   def log_alpha(self, t):
-    return jnp.log1p(-_as_float(t))
+    return jnp.log1p(-as_float(t))
 
   def sigma(self, t):
-    return _as_float(t)
+    return as_float(t)
 
   def sigma_squared(self, t):
-    return _as_float(t) ** 2
+    return as_float(t) ** 2
 
   def log_snr(self, t):
-    t = _as_float(t)
+    t = as_float(t)
     return 2.0 * (jnp.log1p(-t) - jnp.log(t))
 
   def t_of_log_snr(self, lam):
-    return jax.nn.sigmoid(-0.5 * _as_float(lam))
+    return jax.nn.sigmoid(-0.5 * as_float(lam))

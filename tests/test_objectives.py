@@ -127,7 +127,7 @@ def test_stated_equivalences_per_example(proc_name, proc_kwargs):
     k1, k2, k3, k4 = jax.random.split(jax.random.key(1), 4)
     x0 = jax.random.normal(k1, (64, 5), jnp.float64)
     eps = jax.random.normal(k2, (64, 5), jnp.float64)
-    t_lo = max(float(getattr(proc, 't_min', 0.0)), 1e-3)
+    t_lo = max(float(proc.t_min), 1e-3)
     t = jax.random.uniform(k3, (64,), jnp.float64, t_lo, 0.999)
     x_t = proc.marginal(x0, eps, t)
     eps_hat = eps + 0.3 * jax.random.normal(k4, eps.shape, jnp.float64)

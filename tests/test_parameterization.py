@@ -122,7 +122,7 @@ _ALL_PROCESSES = [(n, {}) for n in processes.PROCESSES if n != 'vp_discrete'] + 
 def test_round_trip_near_both_endpoints_on_every_process(kind, name, kwargs):
   proc = processes.make_process(name, **kwargs)
   with jax.enable_x64(True):
-    lo = max(float(getattr(proc, 't_min', 0.0)), 1e-4)
+    lo = max(float(proc.t_min), 1e-4)
     t = jnp.concatenate([jnp.asarray([lo, lo * 2, 0.5, 1 - 1e-3, 1 - 1e-4], jnp.float64),
                          jnp.linspace(lo, 1 - 1e-4, 27, dtype=jnp.float64)])
     k1, k2 = jax.random.split(jax.random.key(5))

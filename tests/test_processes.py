@@ -1,4 +1,5 @@
-"""The discrete VP process against its closed forms (Ho et al. 2020; Nichol & Dhariwal 2021)."""
+"""Every process against its closed forms: the discrete VP (Ho et al. 2020; Nichol & Dhariwal
+2021), the continuous families and the SDE view derived from them (Song et al. 2021)."""
 
 import math
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from diffusion_jax import objectives
 from diffusion_jax import parameterization as param
 from diffusion_jax import processes
 
@@ -100,6 +102,8 @@ CASES = [(name, {}) for name in processes.PROCESSES] + [
     ('vp_discrete', {'schedule': 'sigmoid', 'num_steps': 500}),
     ('vp_discrete', {'schedule': 'scaled_linear', 'zero_terminal_snr': True}),
     ('vp_linear', {'t_min': 1e-5, 'beta_max': 10.0}),
+    ('subvp', {'t_min': 1e-5, 'beta_min': 0.5, 'beta_max': 5.0}),
+    ('subvp', {'beta_min': 2.0, 'beta_max': 2.0}),   # constant beta: the inverse's linear case
     ('vp_cosine', {'shift': -2.0}),
     ('vp_cosine', {'logsnr_min': -INF, 'logsnr_max': INF}),
     ('vp_cosine_interpolated', {'resolution': 1024}),
@@ -324,22 +328,167 @@ def test_cosine_log_snr_schedules():
 
 
 def test_ve_and_edm_constants():
-  """VE: sigma from 0.01 to 50 (Song et al. 2021, CIFAR-10); EDM: sigma in [0.002, 80],
-  sigma_data = 0.5 (Karras et al. 2022, Table 1), t_min = sigma_min / sigma_max."""
+  """VE: sigma from 0.01 to 50 (Song et al. 2021, CIFAR-10); EDM: sigma in [0.002, 80]
+  (Karras et al. 2022, Table 1), t_min = sigma_min / sigma_max."""
   ve, edm = processes.make_process('ve'), processes.make_process('edm')
   np.testing.assert_allclose(ve.sigma(jnp.array([0.0, 1.0])), [0.01, 50.0], rtol=1e-6)
   assert ve.prior_std == 50.0 and float(ve.alpha(0.3)) == 1.0
-  assert edm.t_min == pytest.approx(2.5e-5) and edm.sigma_data == 0.5 and edm.prior_std == 80.0
+  assert edm.t_min == pytest.approx(2.5e-5) and edm.prior_std == 80.0
   np.testing.assert_allclose(edm.sigma(jnp.array([edm.t_min, 1.0])), [0.002, 80.0], rtol=1e-6)
 
 
 def test_edm_training_t_is_log_normal():
-  """ln sigma ~ N(P_mean = -1.2, P_std = 1.2) (Karras et al. 2022, Table 1), t = sigma / 80."""
-  edm = processes.make_process('edm')
-  t = edm.sample_training_t(jax.random.key(3), (50_000,))
+  """EDM's training law lives in the objective (`objectives.log_normal_t`): on EDM's process,
+  ln sigma ~ N(P_mean = -1.2, P_std = 1.2) (Karras et al. 2022, Table 1) with t = sigma / 80."""
+  t = objectives.log_normal_t(processes.make_process('edm'), jax.random.key(3), 50_000)
   assert t.dtype == jnp.float32 and t.shape == (50_000,) and np.all(np.asarray(t) > 0)
   log_sigma = np.log(80.0 * np.asarray(t, np.float64))
   assert stats.kstest(log_sigma, stats.norm(-1.2, 1.2).cdf).pvalue > 1e-4
+
+
+# --- sub-VP SDE (Song et al. 2021, §3.4, Eq. 12; kernel App. B, Eq. 29) ----------------------
+# Expected values are written from the paper in numpy float64: B(t) = int_0^t beta, the mean
+# factor e^{-B/2} and the standard deviation 1 - e^{-B} (no square root). 1 - exp(-B) in numpy
+# loses ~eps / B relative, <= 2e-12 at the smallest t here (B = 1.1e-4), hence rtol 1e-10.
+
+SUBVP_BETAS = [(0.1, 20.0), (0.5, 5.0), (2.0, 2.0)]
+SUBVP_T = np.array([1e-3, 0.01, 0.0537, 0.25, 0.5, 0.7537, 0.99, 1.0])
+
+
+def _paper_subvp(t, beta_min, beta_max):
+  """(B, beta, alpha, sigma) of the sub-VP SDE with the VP's linear beta (Song et al. App. C)."""
+  beta = beta_min + t * (beta_max - beta_min)
+  big_b = beta_min * t + 0.5 * (beta_max - beta_min) * t**2
+  return big_b, beta, np.exp(-0.5 * big_b), 1.0 - np.exp(-big_b)
+
+
+@pytest.mark.parametrize('betas', SUBVP_BETAS, ids=str)
+def test_subvp_closed_forms(betas):
+  proc = processes.make_process('subvp', beta_min=betas[0], beta_max=betas[1])
+  big_b, _, alpha, sigma = _paper_subvp(SUBVP_T, *betas)
+  with jax.enable_x64(True):
+    t = jnp.asarray(SUBVP_T)
+    np.testing.assert_allclose(proc.alpha(t), alpha, rtol=1e-13)
+    np.testing.assert_allclose(proc.log_alpha(t), -0.5 * big_b, rtol=1e-13)
+    np.testing.assert_allclose(proc.sigma(t), sigma, rtol=1e-10)
+    np.testing.assert_allclose(proc.sigma_squared(t), sigma**2, rtol=1e-10)
+    # log(alpha² / sigma²): sigma's 2e-12 relative error is 4e-12 absolute in the log.
+    np.testing.assert_allclose(proc.log_snr(t), np.log(alpha**2 / sigma**2), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize('betas', SUBVP_BETAS, ids=str)
+def test_subvp_derived_sde_is_the_papers(betas):
+  """The base class's f and g² are the paper's sub-VP SDE, dx = -beta/2 x dt +
+  sqrt(beta (1 - e^{-2B})) dW (Eq. 12): f = -beta/2, g² = beta (1 - e^{-2B}). Integrating the
+  moment ODEs dm/dt = f m, dSigma/dt = 2 f Sigma + g² (Song et al. App. B; Eq. 5 in `Process`) from
+  m(0) = 1, Sigma(0) = 0 with RK4 on the derived coefficients lands on the paper's kernel
+  m = e^{-B/2}, Sigma = (1 - e^{-B})² (Eq. 29)."""
+  proc = processes.make_process('subvp', beta_min=betas[0], beta_max=betas[1])
+  big_b, beta, _, _ = _paper_subvp(SUBVP_T, *betas)
+  with jax.enable_x64(True):
+    t = jnp.asarray(SUBVP_T)
+    # f is an exact derivative of a quadratic; g² rtol as the module's comment (1 - exp(-2B)).
+    np.testing.assert_allclose(proc.drift_coefficient(t), -0.5 * beta, rtol=1e-13)
+    np.testing.assert_allclose(proc.diffusion_squared(t), beta * (1 - np.exp(-2 * big_b)),
+                               rtol=1e-10)
+    n = 2000                                 # RK4 steps on [0, 1]
+    grid = jnp.linspace(0.0, 1.0, 2 * n + 1, dtype=jnp.float64)   # knots and midpoints
+    f, g2 = np.asarray(proc.drift_coefficient(grid)), np.asarray(proc.diffusion_squared(grid))
+  h, m, var, m_path, var_path = 1.0 / n, 1.0, 0.0, [1.0], [0.0]
+  for i in range(n):
+    f0, fh, f1 = f[2 * i], f[2 * i + 1], f[2 * i + 2]
+    g0, gh, g1 = g2[2 * i], g2[2 * i + 1], g2[2 * i + 2]
+    dv = lambda fi, gi, v: 2 * fi * v + gi
+    k1m, k1v = f0 * m, dv(f0, g0, var)
+    k2m, k2v = fh * (m + h / 2 * k1m), dv(fh, gh, var + h / 2 * k1v)
+    k3m, k3v = fh * (m + h / 2 * k2m), dv(fh, gh, var + h / 2 * k2v)
+    k4m, k4v = f1 * (m + h * k3m), dv(f1, g1, var + h * k3v)
+    m += h / 6 * (k1m + 2 * k2m + 2 * k3m + k4m)
+    var += h / 6 * (k1v + 2 * k2v + 2 * k3v + k4v)
+    m_path.append(m)
+    var_path.append(var)
+  s = np.linspace(0.0, 1.0, n + 1)
+  b_s, _, alpha_s, sigma_s = _paper_subvp(s, *betas)
+  # RK4's global error is O(h⁴ max|f|⁴) ~ (5e-4 · 10)⁴ ~ 6e-10 at most; measured relative
+  # errors are <= 9e-12 (mean) and 1.4e-11 (variance) over the three schedules.
+  np.testing.assert_allclose(m_path, alpha_s, rtol=1e-9)
+  np.testing.assert_allclose(var_path, sigma_s**2, rtol=1e-9, atol=1e-14)
+  # And the VP's variance 1 - e^{-B} is not a solution: the test tells the two SDEs apart.
+  assert np.max(np.abs(np.asarray(var_path) - (1 - np.exp(-b_s)))) > 1e-2
+
+
+@pytest.mark.parametrize('betas', SUBVP_BETAS, ids=str)
+def test_subvp_inverse_log_snr(betas):
+  """t(lambda(t)) = t on [t_min, 1] to float precision (float64 and float32), lambda(t(lambda))
+  = lambda far outside that range, and the ends: t(+inf) = 0, t(-inf) = inf. lambda written
+  from the paper: log(e^{-B} / (1 - e^{-B})²)."""
+  proc = processes.make_process('subvp', beta_min=betas[0], beta_max=betas[1])
+  t = np.linspace(proc.t_min, 1.0, 20001)
+  big_b, _, _, _ = _paper_subvp(t, *betas)
+  lam = -big_b - 2 * np.log(-np.expm1(-big_b))
+  with jax.enable_x64(True):
+    # |dt/dlambda| <= 1 / min|lambda'| and lambda carries ~1e-16 relative: t to ~1e-15
+    # (measured <= 7e-15).
+    np.testing.assert_allclose(proc.t_of_log_snr(jnp.asarray(lam)), t, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(proc.t_of_log_snr(proc.log_snr(jnp.asarray(t))), t, rtol=0,
+                               atol=1e-13)
+    wide = jnp.linspace(-80.0, 80.0, 1601, dtype=jnp.float64)
+    back = proc.log_snr(proc.t_of_log_snr(wide))
+    np.testing.assert_allclose(back, wide, rtol=1e-12, atol=1e-12)
+    ends = proc.t_of_log_snr(jnp.array([INF, -INF]))
+    assert float(ends[0]) == 0.0 and float(ends[1]) == INF
+  t32 = jnp.asarray(t, jnp.float32)
+  # float32: a few ulp of t (6e-8 near t = 1; measured <= 1.8e-7).
+  np.testing.assert_allclose(proc.t_of_log_snr(proc.log_snr(t32)), t32, rtol=0, atol=5e-7)
+  assert np.all(np.isfinite(proc.t_of_log_snr(jnp.linspace(-80.0, 80.0, 161))))
+
+
+def test_subvp_endpoints_and_constants():
+  """Defaults beta in [0.1, 20], t_min = 1e-3 (Song et al. App. C). t = 0: alpha = 1, sigma = 0,
+  lambda = +inf. t = 1: alpha = e^{-10.05 / 2} = 6.57e-3 (the VP's), sigma = 1 - e^{-10.05}
+  = 0.99996, so the prior is N(0, I) up to 4.3e-5."""
+  proc = processes.make_process('subvp')
+  assert proc.t_min == 1e-3 and proc.prior_std == 1.0
+  with jax.enable_x64(True):
+    zero, one = jnp.float64(0.0), jnp.float64(1.0)
+    assert float(proc.alpha(zero)) == 1.0 and float(proc.sigma(zero)) == 0.0
+    assert float(proc.log_snr(zero)) == INF
+    assert float(proc.alpha(one)) == pytest.approx(math.exp(-10.05 / 2), rel=1e-14)
+    assert float(proc.sigma(one)) == pytest.approx(1 - math.exp(-10.05), rel=1e-14)
+    assert float(proc.log_snr(one)) == pytest.approx(
+        -10.05 - 2 * math.log(1 - math.exp(-10.05)), rel=1e-14)
+  assert float(proc.alpha(1.0)) == pytest.approx(6.5716e-3, rel=1e-4)
+  assert float(proc.sigma(1.0)) == pytest.approx(0.999957, abs=1e-6)
+
+
+def test_subvp_variance_is_below_vp():
+  """The paper's point (§3.4): with the same beta, the sub-VP's variance (1 - e^{-B})² is below
+  the VP's 1 - e^{-B} at every t > 0 (their ratio is 1 - e^{-B}, exactly), with the same mean
+  and a smaller g² (beta (1 - e^{-2B}) < beta)."""
+  sub, vp = processes.make_process('subvp'), processes.make_process('vp_linear')
+  with jax.enable_x64(True):
+    t = jnp.linspace(sub.t_min, 1.0, 4001, dtype=jnp.float64)
+    var_sub, var_vp = np.asarray(sub.sigma(t)) ** 2, np.asarray(vp.sigma(t)) ** 2
+    assert np.all(var_sub < var_vp)
+    big_b, _, _, _ = _paper_subvp(np.asarray(t), 0.1, 20.0)
+    np.testing.assert_allclose(var_sub / var_vp, 1 - np.exp(-big_b), rtol=1e-10)
+    np.testing.assert_allclose(sub.alpha(t), vp.alpha(t), rtol=1e-14)
+    assert np.all(np.asarray(sub.diffusion_squared(t)) < np.asarray(vp.diffusion_squared(t)))
+    assert np.all(np.asarray(sub.log_snr(t)) > np.asarray(vp.log_snr(t)))
+
+
+def test_t_min_is_required_of_every_process():
+  """`t_min` is abstract in `Process`: a family without one cannot be built."""
+  class NoTMin(processes.Process):
+    def log_alpha(self, t):
+      return jnp.zeros_like(t)
+
+    def sigma_squared(self, t):
+      return jnp.ones_like(t)
+
+  with pytest.raises(TypeError, match='t_min'):
+    NoTMin()
+  assert all(_make(case).t_min >= 0 for case in CASES)
 
 
 # --- jit, vmap, dtypes, names ---------------------------------------------------------------
@@ -381,6 +530,7 @@ def test_make_process_errors_are_one_line_and_named():
       (('vp_cosine',), {'logsnr_min': 5.0, 'logsnr_max': -5.0}, 'logsnr_min < logsnr_max'),
       (('vp_cosine',), {'shift': 0.0, 'shift_end': 20.0}, 'strictly decreasing'),
       (('vp_linear',), {'beta_min': 0.0}, 'beta_min'),
+      (('subvp',), {'beta_min': 30.0}, 'SubVP: need 0 < beta_min <= beta_max'),
   ]
   for args, kwargs, match in cases:
     with pytest.raises(ValueError, match=match) as info:

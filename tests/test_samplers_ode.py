@@ -17,12 +17,16 @@ import sampler_testing as st
     ('flow_heun', 2, samplers.flow_sample, {'method': 'heun'}),
     ('flow_rk4', 4, samplers.flow_sample, {'method': 'rk4'}),
 ])
-@pytest.mark.parametrize('proc_name', ['vp_linear', 'edm', 'linear'])
+@pytest.mark.parametrize('proc_name', ['vp_linear', 'subvp', 'edm', 'linear'])
 def test_convergence_order(name, order, fn, kw, proc_name):
   proc = processes.make_process(proc_name)
   grid = 't' if name.startswith('flow') and proc_name == 'linear' else 'karras'
   t_min = 0.05 if proc_name == 'linear' else None
   steps_list = [8, 16, 32, 64] if order < 4 else [4, 8, 16, 32]
+  if proc_name == 'subvp':
+    # Flow-Heun's error on sub-VP changes sign near 8 steps (0.034, 0.030, 0.0094, 0.0025,
+    # 0.00064 at 8..128): start where every solver is asymptotic.
+    steps_list = [2 * n for n in steps_list]
   errors = st.endpoint_errors(fn, proc, steps_list, grid=grid, t_min=t_min, **kw)
   measured = st.fitted_order(steps_list, errors)
   # At least the theoretical order (tolerance 0.3 per unit of order, for the pre-asymptotic

@@ -87,8 +87,8 @@ def test_sampling_starts_from_the_process_prior_not_unit_noise():
   params = jax.jit(setup.model.init)(jax.random.key(0), x, jnp.zeros((1,)))['params']
   z = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
   x0 = generation.make_sample_fn(setup)(params, z, jax.random.key(2))
-  p = setup.process
-  expected = (p.sigma_data ** 2 * p.sigma_max
-              / np.sqrt((p.sigma_min ** 2 + p.sigma_data ** 2) * (p.sigma_max ** 2
-                                                                  + p.sigma_data ** 2)))
+  p, sd = setup.process, 0.5   # sd: the EDM objective's default sigma_data (Karras et al.)
+  assert setup.objective.sigma_data == sd
+  expected = (sd ** 2 * p.sigma_max
+              / np.sqrt((p.sigma_min ** 2 + sd ** 2) * (p.sigma_max ** 2 + sd ** 2)))
   np.testing.assert_allclose(np.asarray(x0) / np.asarray(z), expected, rtol=2e-3)

@@ -151,7 +151,7 @@ def check_sigma_endpoint(denoiser, process, t, who: str) -> bool:
 
 
 def check_interval(process, t_min, t_max, who: str) -> float:
-  t_min = float(getattr(process, 't_min', 0.0) if t_min is None else t_min)
+  t_min = float(process.t_min if t_min is None else t_min)
   if not 0.0 <= t_min < t_max <= 1.0:
     raise ValueError(f'{who}: need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}')
   return t_min

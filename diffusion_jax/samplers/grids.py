@@ -111,7 +111,7 @@ def time_grid(process, steps: int, grid: str = 'log_snr', *, t_min: float | None
                          f'process; got {type(process).__name__} (use t, log_snr or karras)')
       t = jnp.asarray(discrete_timesteps(T, n, grid) / T, dtype)
     else:
-      t_min = float(getattr(process, 't_min', 0.0) if t_min is None else t_min)
+      t_min = float(process.t_min if t_min is None else t_min)
       if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(f'need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}')
       if grid == 't':
