@@ -12,6 +12,7 @@ from configs import digits as digits_config
 from diffusion_jax import checkpointing
 from diffusion_jax import run_config
 from diffusion_jax import train_loop
+from diffusion_jax import objectives
 from diffusion_jax import training
 from diffusion_jax.data import digits
 from diffusion_jax.data import sampler as data_sampler
@@ -170,6 +171,9 @@ def _mse_objective(model_fn, x0, key, cond=None):
   return jnp.mean(per_example), {'loss': per_example}
 
 
+_MSE = objectives.Objective('deterministic_mse', _mse_objective, None, 'x0')
+
+
 @pytest.mark.parametrize('accum', [2, 4])
 def test_gradient_accumulation_equals_the_full_batch(accum):
   """The mean of the micro-batch gradients is the full batch's gradient: after 3 updates the
@@ -179,7 +183,7 @@ def test_gradient_accumulation_equals_the_full_batch(accum):
   x, _ = digits.load_digits('train')
   outs = []
   for a in (1, accum):
-    step = jax.jit(training.make_train_step(_mse_objective, setup.model.apply, optimizer, ema_fn,
+    step = jax.jit(training.make_train_step(_MSE, setup.model.apply, optimizer, ema_fn,
                                             grad_accum_steps=a))
     state = state0
     for s in range(3):
