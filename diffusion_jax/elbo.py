@@ -33,10 +33,10 @@ def _sum_per_example(x):
   return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
 
 
-def prior_kl(process, x0):
-  """`KL(q(x_1 | x0) || N(0, prior_std²))` summed over dims, per example."""
-  one = jnp.ones(x0.shape[:1], x0.dtype)
-  a, s = param.expand_like(process.alpha(one), x0), param.expand_like(process.sigma(one), x0)
+def prior_kl(process, x0, t_max: float = 1.0):
+  """`KL(q(x_{t_max} | x0) || N(0, prior_std²))` summed over dims, per example."""
+  t1 = jnp.full(x0.shape[:1], t_max, x0.dtype)
+  a, s = param.expand_like(process.alpha(t1), x0), param.expand_like(process.sigma(t1), x0)
   p2 = process.prior_std**2
   return _sum_per_example(0.5 * ((s**2 + (a * x0) ** 2) / p2 - 1.0 - jnp.log(s**2 / p2)))
 
@@ -57,9 +57,11 @@ def vdm_t0(process, t_min=None) -> float:
 def vdm_elbo(process, t_min=None, t_max: float = 1.0):
   """VDM continuous-time negative ELBO (Kingma et al. 2021, Eqs. 11, 17), eps-prediction.
 
-  `-ELBO = KL(q(x_1|x0) || prior) + E -log p(x0 | x_t0) + ½ E_{t~U(t0, t1)} (t1 - t0)
+  `-ELBO = KL(q(x_t1|x0) || prior) + E -log p(x0 | x_t0) + ½ E_{t~U(t0, t1)} (t1 - t0)
   (-lambda'(t)) ||eps - eps_hat(x_t, t)||²` with `lambda = log SNR` (their `gamma = -lambda`).
-  `t0 = t_min` (the process's by default) bounds the SNR, as VDM's `gamma_max` does.
+  `t0 = t_min` (the process's by default) bounds the SNR, as VDM's `gamma_max` does; `t1 =
+  t_max`, where the prior KL is taken, so the three terms cover [t0, t1] and the sum bounds the
+  NLL for any `t1 <= 1` (a smaller `t1` gives a looser bound, never a lower one).
   """
   t0 = vdm_t0(process, t_min)
 
@@ -74,8 +76,8 @@ def vdm_elbo(process, t_min=None, t_max: float = 1.0):
     eps_hat = model_fn(x_t, t, cond)
     weight = 0.5 * (t_max - t0) * (-d_lambda)                 # [B], on the summed eps error
     diffusion = weight * _sum_per_example(jnp.square(eps - eps_hat))
-    nll = (prior_kl(process, x0) + gaussian_decoder_nll(process, jnp.full((b,), t0), x0.shape)
-           + diffusion)
+    nll = (prior_kl(process, x0, t_max)
+           + gaussian_decoder_nll(process, jnp.full((b,), t0), x0.shape) + diffusion)
     d = math.prod(x0.shape[1:])
     aux = {'loss_per_example': nll / d, 'nll_nats': nll, 'bits_per_dim': bits_per_dim(nll, d),
            't': t, 'log_snr': process.log_snr(t), 'eps_weight': weight}  # on the per-dim loss
