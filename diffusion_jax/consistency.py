@@ -1,4 +1,4 @@
-"""Consistency models: training, distillation and sampling as pure functions (DESIGN §3, §4).
+"""Consistency models: training and distillation as pure functions (DESIGN §3).
 
 Song et al. 2023, "Consistency Models" (CM), and Song & Dhariwal 2023, "Improved Techniques for
 Training Consistency Models" (iCT), in EDM's sigma parameterisation on processes with
@@ -10,8 +10,9 @@ A consistency model is `f(x, sigma) = c_skip x + c_out F(c_in x, c_noise)` with 
 `parameterization.consistency_coefficients` (`f(x, sigma_min) = x`). The network is called as
 `model_fn(c_in x, c_noise, cond) -> F`, exactly as for kind 'consistency' in
 `parameterization`, so a trained model also works through
-`make_denoiser(model_fn, process, 'consistency')`. Everything here stays in sigma, never
-round-tripping through `t`, so the boundary condition holds bitwise at the grid's first point.
+`make_denoiser(model_fn, process, 'consistency')`, which is how it is sampled (CM Alg. 1:
+`samplers.consistency_multistep_sample`). Everything here stays in sigma, never round-tripping
+through `t`, so the boundary condition holds bitwise at the grid's first point.
 
 Metrics are per example over the whole sample (`||.||_2` over all non-batch dimensions), as in
 the papers; `objectives` averages over dimensions instead (a constant factor `d` for L2).
@@ -318,35 +319,3 @@ def consistency_distillation(process, teacher_denoiser, num_timesteps: int = 18,
     return jnp.mean(per_example), _aux(process, per_example, sigma_next, n_points)
 
   return objective
-
-
-# --- sampling --------------------------------------------------------------------------------
-
-
-def consistency_sample(model_fn, process, x_T, key=None, sigmas=None, cond=None,
-                       sigma_data: float = SIGMA_DATA):
-  """One-step and multistep consistency sampling (CM Alg. 1) as one `lax.scan`.
-
-  `x <- f(x_T, tau_0)`; then for each later `tau`: `x^ = x + sqrt(tau² - sigma_min²) z`,
-  `x <- f(x^, tau)`. `x_T [B, ...]` is the prior draw at `tau_0` (`N(0, sigma_max²)` for the
-  default `sigmas = (sigma_max,)`, one step); `sigmas` are decreasing. `key` is needed for
-  more than one step. Returns `(x0, info)` with `info['nfe']`.
-  """
-  _require_unit_alpha(process, 'consistency_sample')
-  sigma_min, sigma_max = sigma_range(process)
-  taus = jnp.asarray((sigma_max,) if sigmas is None else sigmas, x_T.dtype)   # [M]
-  num_steps = taus.shape[0]
-  if key is None:
-    if num_steps > 1:
-      raise ValueError('consistency_sample: multistep sampling needs a key')
-    key = jax.random.key(0)   # never used to add noise: the first step adds none
-  # x_T already sits at tau_0, so the first step adds no noise.
-  noise_std = jnp.sqrt(jnp.maximum(taus**2 - sigma_min**2, 0.0)).at[0].set(0.0)
-  f = functools.partial(consistency_fn, model_fn, sigma_min=sigma_min, sigma_data=sigma_data)
-
-  def step(x, inputs):
-    tau, std, k = inputs
-    return f(x + std * jax.random.normal(k, x.shape, x.dtype), tau, cond), None
-
-  x0, _ = jax.lax.scan(step, x_T, (taus, noise_std, jax.random.split(key, num_steps)))
-  return x0, {'nfe': num_steps, 'sigmas': taus}
