@@ -29,6 +29,7 @@ from jax.scipy.special import erf
 from diffusion_jax import parameterization as param
 from diffusion_jax.parameterization import SIGMA_DATA
 from diffusion_jax.parameterization import expand_like
+from diffusion_jax.samplers import grids
 
 # --- the process and the model ---------------------------------------------------------------
 
@@ -65,25 +66,8 @@ def consistency_fn(model_fn, x, sigma, cond=None, *, sigma_min: float,
 
 
 # --- the discretization and its curriculum --------------------------------------------------
-
-
-def karras_sigmas(n, sigma_min: float, sigma_max: float, rho: float = 7.0, size: int | None = None,
-                  dtype=jnp.float32):
-  """EDM's grid (Karras et al. 2022, Eq. 5), increasing as CM indexes it (CM §4).
-
-  `sigma_i = (sigma_min^(1/rho) + i / (n - 1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho`,
-  `i = 0..n-1`, with both end points set exactly. With `size`, `n` may be traced (the iCT
-  curriculum under jit): the result has `size` entries, those from `n - 1` on equal `sigma_max`.
-  """
-  if size is None:
-    if int(n) < 2:
-      raise ValueError(f'karras_sigmas: need n >= 2 points, got {n}')
-    size = int(n)
-  i = jnp.arange(size, dtype=dtype)
-  frac = jnp.minimum(i / jnp.asarray(n - 1, dtype), 1.0)
-  lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-  sigmas = (lo + frac * (hi - lo)) ** rho
-  return jnp.where(i == 0, sigma_min, jnp.where(frac >= 1.0, sigma_max, sigmas)).astype(dtype)
+# The grid is EDM's (`samplers.grids.karras_sigmas`, ends exact), reversed: CM indexes it
+# increasing, sigma_0 = sigma_min.
 
 
 def num_timesteps(step, total_steps: int, s0: int = 10, s1: int = 1280):
@@ -241,7 +225,8 @@ def consistency_training(process, total_steps: int, s0: int = 10, s1: int = 1280
 
   def objective(model_fn, x0, key, cond=None, *, step=0, target_model_fn=None):
     n = curriculum_fn(step, total_steps, s0, s1)
-    sigmas = karras_sigmas(n, sigma_min, sigma_max, rho, size=s1 + 1, dtype=x0.dtype)  # [s1+1]
+    sigmas = grids.karras_sigmas(n, sigma_min, sigma_max, rho, size=s1 + 1,
+                                 dtype=x0.dtype)[::-1]                                # [s1+1]
     key_i, key_z = jax.random.split(key)
     i = _draw_intervals(key_i, step_probs(sigmas, n), x0.shape[0])                    # [B]
     sigma_i, sigma_next = sigmas[i], sigmas[i + 1]
@@ -306,7 +291,7 @@ def consistency_distillation(process, teacher_denoiser, num_timesteps: int = 18,
 
   def objective(model_fn, x0, key, cond=None, *, step=0, target_model_fn=None):
     del step
-    sigmas = karras_sigmas(n_points, sigma_min, sigma_max, rho, dtype=x0.dtype)  # [N]
+    sigmas = grids.karras_sigmas(n_points, sigma_min, sigma_max, rho, dtype=x0.dtype)[::-1]  # [N]
     key_n, key_z = jax.random.split(key)
     n = _draw_intervals(key_n, uniform_step_probs(sigmas, n_points), x0.shape[0])  # [B]
     sigma_n, sigma_next = sigmas[n], sigmas[n + 1]
