@@ -30,6 +30,7 @@ from diffusion_jax import parameterization as param
 from diffusion_jax.parameterization import SIGMA_DATA
 from diffusion_jax.parameterization import expand_like
 from diffusion_jax.samplers import grids
+from diffusion_jax.samplers import ode
 
 # --- the process and the model ---------------------------------------------------------------
 
@@ -243,29 +244,24 @@ def consistency_training(process, total_steps: int, s0: int = 10, s1: int = 1280
 # --- consistency distillation -----------------------------------------------------------------
 
 
-def _teacher_d(teacher_denoiser, process):
-  """The teacher as EDM's `D(x; sigma)`: the library's denoiser called at `t(sigma)`."""
-  def denoise(x, sigma, cond):
-    return teacher_denoiser(x, process.t_of_log_snr(-2.0 * jnp.log(sigma)), cond)[0]
-  return denoise
+def _sigma_to_t(process, sigma):
+  return process.t_of_log_snr(-2.0 * jnp.log(sigma))
 
 
-def euler_step(denoise, x, sigma_from, sigma_to, cond=None):
-  """One Euler step of `dx/dsigma = (x - D(x; sigma)) / sigma` (Karras et al. 2022, Alg. 1)."""
-  s_from, s_to = expand_like(sigma_from, x), expand_like(sigma_to, x)
-  return x + (s_to - s_from) * (x - denoise(x, sigma_from, cond)) / s_from
+def _teacher_euler(teacher_denoiser, process, x, sigma, sigma_to, cond):
+  """`samplers.ode.euler_step` of the teacher's PF ODE in sigma (alpha = 1); `sigma [B]`."""
+  return ode.euler_step(teacher_denoiser, x, _sigma_to_t(process, sigma), 1.0,
+                        expand_like(sigma_to, x), cond)
 
 
-def heun_step(denoise, x, sigma_from, sigma_to, cond=None):
-  """One Heun step of the same ODE (Karras et al. 2022, Alg. 1, lines 5–8); `sigma_to > 0`."""
-  s_from, s_to = expand_like(sigma_from, x), expand_like(sigma_to, x)
-  d = (x - denoise(x, sigma_from, cond)) / s_from
-  x_euler = x + (s_to - s_from) * d
-  d_next = (x_euler - denoise(x_euler, sigma_to, cond)) / s_to
-  return x + (s_to - s_from) * 0.5 * (d + d_next)
+def _teacher_heun(teacher_denoiser, process, x, sigma, sigma_to, cond):
+  """`samplers.ode.heun_step` of the teacher's PF ODE in sigma (alpha = 1); `sigma_to > 0`."""
+  return ode.heun_step(teacher_denoiser, x, _sigma_to_t(process, sigma), 1.0,
+                       expand_like(sigma, x), _sigma_to_t(process, sigma_to), 1.0,
+                       expand_like(sigma_to, x), cond)
 
 
-ODE_SOLVERS = {'euler': euler_step, 'heun': heun_step}
+ODE_SOLVERS = {'euler': _teacher_euler, 'heun': _teacher_heun}
 
 
 def consistency_distillation(process, teacher_denoiser, num_timesteps: int = 18,
@@ -286,7 +282,6 @@ def consistency_distillation(process, teacher_denoiser, num_timesteps: int = 18,
   metric = _lookup(METRICS, loss, 'loss')
   sigma_min, sigma_max = sigma_range(process)
   f = functools.partial(consistency_fn, sigma_min=sigma_min, sigma_data=sigma_data)
-  denoise = _teacher_d(teacher_denoiser, process)
   n_points = int(num_timesteps)
 
   def objective(model_fn, x0, key, cond=None, *, step=0, target_model_fn=None):
@@ -296,7 +291,8 @@ def consistency_distillation(process, teacher_denoiser, num_timesteps: int = 18,
     n = _draw_intervals(key_n, uniform_step_probs(sigmas, n_points), x0.shape[0])  # [B]
     sigma_n, sigma_next = sigmas[n], sigmas[n + 1]
     x_next = x0 + expand_like(sigma_next, x0) * jax.random.normal(key_z, x0.shape, x0.dtype)
-    x_hat = jax.lax.stop_gradient(solve(denoise, x_next, sigma_next, sigma_n, cond))
+    x_hat = jax.lax.stop_gradient(solve(teacher_denoiser, process, x_next, sigma_next, sigma_n,
+                                        cond))
     online = f(model_fn, x_next, sigma_next, cond)
     target_fn = model_fn if target_model_fn is None else target_model_fn
     target = jax.lax.stop_gradient(f(target_fn, x_hat, sigma_n, cond))
