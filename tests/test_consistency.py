@@ -28,7 +28,7 @@ EDM = processes.make_process('edm')
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
-def karras_sigmas(n, size=None, dtype=jnp.float32):
+def increasing_grid(n, size=None, dtype=jnp.float32):
   """The Karras grid between SIGMA_MIN and SIGMA_MAX, increasing as CM indexes it."""
   return samplers.grids.karras_sigmas(n, SIGMA_MIN, SIGMA_MAX, size=size, dtype=dtype)[::-1]
 
@@ -77,7 +77,7 @@ def test_boundary_condition_is_exact_for_any_network():
   wild = lambda x_in, c, cond: 1e6 * jax.random.normal(jax.random.key(1), x_in.shape)
   np.testing.assert_array_equal(cm.consistency_fn(wild, x, SIGMA_MIN, sigma_min=SIGMA_MIN), x)
   # The grid's first point is sigma_min bitwise, so CT / CD targets there are exact too.
-  sigmas = karras_sigmas(18)
+  sigmas = increasing_grid(18)
   np.testing.assert_array_equal(cm.consistency_fn(wild, x, sigmas[0], sigma_min=SIGMA_MIN), x)
   assert not np.allclose(cm.consistency_fn(wild, x, sigmas[1], sigma_min=SIGMA_MIN), x)
   np.testing.assert_allclose(exact_f(x, SIGMA_MIN), x, rtol=1e-6, atol=1e-6)   # f* too
@@ -229,10 +229,10 @@ def test_karras_grid_is_edm_eq5_increasing_and_padding_keeps_it():
     i = np.arange(n)
     lo, hi = SIGMA_MIN ** (1 / 7), SIGMA_MAX ** (1 / 7)
     expected = (lo + i / (n - 1) * (hi - lo)) ** 7
-    grid = karras_sigmas(n, dtype=jnp.float64)
+    grid = increasing_grid(n, dtype=jnp.float64)
     np.testing.assert_allclose(grid, expected, rtol=1e-12)
     assert float(grid[0]) == SIGMA_MIN and float(grid[-1]) == SIGMA_MAX
-    padded = jax.jit(lambda m: karras_sigmas(m, size=41, dtype=jnp.float64))(n)
+    padded = jax.jit(lambda m: increasing_grid(m, size=41, dtype=jnp.float64))(n)
     np.testing.assert_allclose(padded[:n], grid, rtol=1e-14)
     np.testing.assert_array_equal(padded[n:], SIGMA_MAX)
 
@@ -240,7 +240,7 @@ def test_karras_grid_is_edm_eq5_increasing_and_padding_keeps_it():
 def test_lognormal_step_probabilities_are_the_erf_formula():
   with jax.enable_x64(True):
     n, size = 21, 41
-    grid = karras_sigmas(n, size=size, dtype=jnp.float64)
+    grid = increasing_grid(n, size=size, dtype=jnp.float64)
     probs = np.asarray(cm.lognormal_step_probs(grid, n, -1.1, 2.0))
   cdf = np.array([math.erf((math.log(s) + 1.1) / (math.sqrt(2) * 2.0)) for s in np.asarray(grid)])
   mass = cdf[1:n] - cdf[:n - 1]
@@ -255,7 +255,7 @@ def test_ct_draws_intervals_from_the_lognormal_law():
   x0 = _data(jax.random.key(10), 20_000)
   _, aux = jax.jit(lambda x, k: objective(lambda x, c, cond: 0 * x, x, k))(x0, jax.random.key(11))
   assert int(aux['num_timesteps']) == 11
-  grid = np.asarray(karras_sigmas(11))
+  grid = np.asarray(increasing_grid(11))
   idx = np.argmin(np.abs(np.asarray(aux['sigma'])[:, None] - grid[None, :]), axis=1) - 1
   np.testing.assert_allclose(np.asarray(aux['sigma']), grid[idx + 1], rtol=1e-6)
   probs = np.asarray(cm.lognormal_step_probs(jnp.asarray(grid), 11), np.float64)
