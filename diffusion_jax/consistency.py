@@ -1,4 +1,4 @@
-"""Consistency models: training, distillation and sampling as pure functions (DESIGN §3, §4).
+"""Consistency models: training and distillation as pure functions (DESIGN §3).
 
 Song et al. 2023, "Consistency Models" (CM), and Song & Dhariwal 2023, "Improved Techniques for
 Training Consistency Models" (iCT), in EDM's sigma parameterisation on processes with
@@ -10,8 +10,9 @@ A consistency model is `f(x, sigma) = c_skip x + c_out F(c_in x, c_noise)` with 
 `parameterization.consistency_coefficients` (`f(x, sigma_min) = x`). The network is called as
 `model_fn(c_in x, c_noise, cond) -> F`, exactly as for kind 'consistency' in
 `parameterization`, so a trained model also works through
-`make_denoiser(model_fn, process, 'consistency')`. Everything here stays in sigma, never
-round-tripping through `t`, so the boundary condition holds bitwise at the grid's first point.
+`make_denoiser(model_fn, process, 'consistency')`, which is how it is sampled (CM Alg. 1:
+`samplers.consistency_multistep_sample`). Everything here stays in sigma, never round-tripping
+through `t`, so the boundary condition holds bitwise at the grid's first point.
 
 Metrics are per example over the whole sample (`||.||_2` over all non-batch dimensions), as in
 the papers; `objectives` averages over dimensions instead (a constant factor `d` for L2).
@@ -28,6 +29,8 @@ from jax.scipy.special import erf
 from diffusion_jax import parameterization as param
 from diffusion_jax.parameterization import SIGMA_DATA
 from diffusion_jax.parameterization import expand_like
+from diffusion_jax.samplers import grids
+from diffusion_jax.samplers import ode
 
 # --- the process and the model ---------------------------------------------------------------
 
@@ -64,25 +67,8 @@ def consistency_fn(model_fn, x, sigma, cond=None, *, sigma_min: float,
 
 
 # --- the discretization and its curriculum --------------------------------------------------
-
-
-def karras_sigmas(n, sigma_min: float, sigma_max: float, rho: float = 7.0, size: int | None = None,
-                  dtype=jnp.float32):
-  """EDM's grid (Karras et al. 2022, Eq. 5), increasing as CM indexes it (CM §4).
-
-  `sigma_i = (sigma_min^(1/rho) + i / (n - 1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho`,
-  `i = 0..n-1`, with both end points set exactly. With `size`, `n` may be traced (the iCT
-  curriculum under jit): the result has `size` entries, those from `n - 1` on equal `sigma_max`.
-  """
-  if size is None:
-    if int(n) < 2:
-      raise ValueError(f'karras_sigmas: need n >= 2 points, got {n}')
-    size = int(n)
-  i = jnp.arange(size, dtype=dtype)
-  frac = jnp.minimum(i / jnp.asarray(n - 1, dtype), 1.0)
-  lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-  sigmas = (lo + frac * (hi - lo)) ** rho
-  return jnp.where(i == 0, sigma_min, jnp.where(frac >= 1.0, sigma_max, sigmas)).astype(dtype)
+# The grid is EDM's (`samplers.grids.karras_sigmas`, ends exact), reversed: CM indexes it
+# increasing, sigma_0 = sigma_min.
 
 
 def num_timesteps(step, total_steps: int, s0: int = 10, s1: int = 1280):
@@ -240,7 +226,8 @@ def consistency_training(process, total_steps: int, s0: int = 10, s1: int = 1280
 
   def objective(model_fn, x0, key, cond=None, *, step=0, target_model_fn=None):
     n = curriculum_fn(step, total_steps, s0, s1)
-    sigmas = karras_sigmas(n, sigma_min, sigma_max, rho, size=s1 + 1, dtype=x0.dtype)  # [s1+1]
+    sigmas = grids.karras_sigmas(n, sigma_min, sigma_max, rho, size=s1 + 1,
+                                 dtype=x0.dtype)[::-1]                                # [s1+1]
     key_i, key_z = jax.random.split(key)
     i = _draw_intervals(key_i, step_probs(sigmas, n), x0.shape[0])                    # [B]
     sigma_i, sigma_next = sigmas[i], sigmas[i + 1]
@@ -257,29 +244,24 @@ def consistency_training(process, total_steps: int, s0: int = 10, s1: int = 1280
 # --- consistency distillation -----------------------------------------------------------------
 
 
-def _teacher_d(teacher_denoiser, process):
-  """The teacher as EDM's `D(x; sigma)`: the library's denoiser called at `t(sigma)`."""
-  def denoise(x, sigma, cond):
-    return teacher_denoiser(x, process.t_of_log_snr(-2.0 * jnp.log(sigma)), cond)[0]
-  return denoise
+def _sigma_to_t(process, sigma):
+  return process.t_of_log_snr(-2.0 * jnp.log(sigma))
 
 
-def euler_step(denoise, x, sigma_from, sigma_to, cond=None):
-  """One Euler step of `dx/dsigma = (x - D(x; sigma)) / sigma` (Karras et al. 2022, Alg. 1)."""
-  s_from, s_to = expand_like(sigma_from, x), expand_like(sigma_to, x)
-  return x + (s_to - s_from) * (x - denoise(x, sigma_from, cond)) / s_from
+def _teacher_euler(teacher_denoiser, process, x, sigma, sigma_to, cond):
+  """`samplers.ode.euler_step` of the teacher's PF ODE in sigma (alpha = 1); `sigma [B]`."""
+  return ode.euler_step(teacher_denoiser, x, _sigma_to_t(process, sigma), 1.0,
+                        expand_like(sigma_to, x), cond)
 
 
-def heun_step(denoise, x, sigma_from, sigma_to, cond=None):
-  """One Heun step of the same ODE (Karras et al. 2022, Alg. 1, lines 5–8); `sigma_to > 0`."""
-  s_from, s_to = expand_like(sigma_from, x), expand_like(sigma_to, x)
-  d = (x - denoise(x, sigma_from, cond)) / s_from
-  x_euler = x + (s_to - s_from) * d
-  d_next = (x_euler - denoise(x_euler, sigma_to, cond)) / s_to
-  return x + (s_to - s_from) * 0.5 * (d + d_next)
+def _teacher_heun(teacher_denoiser, process, x, sigma, sigma_to, cond):
+  """`samplers.ode.heun_step` of the teacher's PF ODE in sigma (alpha = 1); `sigma_to > 0`."""
+  return ode.heun_step(teacher_denoiser, x, _sigma_to_t(process, sigma), 1.0,
+                       expand_like(sigma, x), _sigma_to_t(process, sigma_to), 1.0,
+                       expand_like(sigma_to, x), cond)
 
 
-ODE_SOLVERS = {'euler': euler_step, 'heun': heun_step}
+ODE_SOLVERS = {'euler': _teacher_euler, 'heun': _teacher_heun}
 
 
 def consistency_distillation(process, teacher_denoiser, num_timesteps: int = 18,
@@ -300,17 +282,17 @@ def consistency_distillation(process, teacher_denoiser, num_timesteps: int = 18,
   metric = _lookup(METRICS, loss, 'loss')
   sigma_min, sigma_max = sigma_range(process)
   f = functools.partial(consistency_fn, sigma_min=sigma_min, sigma_data=sigma_data)
-  denoise = _teacher_d(teacher_denoiser, process)
   n_points = int(num_timesteps)
 
   def objective(model_fn, x0, key, cond=None, *, step=0, target_model_fn=None):
     del step
-    sigmas = karras_sigmas(n_points, sigma_min, sigma_max, rho, dtype=x0.dtype)  # [N]
+    sigmas = grids.karras_sigmas(n_points, sigma_min, sigma_max, rho, dtype=x0.dtype)[::-1]  # [N]
     key_n, key_z = jax.random.split(key)
     n = _draw_intervals(key_n, uniform_step_probs(sigmas, n_points), x0.shape[0])  # [B]
     sigma_n, sigma_next = sigmas[n], sigmas[n + 1]
     x_next = x0 + expand_like(sigma_next, x0) * jax.random.normal(key_z, x0.shape, x0.dtype)
-    x_hat = jax.lax.stop_gradient(solve(denoise, x_next, sigma_next, sigma_n, cond))
+    x_hat = jax.lax.stop_gradient(solve(teacher_denoiser, process, x_next, sigma_next, sigma_n,
+                                        cond))
     online = f(model_fn, x_next, sigma_next, cond)
     target_fn = model_fn if target_model_fn is None else target_model_fn
     target = jax.lax.stop_gradient(f(target_fn, x_hat, sigma_n, cond))
@@ -318,35 +300,3 @@ def consistency_distillation(process, teacher_denoiser, num_timesteps: int = 18,
     return jnp.mean(per_example), _aux(process, per_example, sigma_next, n_points)
 
   return objective
-
-
-# --- sampling --------------------------------------------------------------------------------
-
-
-def consistency_sample(model_fn, process, x_T, key=None, sigmas=None, cond=None,
-                       sigma_data: float = SIGMA_DATA):
-  """One-step and multistep consistency sampling (CM Alg. 1) as one `lax.scan`.
-
-  `x <- f(x_T, tau_0)`; then for each later `tau`: `x^ = x + sqrt(tau² - sigma_min²) z`,
-  `x <- f(x^, tau)`. `x_T [B, ...]` is the prior draw at `tau_0` (`N(0, sigma_max²)` for the
-  default `sigmas = (sigma_max,)`, one step); `sigmas` are decreasing. `key` is needed for
-  more than one step. Returns `(x0, info)` with `info['nfe']`.
-  """
-  _require_unit_alpha(process, 'consistency_sample')
-  sigma_min, sigma_max = sigma_range(process)
-  taus = jnp.asarray((sigma_max,) if sigmas is None else sigmas, x_T.dtype)   # [M]
-  num_steps = taus.shape[0]
-  if key is None:
-    if num_steps > 1:
-      raise ValueError('consistency_sample: multistep sampling needs a key')
-    key = jax.random.key(0)   # never used to add noise: the first step adds none
-  # x_T already sits at tau_0, so the first step adds no noise.
-  noise_std = jnp.sqrt(jnp.maximum(taus**2 - sigma_min**2, 0.0)).at[0].set(0.0)
-  f = functools.partial(consistency_fn, model_fn, sigma_min=sigma_min, sigma_data=sigma_data)
-
-  def step(x, inputs):
-    tau, std, k = inputs
-    return f(x + std * jax.random.normal(k, x.shape, x.dtype), tau, cond), None
-
-  x0, _ = jax.lax.scan(step, x_T, (taus, noise_std, jax.random.split(key, num_steps)))
-  return x0, {'nfe': num_steps, 'sigmas': taus}

@@ -18,6 +18,7 @@ from diffusion_jax import analytic
 from diffusion_jax import consistency as cm
 from diffusion_jax import parameterization as param
 from diffusion_jax import processes
+from diffusion_jax import samplers
 from diffusion_jax.parameterization import expand_like
 
 MU = jnp.array([0.8, -0.4, 0.3])
@@ -25,6 +26,11 @@ S2 = jnp.array([0.05, 0.3, 1.5])
 SD = 0.5
 EDM = processes.make_process('edm')
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+
+
+def increasing_grid(n, size=None, dtype=jnp.float32):
+  """The Karras grid between SIGMA_MIN and SIGMA_MAX, increasing as CM indexes it."""
+  return samplers.grids.karras_sigmas(n, SIGMA_MIN, SIGMA_MAX, size=size, dtype=dtype)[::-1]
 
 
 def _data(key, n, dtype=jnp.float32):
@@ -71,7 +77,7 @@ def test_boundary_condition_is_exact_for_any_network():
   wild = lambda x_in, c, cond: 1e6 * jax.random.normal(jax.random.key(1), x_in.shape)
   np.testing.assert_array_equal(cm.consistency_fn(wild, x, SIGMA_MIN, sigma_min=SIGMA_MIN), x)
   # The grid's first point is sigma_min bitwise, so CT / CD targets there are exact too.
-  sigmas = cm.karras_sigmas(18, SIGMA_MIN, SIGMA_MAX)
+  sigmas = increasing_grid(18)
   np.testing.assert_array_equal(cm.consistency_fn(wild, x, sigmas[0], sigma_min=SIGMA_MIN), x)
   assert not np.allclose(cm.consistency_fn(wild, x, sigmas[1], sigma_min=SIGMA_MIN), x)
   np.testing.assert_allclose(exact_f(x, SIGMA_MIN), x, rtol=1e-6, atol=1e-6)   # f* too
@@ -100,10 +106,17 @@ def _assert_moments(x, mean, var, n_se=5.0):
   np.testing.assert_array_less(np.abs(x.var(0, ddof=1) - var), n_se * se_var)
 
 
+def _sample(model, x_T, key, sigmas):
+  """CM Alg. 1 at the noise levels `sigmas` on EDM (`sigma(t) = sigma_max t`), by the sampler."""
+  denoiser = param.make_denoiser(model, EDM, 'consistency')
+  times = np.asarray(sigmas, np.float64) / EDM.sigma_max
+  return samplers.consistency_multistep_sample(denoiser, EDM, x_T, key, times=times)
+
+
 def test_one_and_two_step_sampling_with_exact_model_reproduce_the_data():
   n = 100_000
   model = exact_network()
-  sample = jax.jit(lambda x_T, key, sigmas: cm.consistency_sample(model, EDM, x_T, key, sigmas),
+  sample = jax.jit(lambda x_T, key, sigmas: _sample(model, x_T, key, sigmas),
                    static_argnums=2)
   z = jax.random.normal(jax.random.key(4), (n, 3))
   mu, s2, smin2 = np.asarray(MU), np.asarray(S2), SIGMA_MIN**2
@@ -132,10 +145,11 @@ def test_one_and_two_step_sampling_with_exact_model_reproduce_the_data():
 def test_sampling_arguments():
   model = exact_network()
   x_T = SIGMA_MAX * jax.random.normal(jax.random.key(6), (4, 3))
-  with pytest.raises(ValueError, match='needs a key'):
-    cm.consistency_sample(model, EDM, x_T, None, (SIGMA_MAX, 1.0))
+  with pytest.raises(ValueError, match='key is required'):
+    _sample(model, x_T, None, (SIGMA_MAX, 1.0))
   ve = processes.make_process('ve')
-  out, info = cm.consistency_sample(model, ve, x_T / SIGMA_MAX * 50.0, jax.random.key(0))
+  out, info = samplers.consistency_multistep_sample(param.make_denoiser(model, ve, 'consistency'),
+                                                    ve, x_T / SIGMA_MAX * 50.0, steps=1)
   assert out.shape == x_T.shape and info['nfe'] == 1 and bool(jnp.all(jnp.isfinite(out)))
 
 
@@ -148,8 +162,6 @@ def test_processes_with_alpha_not_one_are_rejected(name, kwargs):
     cm.consistency_training(proc, 100)
   with pytest.raises(ValueError, match='alpha'):
     cm.consistency_distillation(proc, teacher)
-  with pytest.raises(ValueError, match='alpha'):
-    cm.consistency_sample(exact_network(), proc, jnp.zeros((2, 3)), jax.random.key(0))
 
 
 # --- (c) consistency distillation at the exact teacher --------------------------------------------
@@ -217,11 +229,10 @@ def test_karras_grid_is_edm_eq5_increasing_and_padding_keeps_it():
     i = np.arange(n)
     lo, hi = SIGMA_MIN ** (1 / 7), SIGMA_MAX ** (1 / 7)
     expected = (lo + i / (n - 1) * (hi - lo)) ** 7
-    grid = cm.karras_sigmas(n, SIGMA_MIN, SIGMA_MAX, dtype=jnp.float64)
+    grid = increasing_grid(n, dtype=jnp.float64)
     np.testing.assert_allclose(grid, expected, rtol=1e-12)
     assert float(grid[0]) == SIGMA_MIN and float(grid[-1]) == SIGMA_MAX
-    padded = jax.jit(lambda m: cm.karras_sigmas(m, SIGMA_MIN, SIGMA_MAX, size=41,
-                                                dtype=jnp.float64))(n)
+    padded = jax.jit(lambda m: increasing_grid(m, size=41, dtype=jnp.float64))(n)
     np.testing.assert_allclose(padded[:n], grid, rtol=1e-14)
     np.testing.assert_array_equal(padded[n:], SIGMA_MAX)
 
@@ -229,7 +240,7 @@ def test_karras_grid_is_edm_eq5_increasing_and_padding_keeps_it():
 def test_lognormal_step_probabilities_are_the_erf_formula():
   with jax.enable_x64(True):
     n, size = 21, 41
-    grid = cm.karras_sigmas(n, SIGMA_MIN, SIGMA_MAX, size=size, dtype=jnp.float64)
+    grid = increasing_grid(n, size=size, dtype=jnp.float64)
     probs = np.asarray(cm.lognormal_step_probs(grid, n, -1.1, 2.0))
   cdf = np.array([math.erf((math.log(s) + 1.1) / (math.sqrt(2) * 2.0)) for s in np.asarray(grid)])
   mass = cdf[1:n] - cdf[:n - 1]
@@ -244,7 +255,7 @@ def test_ct_draws_intervals_from_the_lognormal_law():
   x0 = _data(jax.random.key(10), 20_000)
   _, aux = jax.jit(lambda x, k: objective(lambda x, c, cond: 0 * x, x, k))(x0, jax.random.key(11))
   assert int(aux['num_timesteps']) == 11
-  grid = np.asarray(cm.karras_sigmas(11, SIGMA_MIN, SIGMA_MAX))
+  grid = np.asarray(increasing_grid(11))
   idx = np.argmin(np.abs(np.asarray(aux['sigma'])[:, None] - grid[None, :]), axis=1) - 1
   np.testing.assert_allclose(np.asarray(aux['sigma']), grid[idx + 1], rtol=1e-6)
   probs = np.asarray(cm.lognormal_step_probs(jnp.asarray(grid), 11), np.float64)

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from diffusion_jax import consistency
 from diffusion_jax import objectives
 from diffusion_jax import parameterization as param
 from diffusion_jax import processes
@@ -117,7 +116,8 @@ def test_consistency_training_one_step():
   params = _train(objectives.make_objective('consistency_training', proc, total_steps=3000,
                                             s1=160))
   x_T = proc.prior_sample(jax.random.key(2), (5000, 2))
-  xs, info = jax.jit(lambda x: consistency.consistency_sample(_apply(params), proc, x))(x_T)
+  xs, info = jax.jit(lambda x: samplers.consistency_multistep_sample(
+      param.make_denoiser(_apply(params), proc, 'consistency'), proc, x, steps=1))(x_T)
   assert info['nfe'] == 1
   ref, floor = _floor()
   sw = float(sliced_wasserstein(jax.random.key(6), xs, ref))
@@ -132,7 +132,8 @@ def test_consistency_distillation_one_step():
   params = _train(objectives.make_objective('consistency_distillation', proc,
                                             teacher_denoiser=teacher, num_timesteps=18))
   x_T = proc.prior_sample(jax.random.key(2), (5000, 2))
-  xs, _ = jax.jit(lambda x: consistency.consistency_sample(_apply(params), proc, x))(x_T)
+  xs, _ = jax.jit(lambda x: samplers.consistency_multistep_sample(
+      param.make_denoiser(_apply(params), proc, 'consistency'), proc, x, steps=1))(x_T)
   ref, floor = _floor()
   sw = float(sliced_wasserstein(jax.random.key(6), xs, ref))
   assert sw <= BAR * floor, (sw, floor, sw / floor)

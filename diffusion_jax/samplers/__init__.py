@@ -11,6 +11,7 @@ evaluations; `info['trajectory']` (with `return_trajectory=True`) stacks the sta
 from diffusion_jax.samplers import grids
 from diffusion_jax.samplers import likelihood
 from diffusion_jax.samplers.adaptive import adaptive_sample
+from diffusion_jax.samplers.consistency import consistency_multistep_sample
 from diffusion_jax.samplers.discrete import ddim_sample
 from diffusion_jax.samplers.discrete import ddim_invert
 from diffusion_jax.samplers.discrete import ddpm_sample
@@ -37,7 +38,6 @@ from diffusion_jax.samplers.ode import flow_rk4_sample
 from diffusion_jax.samplers.ode import flow_sample
 from diffusion_jax.samplers.ode import heun_sample
 from diffusion_jax.samplers.ode import velocity
-from diffusion_jax.samplers.sde import consistency_multistep_sample
 from diffusion_jax.samplers.sde import euler_maruyama_sample
 from diffusion_jax.samplers.sde import pc_sample
 from diffusion_jax.samplers.unipc import unipc_bh1_sample

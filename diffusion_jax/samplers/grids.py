@@ -82,9 +82,37 @@ class Grid(NamedTuple):
     return self.t.shape[0] - 1 + int(self.to_data)
 
 
-def _karras(s_max, s_min, n, rho):
-  ramp = np.linspace(0.0, 1.0, n)
-  return (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+def karras_sigmas(n, sigma_min, sigma_max, rho: float = 7.0, *, size: int | None = None,
+                  dtype=None, exact_ends: bool = True):
+  """Karras et al. (2022, Eq. 5): `n` noise levels decreasing from `sigma_max` to `sigma_min`,
+
+  `sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`,
+  `i = 0..n-1` (`n = 1`: `sigma_max` alone). `exact_ends` sets `sigma_0 = sigma_max` and
+  `sigma_{n-1} = sigma_min` bitwise (the formula's own ends may differ in the last bit), which a
+  consistency model's boundary condition at `sigma_min` needs; `time_grid` keeps the formula's.
+
+  A concrete `n` without `size` gives numpy float64, or a jax array of `dtype` if one is given.
+  With `size`, `n` may be traced (iCT's curriculum under jit): a jax array of `size` entries in
+  `dtype`, the first `size - n` equal to `sigma_max`, so that reversed into the increasing order
+  consistency models index (CM §4) the padding comes last.
+  """
+  lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+  if size is None:
+    if int(n) < 1:
+      raise ValueError(f'karras_sigmas: need n >= 1 points, got {n}')
+    ramp = np.linspace(0.0, 1.0, int(n))                       # [n], i / (n - 1)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    if exact_ends:
+      sigmas[-1] = sigma_min
+      sigmas[0] = sigma_max
+    return sigmas if dtype is None else jnp.asarray(sigmas, dtype)
+  dtype = dtype or jnp.result_type(float)
+  k = jnp.arange(size) - (size - n)                            # [size], i; <= 0 in the padding
+  ramp = jnp.maximum(k, 0).astype(dtype) / jnp.asarray(n - 1, dtype)
+  sigmas = (hi + ramp * (lo - hi)) ** rho
+  if exact_ends:
+    sigmas = jnp.where(k <= 0, sigma_max, jnp.where(k >= n - 1, sigma_min, sigmas))
+  return sigmas.astype(dtype)
 
 
 def time_grid(process, steps: int, grid: str = 'log_snr', *, t_min: float | None = None,
@@ -133,7 +161,7 @@ def time_grid(process, steps: int, grid: str = 'log_snr', *, t_min: float | None
                                f'{EDM_SIGMA_MAX}], outside this process range [{s_min:.4g}, '
                                f"{s_max:.4g}]; use grid='karras'")
             s_max, s_min = EDM_SIGMA_MAX, EDM_SIGMA_MIN
-          lam = -2.0 * np.log(_karras(s_max, s_min, n, rho))
+          lam = -2.0 * np.log(karras_sigmas(n, s_min, s_max, rho, exact_ends=False))
         t = process.t_of_log_snr(jnp.asarray(lam, dtype))
         if grid != 'edm':   # unclipped end points exactly, not through the inverse
           if abs(lam_raw[0]) <= log_snr_clip:

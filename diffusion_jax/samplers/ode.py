@@ -25,6 +25,30 @@ from diffusion_jax.parameterization import expand_like
 from diffusion_jax.samplers import _common
 
 
+def euler_step(denoiser, x, t, alpha_next, sigma_next, cond=None):
+  """One Euler step of `dy/ds = eps_hat` (`y = x / alpha`, `s = sigma / alpha`) from time `t` to
+  the level `(alpha_next, sigma_next)`: `x_next = alpha_next x0_hat + sigma_next eps_hat`, which
+  is DDIM's step and, with alpha = 1, Karras et al. (2022, Alg. 1, line 4). 1 call.
+
+  `t` is a scalar or `[B]`; the coefficients are scalars or broadcast against `x [B, ...]`.
+  """
+  x0, eps = denoiser(x, t, cond)
+  return alpha_next * x0 + sigma_next * eps
+
+
+def heun_step(denoiser, x, t, alpha, s, t_next, alpha_next, s_next, cond=None):
+  """One Heun step of `dy/ds = eps_hat` from `(t, alpha, s)` to `(t_next, alpha_next, s_next)`,
+  `s = sigma / alpha > 0` at both (Karras et al. 2022, Alg. 2, lines 5-8): an Euler step to
+  `s_next` corrected with the slope there (trapezoid). 2 calls.
+
+  `t`, `t_next` are scalars or `[B]`; the coefficients are scalars or broadcast against `x`.
+  """
+  _, d1 = denoiser(x, t, cond)
+  y_euler = x / alpha + (s_next - s) * d1
+  _, d2 = denoiser(alpha_next * y_euler, t_next, cond)
+  return alpha_next * (x / alpha + (s_next - s) * 0.5 * (d1 + d2))
+
+
 def euler_sample(denoiser, process, x_T, key=None, *, steps: int, cond=None,
                  grid: str = 'karras', t_min=None, t_max: float = 1.0, rho: float = 7.0,
                  final: str = 'data', return_trajectory: bool = False):
@@ -40,8 +64,7 @@ def euler_sample(denoiser, process, x_T, key=None, *, steps: int, cond=None,
 
   def step(x, inputs):
     t_i, a_next, s_next = inputs
-    x0, eps = denoiser(x, t_i, cond)
-    return a_next * x0 + s_next * eps
+    return euler_step(denoiser, x, t_i, a_next, s_next, cond)
 
   x, traj = _common.scan(step, x_T, (t[:-1], alpha[1:], sigma[1:]), return_trajectory)
   return _common.finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, t.shape[0] - 1, x_T)
@@ -95,10 +118,7 @@ def heun_sample(denoiser, process, x_T, key=None, *, steps: int, cond=None,
   def step(x, inputs):
     t_i, a_i, s_i, t_n, a_n, s_n, gamma, k = inputs
     x_hat, t_hat, a_hat, s_hat = churn(x, t_i, a_i, s_i, gamma, k)
-    _, d1 = denoiser(x_hat, t_hat, cond)
-    y_euler = x_hat / a_hat + (s_n - s_hat) * d1
-    _, d2 = denoiser(a_n * y_euler, t_n, cond)
-    return a_n * (x_hat / a_hat + (s_n - s_hat) * 0.5 * (d1 + d2))
+    return heun_step(denoiser, x_hat, t_hat, a_hat, s_hat, t_n, a_n, s_n, cond)
 
   xs = (t[:-1], alpha[:-1], s[:-1], t[1:], alpha[1:], s[1:], gam[:-1], keys[:-1])
   x, traj = _common.scan(step, x_T, xs, return_trajectory)
