@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.update(lr=3e-4, warmup_steps=1, schedule='constant', grad_clip=0.0)
   c.train.update(num_steps=540_000, batch_size=2048, ema_decay=0.9999, log_every=100,
                  checkpoint_every=10_000)
-  c.sample.update(sampler='ddpm', steps=250, variance='learned', batch_size=256, grid_size=64)
+  c.sample.update(sampler='ddpm', steps=250, options=dict(variance='learned'), batch_size=256,
+                  grid_size=64)
   c.eval.update(num_samples=50_000, enabled=False)
   return c

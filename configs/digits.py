@@ -14,11 +14,7 @@ Override anything from the command line, e.g. `--config.train.num_steps=200`.
 import ml_collections
 from ml_collections import config_dict
 
-# The keyword options of `samplers.SAMPLERS` the training loop passes on (train_loop.SampleConfig).
-SAMPLER_OPTION_TYPES = dict(
-    grid=str, spacing=str, variance=str, eta=float, rho=float, t_min=float, s_churn=float,
-    order=int, method=str, variant=str, rtol=float, atol=float, solver=str, snr=float,
-    corrector_steps=int)
+from diffusion_jax.samplers import SAMPLER_OPTIONS
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -35,11 +31,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
                  checkpoint_every=500, keep_checkpoints=3)
   # Ancestral DDPM on 100 respaced steps: FD 4.36 vs 5.94 for DDIM-100 on the same model.
   # Sampler options left as placeholders take the sampler's defaults (DDPM: 'small' variance,
-  # 'trailing' spacing); set those the chosen sampler takes, e.g. --config.sample.eta=0.5.
+  # 'trailing' spacing); set those the chosen sampler takes, e.g.
+  # --config.sample.sampler=ddim --config.sample.options.eta=0.5.
   c.sample = dict(sampler='ddpm', steps=100, clip_x0=1.0, batch_size=500, grid_size=100,
-                  guidance_scale=1.0)
-  for key, kind in SAMPLER_OPTION_TYPES.items():
-    c.sample[key] = config_dict.placeholder(kind)
+                  guidance_scale=1.0,
+                  options={k: config_dict.placeholder(t) for k, t in SAMPLER_OPTIONS.items()})
   c.eval = dict(num_samples=1000, cache_dir='', enabled=True)
 
   variants = [v for v in (variant or '').split(',') if v]

@@ -37,7 +37,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.optim.update(lr=1e-4, warmup_steps=1, schedule='constant', weight_decay=0.0, grad_clip=0.0)
   c.train.update(num_steps=400_000, batch_size=256, ema_decay=0.9999, log_every=100,
                  checkpoint_every=10_000)
-  c.sample.update(sampler='ddpm', steps=250, variance='learned', batch_size=64, grid_size=64,
-                  guidance_scale=1.5)
+  c.sample.update(sampler='ddpm', steps=250, options=dict(variance='learned'), batch_size=64,
+                  grid_size=64, guidance_scale=1.5)
   c.eval.update(num_samples=50_000, enabled=False)
   return c

@@ -14,7 +14,6 @@ from diffusion_jax import parallel
 from diffusion_jax import parameterization
 from diffusion_jax import samplers
 from diffusion_jax.run_config import Setup
-from diffusion_jax.run_config import sampler_options
 
 
 def make_sample_fn(setup: Setup):
@@ -25,7 +24,7 @@ def make_sample_fn(setup: Setup):
   """
   s = setup.sample
   clip = s.clip_x0 if s.clip_x0 > 0 else None
-  options = sampler_options(s)
+  options = dict(s.options)
   sampler = samplers.SAMPLERS[s.sampler]
 
   @jax.jit

@@ -2,12 +2,14 @@
 
 `build(config)` checks every section (a wrong key, type or value is a one-line `ConfigError`
 naming it), opens the training data, builds the process, objective, model and sampler options
-and traces the model and the sampler abstractly, so a bad combination fails in seconds.
+(one small builder per section) and traces the model and the sampler abstractly, so a bad
+combination fails in seconds.
 """
 
 import dataclasses
 import inspect
-from typing import Any
+import types
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +27,8 @@ from diffusion_jax.configuration import ConfigError
 from diffusion_jax.data import sources
 from diffusion_jax.models import MODELS
 
-# Sampler keyword options `config.sample` may set (None = the sampler's own default). Only the
-# ones the chosen sampler accepts may be set; others are a ConfigError naming the key.
-SAMPLER_OPTIONS = ('grid', 'spacing', 'variance', 'eta', 'rho', 't_min', 's_churn', 'order',
-                   'method', 'variant', 'rtol', 'atol', 'solver', 'snr', 'corrector_steps')
+SECTIONS = ('seed', 'data', 'process', 'objective', 'model', 'optim', 'train', 'sample',
+            'eval')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,25 +53,13 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-  """`sampler` names an entry of `samplers.SAMPLERS`; the optional fields are its keyword
-  options (None = the sampler's default; in configs, `ml_collections.config_dict.placeholder`)."""
+  """`sampler` names an entry of `samplers.SAMPLERS`; `options` are keyword options of it
+  (`samplers.SAMPLER_OPTIONS`; in configs, `config.sample.options.<name>`, placeholders unless
+  set). Unset (None) options are dropped, so that they keep the sampler's defaults: `options`
+  is a frozen mapping of exactly the keywords the sampler is called with."""
   sampler: str = 'ddpm'
   steps: int = 100
-  grid: str | None = None
-  spacing: str | None = None
-  variance: str | None = None
-  eta: float | None = None
-  rho: float | None = None
-  t_min: float | None = None
-  s_churn: float | None = None
-  order: int | None = None
-  method: str | None = None
-  variant: str | None = None
-  rtol: float | None = None
-  atol: float | None = None
-  solver: str | None = None
-  snr: float | None = None
-  corrector_steps: int | None = None
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   clip_x0: float = 1.0          # clip x0_hat to the data range; 0 disables
   # Class-conditional models: sample i gets label i % num_classes; the classifier-free guidance
   # scale (1 = the conditional model, 0 = the unconditional one, > 1 guides; Ho & Salimans 2022
@@ -79,6 +67,10 @@ class SampleConfig:
   guidance_scale: float = 1.0
   batch_size: int = 500
   grid_size: int = 100          # images in samples.png (0, with eval off: no sampling)
+
+  def __post_init__(self):
+    options = {k: v for k, v in dict(self.options).items() if v is not None}
+    object.__setattr__(self, 'options', types.MappingProxyType(options))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,63 +110,90 @@ def build_model(model_config) -> Any:
 def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -> Setup:
   """Validates `config` and builds the pieces; raises `ConfigError` naming the bad key.
 
+  Each section is built by its own builder, in order; the checks across sections are here.
   The data section opens its source (`data.sources`; for TFDS that reads one example), whose
   image shape the model is checked against. `source` replaces the configured one (any object
   with the `sources.ArraySource` interface). `image_shape` (`[H, W, C]`) instead validates a
   config for data that is not at hand (the reference configs): nothing is opened.
   """
-  known = {'seed', 'data', 'process', 'objective', 'model', 'optim', 'train', 'sample', 'eval'}
-  for k in config:
-    if k not in known:
-      raise ConfigError(f'config.{k}: unknown section; valid sections are {sorted(known)}')
-  if not isinstance(config.get('seed'), int):
-    raise ConfigError(f'config.seed={config.get("seed")!r}: expected int')
-  data_cfg = dict(config.data)
-  data_name = data_cfg.pop('name', None)
-  if not isinstance(data_name, str):
-    raise ConfigError(f'config.data.name={data_name!r}: expected a dataset name (str)')
-  data = configuration.from_section(sources.DataConfig, 'data', data_cfg, name=data_name)
+  _check_sections(config)
+  data = _build_data(config.data)
   if image_shape is None:
-    if source is None:
-      configuration.choice('data.name', data.name, sources.DATASETS)
-      try:
-        source = sources.make_source(data)
-      except ValueError as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+    source = _open_source(data) if source is None else source
     image_shape = source.image_shape
   image_shape = tuple(image_shape)
+  process = _build_process(config.process)
+  objective = _build_objective(config.objective, process)
+  model = build_model(config.model)
+  _check_model(model, image_shape)
+  _check_out_channels(model, objective, image_shape)
+  train = _build_train(config.train)
+  optim = _build_optim(config.optim)
+  sample = _build_sample(config.sample)
+  check_sampler(sample, process, objective, image_shape)
+  conditional = getattr(model, 'num_classes', 0) > 0
+  if conditional and source is not None:
+    _check_labels(model, data, source)
+  if sample.guidance_scale != 1.0 and not conditional:
+    raise ConfigError(f'config.sample.guidance_scale={sample.guidance_scale}: guidance needs a '
+                      f'class-conditional model (set config.model.num_classes)')
+  ev = _build_eval(config.eval)
+  if ev.enabled and source is not None and data.name not in evaluation.EVALUATED:
+    raise ConfigError(f'config.eval.enabled=True: the in-loop evaluation measures digits and '
+                      f'2-D toys (data.name={data.name!r}); set --config.eval.enabled=False')
+  return Setup(train=train, sample=sample, eval=ev, optim=optim, process=process,
+               objective=objective, model=model, conditional=conditional,
+               data=data, image_shape=image_shape, source=source)
 
-  process_cfg = dict(config.process)
-  configuration.choice('process.name', process_cfg.pop('name'), processes.PROCESSES)
+
+def _check_sections(config) -> None:
+  for k in config:
+    if k not in SECTIONS:
+      raise ConfigError(f'config.{k}: unknown section; valid sections are {sorted(SECTIONS)}')
+  if not isinstance(config.get('seed'), int):
+    raise ConfigError(f'config.seed={config.get("seed")!r}: expected int')
+
+
+def _build_data(section) -> sources.DataConfig:
+  values = dict(section)
+  name = values.pop('name', None)
+  if not isinstance(name, str):
+    raise ConfigError(f'config.data.name={name!r}: expected a dataset name (str)')
+  return configuration.from_section(sources.DataConfig, 'data', values, name=name)
+
+
+def _open_source(data: sources.DataConfig):
+  configuration.choice('data.name', data.name, sources.DATASETS)
   try:
-    process = processes.make_process(config.process.name, **process_cfg)
+    return sources.make_source(data)
+  except ValueError as e:
+    raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def _build_process(section):
+  values = dict(section)
+  name = configuration.choice('process.name', values.pop('name'), processes.PROCESSES)
+  try:
+    return processes.make_process(name, **values)
   except (TypeError, ValueError) as e:
     raise ConfigError(f'config.process: {str(e).splitlines()[0]}') from None
 
-  objective_cfg = dict(config.objective)
-  name = configuration.choice('objective.name', objective_cfg.pop('name'), objectives.OBJECTIVES)
+
+def _build_objective(section, process) -> objectives.Objective:
+  values = dict(section)
+  name = configuration.choice('objective.name', values.pop('name'), objectives.OBJECTIVES)
   if name == 'consistency_distillation':
     # It needs a trained teacher's denoiser, which a from-scratch run does not have.
     raise ConfigError("config.objective.name='consistency_distillation' needs a teacher "
                       'denoiser; call objectives.make_objective from the library with one')
   try:
-    objective = objectives.make_objective(name, process, **objective_cfg)
+    return objectives.make_objective(name, process, **values)
   except (TypeError, ValueError) as e:
     raise ConfigError(f'config.objective: {str(e).splitlines()[0]}') from None
 
-  model = build_model(config.model)
-  _check_model(model, image_shape)
-  # Nichol & Dhariwal's learned variances: the network outputs 2C channels (prediction, v).
-  channels = image_shape[-1]
-  want = 2 * channels if objective.learned_variance else channels
-  got = getattr(model, 'out_channels', None)
-  if (got or channels) != want:
-    what = ('a prediction and a learned variance' if objective.learned_variance
-            else 'one prediction')
-    raise ConfigError(f'config.model.out_channels={got}: objective {name!r} needs {want} output '
-                      f'channels ({what} per image channel)')
 
-  train = configuration.from_section(TrainConfig, 'train', config.train)
+def _build_train(section) -> TrainConfig:
+  train = configuration.from_section(TrainConfig, 'train', section)
   for k in ('num_steps', 'batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints',
             'grad_accum_steps', 'max_consecutive_skips', 'fsdp_min_size'):
     configuration.positive(f'train.{k}', getattr(train, k))
@@ -186,55 +205,68 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
   if train.batch_size % train.grad_accum_steps:
     raise ConfigError(f'config.train.batch_size={train.batch_size}: must be divisible by '
                       f'train.grad_accum_steps={train.grad_accum_steps}')
+  return train
 
-  optim = configuration.from_section(training.OptimConfig, 'optim', config.optim)
+
+def _build_optim(section) -> training.OptimConfig:
+  optim = configuration.from_section(training.OptimConfig, 'optim', section)
   configuration.positive('optim.lr', optim.lr)
   configuration.choice('optim.schedule', optim.schedule, ('constant', 'cosine'))
+  return optim
 
-  sample = configuration.from_section(SampleConfig, 'sample', config.sample)
+
+def _build_sample(section) -> SampleConfig:
+  options = section.get('options', {})
+  if not isinstance(options, (Mapping, ml_collections.ConfigDict)):
+    raise ConfigError(f'config.sample.options={options!r}: expected a mapping of sampler '
+                      f'options (config.sample.options.<name>)')
+  sample = configuration.from_section(SampleConfig, 'sample', section)
   configuration.choice('sample.sampler', sample.sampler, samplers.SAMPLERS)
   configuration.positive('sample.batch_size', sample.batch_size)
   configuration.positive('sample.grid_size', sample.grid_size, allow_zero=True)
-  check_sampler(sample, process, objective, image_shape)
+  return sample
 
-  conditional = getattr(model, 'num_classes', 0) > 0
-  if conditional and source is not None:
-    have = getattr(source, 'num_classes', 0)
-    if not have:
-      raise ConfigError(f'config.model.num_classes={model.num_classes}: data {data.name!r} has '
-                        f'no labels to condition on')
-    if have > model.num_classes:
-      raise ConfigError(f'config.model.num_classes={model.num_classes}: data {data.name!r} has '
-                        f'{have} classes')
-  if sample.guidance_scale != 1.0 and not conditional:
-    raise ConfigError(f'config.sample.guidance_scale={sample.guidance_scale}: guidance needs a '
-                      f'class-conditional model (set config.model.num_classes)')
 
-  ev = configuration.from_section(EvalConfig, 'eval', config.eval)
+def _build_eval(section) -> EvalConfig:
+  ev = configuration.from_section(EvalConfig, 'eval', section)
   configuration.positive('eval.num_samples', ev.num_samples)
-  if ev.enabled and source is not None and data.name not in evaluation.EVALUATED:
-    raise ConfigError(f'config.eval.enabled=True: the in-loop evaluation measures digits and '
-                      f'2-D toys (data.name={data.name!r}); set --config.eval.enabled=False')
-  return Setup(train=train, sample=sample, eval=ev, optim=optim, process=process,
-               objective=objective, model=model, conditional=conditional,
-               data=data, image_shape=image_shape, source=source)
+  return ev
 
 
-def sampler_options(sample: SampleConfig) -> dict:
-  """The sampler keyword options set in `config.sample` (those not None)."""
-  return {k: getattr(sample, k) for k in SAMPLER_OPTIONS if getattr(sample, k) is not None}
+def _check_out_channels(model, objective: objectives.Objective, image_shape) -> None:
+  """Nichol & Dhariwal's learned variances: the network outputs 2C channels (prediction, v)."""
+  channels = image_shape[-1]
+  want = 2 * channels if objective.learned_variance else channels
+  got = getattr(model, 'out_channels', None)
+  if (got or channels) != want:
+    what = ('a prediction and a learned variance' if objective.learned_variance
+            else 'one prediction')
+    raise ConfigError(f'config.model.out_channels={got}: objective {objective.name!r} needs '
+                      f'{want} output channels ({what} per image channel)')
+
+
+def _check_labels(model, data: sources.DataConfig, source) -> None:
+  """A class-conditional model needs data with at most `num_classes` labels."""
+  have = getattr(source, 'num_classes', 0)
+  if not have:
+    raise ConfigError(f'config.model.num_classes={model.num_classes}: data {data.name!r} has '
+                      f'no labels to condition on')
+  if have > model.num_classes:
+    raise ConfigError(f'config.model.num_classes={model.num_classes}: data {data.name!r} has '
+                      f'{have} classes')
 
 
 def check_sampler(sample: SampleConfig, process, objective: objectives.Objective, image_shape):
-  """Checks the options against the sampler's signature, then traces it abstractly with a
-  stand-in denoiser (no compile) so that bad grids, step counts or processes fail now."""
+  """Checks `sample.options` against the sampler's signature and their types
+  (`samplers.SAMPLER_OPTIONS`), then traces it abstractly with a stand-in denoiser (no
+  compile) so that bad grids, step counts or processes fail now."""
   fn = samplers.SAMPLERS[sample.sampler]
-  options = sampler_options(sample)
-  accepted = [k for k in SAMPLER_OPTIONS if k in inspect.signature(fn).parameters]
-  for k, v in options.items():
+  accepted = [k for k in samplers.SAMPLER_OPTIONS if k in inspect.signature(fn).parameters]
+  for k, v in sample.options.items():
     if k not in accepted:
-      raise ConfigError(f'config.sample.{k}={v!r}: sampler {sample.sampler!r} takes no {k!r}; '
-                        f'its options are {accepted}')
+      raise ConfigError(f'config.sample.options.{k}={v!r}: sampler {sample.sampler!r} takes no '
+                        f'{k!r}; its options are {accepted}')
+  configuration.check_keys('sample.options', sample.options, samplers.SAMPLER_OPTIONS)
 
   denoiser = parameterization.Denoiser(
       lambda x, t, cond=None: (x, x), kind=objective.kind,
@@ -242,7 +274,7 @@ def check_sampler(sample: SampleConfig, process, objective: objectives.Objective
   x = jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.float32)
   try:
     jax.eval_shape(lambda x: fn(denoiser, process, x, jax.random.key(0), steps=sample.steps,
-                                **options)[0], x)
+                                **sample.options)[0], x)
   except (TypeError, ValueError) as e:
     raise ConfigError(f'config.sample (sampler={sample.sampler!r}, steps={sample.steps}): '
                       f'{str(e).splitlines()[0]}') from None

@@ -168,9 +168,8 @@ def _json(path, compute):
 def _with_sampler(config, sampler: str, steps: int):
   """`config` sampling with `sampler` at `steps`, every other sampler option at its default."""
   c = ml_collections.ConfigDict(config.to_dict())
-  for k in run_config.SAMPLER_OPTIONS:
-    if k in c.sample:
-      c.sample[k] = None
+  for k in c.sample.get('options', {}):
+    c.sample.options[k] = None
   c.sample.update(sampler=sampler, steps=steps)
   return c
 

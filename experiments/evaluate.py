@@ -4,8 +4,11 @@ r"""Evaluate a trained run: restore its checkpoint, sample, measure, write eval_
       [--config.sample.sampler=dpm_solver_pp_2m --config.sample.steps=20] \
       [--num_samples=1000] [--params=ema] [--nll_examples=450]
 
-`--config` is the run's config (with any sampling overrides); the newest readable checkpoint of
-`--workdir` is restored read-only onto this machine's devices, whatever topology wrote it.
+`--config` is the run's config with any sampling overrides, sampler options included
+(`--config.sample.sampler=ddim --config.sample.options.eta=0.5`); a run's own config.json is
+`--config=configs/json_config.py:runs/digits/config.json` (old ones, with flat `sample.eta`
+keys, too). The newest readable checkpoint of `--workdir` is restored read-only onto this
+machine's devices, whatever topology wrote it.
 Samples come from the EMA parameters unless `--params=raw`. Digits runs are measured in the
 digits classifier's features against the test digits (FD with its floor, KID, precision,
 recall; class accuracy for conditional models) and, with `--nll_examples=N`, by the NLL of N

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -111,8 +112,11 @@ def test_config_errors_are_one_line(tmp_path, cache_dir, override, expected):
 @pytest.mark.parametrize('section, values, expected', [
     ('sample', dict(sampler='dpm_solver_9'), "config.sample.sampler='dpm_solver_9': unknown"),
     ('sample', dict(steps=5000), 'steps=5000 must lie in [1, 1000]'),
-    ('sample', dict(eta=0.5), "config.sample.eta=0.5: sampler 'ddpm' takes no 'eta'"),
-    ('sample', dict(grid='karras'), "sampler 'ddpm' takes no 'grid'"),
+    ('sample', dict(options=dict(eta=0.5)),
+     "config.sample.options.eta=0.5: sampler 'ddpm' takes no 'eta'; its options are "
+     "['spacing', 'variance']"),
+    ('sample', dict(options=dict(grid='karras')), "sampler 'ddpm' takes no 'grid'"),
+    ('sample', dict(options=dict(etta=0.5)), "config.sample.options.etta=0.5: sampler 'ddpm'"),
     ('train', dict(batch_size=0), 'config.train.batch_size=0: must be > 0'),
 ])
 def test_build_errors_name_the_key(section, values, expected):
@@ -121,6 +125,69 @@ def test_build_errors_name_the_key(section, values, expected):
   with pytest.raises(run_config.ConfigError) as e:
     run_config.build(config)
   assert expected in str(e.value) and '\n' not in str(e.value)
+
+
+def test_sampler_option_of_the_wrong_type_names_the_key():
+  config = digits_config.get_config('smoke')
+  config.sample.sampler = 'ddim'
+  config.sample.options = {'spacing': 1}   # a file's config may replace the placeholders
+  with pytest.raises(run_config.ConfigError, match=r'^config.sample.options.spacing=1: expected '
+                     r'str, got int$'):
+    run_config.build(config)
+  values = config.to_dict()
+  values['sample']['options'] = 0.5          # e.g. in a hand-edited config.json
+  config = ml_collections.ConfigDict(values)
+  with pytest.raises(run_config.ConfigError, match=r'^config.sample.options=0.5: expected a '):
+    run_config.build(config)
+
+
+# A run's config.json from before `sample.options`: the sampler options sat flat in `sample`.
+OLD_CONFIG_JSON = {
+    'data': {'image_size': 0, 'name': 'digits'},
+    'eval': {'cache_dir': '', 'enabled': True, 'num_samples': 100},
+    'model': {'depth': 3, 'hidden': 32, 'name': 'mlp'},
+    'objective': {'name': 'ddpm_eps'},
+    'optim': {'b1': 0.9, 'b2': 0.999, 'final_lr_fraction': 0.1, 'grad_clip': 1.0, 'lr': 0.002,
+              'schedule': 'cosine', 'warmup_steps': 100, 'weight_decay': 0.0},
+    'process': {'name': 'vp_discrete', 'num_steps': 1000, 'schedule': 'linear'},
+    'sample': {'atol': None, 'batch_size': 100, 'clip_x0': 1.0, 'corrector_steps': None,
+               'eta': None, 'grid': None, 'grid_size': 20, 'guidance_scale': 1.0,
+               'method': None, 'order': None, 'rho': None, 'rtol': None, 's_churn': None,
+               'sampler': 'ddpm', 'snr': None, 'solver': None, 'spacing': None, 'steps': 10,
+               't_min': None, 'variance': 'small', 'variant': None},
+    'seed': 0,
+    'train': {'batch_size': 32, 'checkpoint_every': 10, 'ema_decay': 0.999,
+              'keep_checkpoints': 3, 'log_every': 5, 'num_steps': 20},
+}
+
+
+def test_old_config_json_moves_flat_sampler_options_into_options(tmp_path):
+  from configs import json_config
+  path = tmp_path / 'config.json'
+  path.write_text(json.dumps(OLD_CONFIG_JSON))
+  config = json_config.get_config(str(path))
+  assert not {'eta', 'variance', 'grid'} & set(config.sample)
+  setup = run_config.build(config)
+  assert dict(setup.sample.options) == {'variance': 'small'}
+  new = digits_config.get_config('smoke,mlp')
+  new.sample.options.variance = 'small'
+  assert setup.sample == run_config.build(new).sample
+  # The unset options are typed placeholders again, so overrides on them work.
+  config.sample.sampler = 'ddim'
+  config.sample.options.update(variance=None, eta=0.5)
+  assert dict(run_config.build(config).sample.options) == {'eta': 0.5}
+
+
+def test_evaluate_an_old_config_json(finished_run, tmp_path, cache_dir):
+  """A run's old-style config.json still evaluates (and gives the run's own samples)."""
+  workdir, _ = finished_run
+  path = tmp_path / 'old_config.json'
+  path.write_text(json.dumps(OLD_CONFIG_JSON))
+  done = _evaluate(workdir, '--tag=old', cache_dir=cache_dir,
+                   config=f'configs/json_config.py:{path}')
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads((workdir / 'eval_ddpm_10_old.json').read_text())
+  assert result['fd'] == json.loads((workdir / 'eval.json').read_text())['fd']
 
 
 def test_missing_config_file_is_one_line(tmp_path, cache_dir):

@@ -64,7 +64,10 @@ def test_reference_config_is_valid_whole(name, variant):
   module, config = _config(name, variant)
   setup = run_config.build(config, image_shape=module.IMAGE_SHAPE)
   assert setup.model.out_channels in (None, 2 * module.IMAGE_SHAPE[-1])
-  assert setup.learned_variance == (setup.model.out_channels is not None)
+  assert setup.objective.learned_variance == (setup.model.out_channels is not None)
+  # Learned variances are sampled with them (config.sample.options.variance).
+  learned = setup.objective.learned_variance
+  assert setup.sample.options.get('variance') == ('learned' if learned else None)
   # Output = input shape, with 2C channels where the variances are learned.
   x = jax.ShapeDtypeStruct((2, *module.IMAGE_SHAPE), jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.float32)
@@ -72,7 +75,7 @@ def test_reference_config_is_valid_whole(name, variant):
   params = jax.eval_shape(setup.model.init, jax.random.key(0), x, t, c)
   out = jax.eval_shape(setup.model.apply, params, x, t, c)
   h, w, ch = module.IMAGE_SHAPE
-  assert out.shape == (2, h, w, 2 * ch if setup.learned_variance else ch)
+  assert out.shape == (2, h, w, 2 * ch if setup.objective.learned_variance else ch)
   assert out.dtype == jnp.float32
 
 

@@ -20,7 +20,7 @@ from diffusion_jax import train_loop
 CASES = {
     'hybrid_learned_variance': dict(
         objective=dict(name='ddpm_hybrid'), model=dict(out_channels=2),
-        sample=dict(sampler='ddpm', steps=5, variance='learned')),
+        sample=dict(sampler='ddpm', steps=5, options=dict(variance='learned'))),
     'consistency_training': dict(
         process=dict(name='edm'), objective=dict(name='consistency_training', total_steps=4),
         sample=dict(sampler='consistency', steps=2)),

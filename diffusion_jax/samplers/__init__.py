@@ -67,3 +67,10 @@ SAMPLERS = {
     'consistency': consistency_multistep_sample,
     'adaptive': adaptive_sample,
 }
+
+# The keyword options a run's config may set (`config.sample.options`), name -> type; a sampler
+# takes those of them in its signature, and an unset one keeps the sampler's default.
+SAMPLER_OPTIONS = dict(
+    grid=str, spacing=str, variance=str, eta=float, rho=float, t_min=float, s_churn=float,
+    order=int, method=str, variant=str, rtol=float, atol=float, solver=str, snr=float,
+    corrector_steps=int)
