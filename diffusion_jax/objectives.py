@@ -192,6 +192,10 @@ def ot_pairing(x0, eps):
   With uniform weights on equal batches the optimal plan for the squared Euclidean cost is a
   permutation: an exact linear assignment (scipy's, through `jax.pure_callback`, so it runs
   under `jit`; it is not differentiated, as in the paper).
+
+  Deviation from torchcfm: it draws the pairs as a sample from the plan (`pi` as a categorical
+  over index pairs, with replacement); here the whole optimal permutation is used, so every
+  `x0` and every `eps` appears exactly once per batch.
   """
   a, b = x0.reshape(x0.shape[0], -1), eps.reshape(eps.shape[0], -1)
   cost = jnp.sum(a**2, 1)[:, None] + jnp.sum(b**2, 1)[None, :] - 2.0 * a @ b.T

@@ -25,6 +25,10 @@ is asymptotically bounded by 3 unless x0_hat barely moves at the start). The cor
 applied after the last grid step (that would cost an extra call), so NFE = steps. With
 `final='data'` the step to sigma = 0 is `x0_hat` at the last grid time (1 call), as in every
 sampler here.
+
+Deviation from the authors' and diffusers' implementations: no lower-order final steps (they
+lower the order over the last steps, `lower_order_final`); every step keeps `min(order, i + 1)`
+to the end, so at low step counts results differ from theirs.
 """
 
 import math
