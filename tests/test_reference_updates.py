@@ -355,10 +355,8 @@ def ref_edm_heun(x, sig, steps, s_churn, s_tmin, s_tmax, s_noise, noises, to_dat
 @pytest.mark.parametrize('s_churn,s_tmin,s_tmax,s_noise', [
     (0.0, 0.0, float('inf'), 1.0),
     (3.0, 0.0, float('inf'), 1.003),
-    # Levels outside [s_tmin, s_tmax] get sqrt(rounding) noise: see the test below.
-    pytest.param(5.0, 0.05, 10.0, 1.0, marks=pytest.mark.xfail(strict=True, reason=(
-        'heun_sample adds sqrt(s_hat² - s_i²) noise where gamma = 0; s_hat is recomputed '
-        'through t and differs from s_i by rounding (bug in samplers/ode.py)'))),
+    # Levels outside [s_tmin, s_tmax] add no noise (they used to add sqrt(rounding) noise).
+    (5.0, 0.05, 10.0, 1.0),
 ])
 def test_heun_matches_edm_algorithm_2_with_churn(s_churn, s_tmin, s_tmax, s_noise, grid_case):
   make, name = grid_case
@@ -417,15 +415,12 @@ def test_ddim_matches_song_2021_eq_12(eta, spacing):
   assert_trajectories_match(info['trajectory'], ref_ddim(x_T, abar, steps_n, eta, noises))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'heun_sample: at a level with gamma = 0 (outside [s_tmin, s_tmax]) it still adds '
-    'sqrt(max(s_hat² - s_i², 0)) s_noise z, with s_hat = sigma(t_hat) / alpha(t_hat) recomputed '
-    'inside the scan; it differs from s_i by rounding, so the added noise is ~sqrt(ulp) s_i '
-    '(3e-3 at s = 30 in float32). Algorithm 2 adds none there. Bug in samplers/ode.py.'))
 @pytest.mark.filterwarnings('ignore:Explicitly requested dtype')
 def test_heun_adds_no_noise_at_levels_without_churn():
   """With churn only below s_tmax = 10, the steps from the levels 80 and 30 are deterministic:
-  the same with s_noise = 0 and 1 (float32, EDM Karras grid)."""
+  the same with s_noise = 0 and 1 (float32, EDM Karras grid). It used to add
+  sqrt(max(s_hat² - s_i², 0)) s_noise z there, with s_hat recomputed through t differing from
+  s_i by rounding: ~sqrt(ulp) s_i of noise (3e-3 at s = 30)."""
   with jax.enable_x64(False):
     proc = processes.make_process('edm')
     g = karras_grid(proc, STEPS)

@@ -113,7 +113,11 @@ def heun_sample(denoiser, process, x_T, key=None, *, steps: int, cond=None,
     s_hat = process.sigma(t_hat) / a_hat     # the level t_hat really has (t may be clamped)
     z = jax.random.normal(k, x.shape, x.dtype)
     add = jnp.sqrt(jnp.maximum(s_hat**2 - s_i**2, 0.0)) * s_noise
-    return a_hat * (x / a_i + add * z), t_hat, a_hat, s_hat
+    # Outside [s_tmin, s_tmax] (gamma = 0) Alg. 2 adds nothing: keep the level exactly, since
+    # s_hat recomputed from t differs from s_i by rounding, whose square root is not small.
+    churned = gamma > 0
+    return (jnp.where(churned, a_hat * (x / a_i + add * z), x), jnp.where(churned, t_hat, t_i),
+            jnp.where(churned, a_hat, a_i), jnp.where(churned, s_hat, s_i))
 
   def step(x, inputs):
     t_i, a_i, s_i, t_n, a_n, s_n, gamma, k = inputs
