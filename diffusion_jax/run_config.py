@@ -222,6 +222,7 @@ def _build_sample(section) -> SampleConfig:
                       f'options (config.sample.options.<name>)')
   sample = configuration.from_section(SampleConfig, 'sample', section)
   configuration.choice('sample.sampler', sample.sampler, samplers.SAMPLERS)
+  configuration.positive('sample.steps', sample.steps)
   configuration.positive('sample.batch_size', sample.batch_size)
   configuration.positive('sample.grid_size', sample.grid_size, allow_zero=True)
   return sample

@@ -112,6 +112,8 @@ def test_config_errors_are_one_line(tmp_path, cache_dir, override, expected):
 @pytest.mark.parametrize('section, values, expected', [
     ('sample', dict(sampler='dpm_solver_9'), "config.sample.sampler='dpm_solver_9': unknown"),
     ('sample', dict(steps=5000), 'steps=5000 must lie in [1, 1000]'),
+    # It used to run all 1000 ancestral steps while the log said "0 steps".
+    ('sample', dict(steps=0), 'config.sample.steps=0: must be > 0'),
     ('sample', dict(options=dict(eta=0.5)),
      "config.sample.options.eta=0.5: sampler 'ddpm' takes no 'eta'; its options are "
      "['spacing', 'variance']"),

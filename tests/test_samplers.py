@@ -183,3 +183,13 @@ def test_euler_to_data_converges_at_first_order_on_every_process(name):
       errors.append(float(jnp.max(jnp.abs(x0 - exact))))
   slope = np.polyfit(np.log(steps_list), np.log(errors), 1)[0]
   assert -1.2 < slope < -0.8, (slope, errors)
+
+
+def test_ddpm_steps_zero_is_an_error_and_none_means_every_step():
+  """`steps=0` used to mean all T steps (`steps or T`); now only `steps=None` does."""
+  proc = processes.DiscreteVP.from_name('linear', 20)
+  den = lambda x, t, cond=None: (jnp.zeros_like(x), x)
+  x_T = jnp.ones((2, 3))
+  with pytest.raises(ValueError, match='steps=0 must lie in'):
+    samplers.ddpm_sample(den, proc, x_T, jax.random.key(0), steps=0)
+  assert samplers.ddpm_sample(den, proc, x_T, jax.random.key(0))[1]['nfe'] == 20

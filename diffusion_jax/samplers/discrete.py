@@ -29,7 +29,8 @@ def _steps(process, steps, spacing, denoiser, who) -> np.ndarray:
     raise ValueError(f'{who} runs on the integer steps of a DiscreteVP process; got '
                      f"{type(process).__name__} (use 'euler', 'dpm_solver_pp' or another "
                      'continuous-time sampler)')
-  n = discrete_timesteps(process.num_steps, steps, spacing)
+  n = discrete_timesteps(process.num_steps, process.num_steps if steps is None else steps,
+                         spacing)
   _common.check_terminal_snr(denoiser, process.alphas_cumprod[n[0] - 1], who)
   return n
 
@@ -98,7 +99,7 @@ def ddpm_sample(denoiser, process, x_T, key, *, steps: int | None = None, cond=N
   if learned and with_variance is None:
     raise ValueError("ddpm_sample(variance='learned') needs a Denoiser with `with_variance` "
                      '(make_denoiser of a learned-variance objective, or learned_variance=True)')
-  n, m = _pairs(process, steps or getattr(process, 'num_steps', 1), spacing, denoiser,
+  n, m = _pairs(process, steps, spacing, denoiser,
                 'ddpm_sample')
   keys = jax.random.split(key, n.shape[0])
 
