@@ -15,7 +15,7 @@ from configs import digits
 
 def get_config() -> ml_collections.ConfigDict:
   c = digits.get_config()
-  c.data = dict(name='toy2d', toy='eight_gaussians')
+  c.data = digits.data_section(name='toy2d', toy='eight_gaussians')
   c.model = dict(name='mlp', hidden=128, depth=3)
   c.train.update(num_steps=3000, batch_size=512, log_every=250, checkpoint_every=500)
   # Points are not images: no clipping of x0_hat to [-1, 1].

@@ -18,7 +18,7 @@ IMAGE_SHAPE = (64, 64, 3)
 
 def get_config() -> ml_collections.ConfigDict:
   c = digits.get_config()
-  c.data = dict(name='imagenet64')
+  c.data = digits.data_section(name='imagenet64')
   c.process = dict(name='vp_discrete', schedule='cosine', num_steps=1000)
   c.objective = dict(name='ddpm_hybrid')
   c.model = dict(name='unet', ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,

@@ -22,7 +22,7 @@ IMAGE_SHAPE = (32, 32, 3)  # [H, W, C] the model is built for
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c = digits.get_config()
-  c.data = dict(name='cifar10')
+  c.data = digits.data_section(name='cifar10')
   c.process = dict(name='vp_discrete', schedule='linear', num_steps=1000)
   c.objective = dict(name='ddpm_eps')
   c.model = dict(name='unet', ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,

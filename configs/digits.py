@@ -11,16 +11,20 @@ Variants, comma-separated (`--config=configs/digits.py:smoke,dit`):
 Override anything from the command line, e.g. `--config.train.num_steps=200`.
 """
 
+import dataclasses
+import typing
+
 import ml_collections
 from ml_collections import config_dict
 
+from diffusion_jax.data.sources import DataConfig
 from diffusion_jax.samplers import SAMPLER_OPTIONS
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = dict(name='digits', image_size=0)   # image_size=16: each pixel repeated 2 x 2
+  c.data = data_section(name='digits')   # image_size=16: each pixel repeated 2 x 2
   c.process = dict(name='vp_discrete', schedule='linear', num_steps=1000)
   c.objective = dict(name='ddpm_eps')
   # 177k parameters: ~11 steps/s at batch 128 on 2 CPU cores (experiments/benchmark_unet.py).
@@ -62,6 +66,24 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.sample.update(steps=10, batch_size=100, grid_size=20)
     c.eval.num_samples = 100
   return ml_collections.ConfigDict(c)
+
+
+def data_section(**values) -> dict:
+  """Every `config.data` key (the fields of `DataConfig`) at its default, then `values`, so
+  any of them can be overridden from the command line (`--config.data.data_dir=...`)."""
+  section = {}
+  for f in dataclasses.fields(DataConfig):
+    if f.default is None:   # an optional field: a typed placeholder, so it can be set later
+      kind = next(a for a in typing.get_args(typing.get_type_hints(DataConfig)[f.name])
+                  if a is not type(None))
+      section[f.name] = config_dict.placeholder(kind)
+    else:
+      section[f.name] = f.default
+  unknown = set(values) - set(section)
+  if unknown:
+    raise ValueError(f'data_section: unknown data keys {sorted(unknown)}')
+  section.update(values)
+  return section
 
 
 _UNET = dict(name='unet', ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),

@@ -29,7 +29,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
                      f'{list(SIZES)} and PATCH in 2, 4, 8 (e.g. XL/2)')
   hidden, depth, heads = SIZES[size]
   c = digits.get_config()
-  c.data = dict(name='npy', path='', labels_path='')
+  c.data = digits.data_section(name='npy')
   c.process = dict(name='vp_discrete', schedule='linear', num_steps=1000)
   c.objective = dict(name='ddpm_hybrid')
   c.model = dict(name='dit', patch_size=int(patch), hidden_size=hidden, depth=depth,

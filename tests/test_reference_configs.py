@@ -122,3 +122,17 @@ def test_dit_forward_gflops_match_paper(variant, paper):
     analysis = analysis[0]
   gmacs = analysis['flops'] / 2e9
   assert abs(gmacs / paper - 1) < 0.10, f'DiT-{variant}: {gmacs:.2f} GMACs vs paper {paper}'
+
+
+@pytest.mark.parametrize('name', ['digits', 'ddpm_cifar10', 'adm_imagenet64', 'dit',
+                                  'ablation_digits', 'ablation_toy2d'])
+def test_every_data_key_is_overridable(name):
+  """`--config.data.data_dir=...` (documented in ddpm_cifar10.py) used to be an unknown key:
+  every config's data section lists every `DataConfig` field."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.data import sources  # pylint: disable=g-import-not-at-top
+  _, config = _config(name)
+  assert set(config.data) == {f.name for f in dataclasses.fields(sources.DataConfig)}
+  config.data.flip = True                    # the optional field is a typed placeholder
+  with pytest.raises(TypeError):
+    config.data.flip = 'yes'

@@ -46,10 +46,12 @@ PRESETS = {
 
 def _prepare_hint(name: str, data_dir: str | None) -> str:
   where = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
+  # `tfds build` needs TensorFlow, which this project does not install: a separate env does.
   return (f'TFDS dataset {name!r} is not readable in data_dir={where}: prepare it on a machine '
-          f'with internet with `tfds build {name} --data_dir={where} --file_format=array_record` '
-          f'(random access needs ArrayRecord; convert TFRecord data with `tfds convert_format`) '
-          f'and copy the folder here')
+          f'with internet, in an environment with TensorFlow: `python3 -m venv tfds-env && '
+          f'tfds-env/bin/pip install tensorflow-cpu tensorflow-datasets && tfds-env/bin/tfds '
+          f'build {name} --data_dir={where} --file_format=array_record` (random access needs '
+          f'ArrayRecord), then copy the folder here')
 
 
 class ImageSource:
