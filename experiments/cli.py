@@ -21,6 +21,11 @@ def parse_flags(argv):
   except flags.Error as e:
     fail(_first_and_last_line(str(e)))
   except (AttributeError, KeyError) as e:  # ml_collections: an override names a missing key
+    if "has no attribute 'get_config'" in str(e):   # the file itself is not a config file
+      path = next((a.split('=', 1)[1].split(':')[0] for a in argv[1:]
+                   if a.startswith('--config=')), 'the --config file')
+      fail(f'{path} defines no get_config(): a config file returns its ml_collections '
+           f'ConfigDict from get_config() (see configs/digits.py)')
     # The message is a repr of a KeyError: quotes, backslashes and an escaped newline.
     text = str(e).replace('\\n', '\n')
     key = text.splitlines()[0].strip('\\\'" ')
@@ -107,5 +112,7 @@ def begin(argv, config_holder, workdir_flag):
   loaded (one-line errors) and the work dir made absolute. Returns `(config, workdir)`."""
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not (workdir_flag.value or '').strip():    # abspath('') would be the current directory
+    fail(f'--{workdir_flag.name} is empty: name the directory the run writes to')
   setup_runtime()
   return config_value(config_holder), os.path.abspath(workdir_flag.value)

@@ -197,6 +197,19 @@ def test_missing_config_file_is_one_line(tmp_path, cache_dir):
   assert 'configs/nope.py' in line
 
 
+def test_config_file_without_get_config_names_the_file(tmp_path, cache_dir):
+  bad = tmp_path / 'not_a_config.py'
+  bad.write_text('x = 1\n')
+  line = _error_line(_train(tmp_path / 'w', cache_dir=cache_dir, config=str(bad)))
+  assert str(bad) in line and 'get_config()' in line
+
+
+def test_empty_workdir_is_refused(tmp_path, cache_dir):
+  """`--workdir=` used to train into the current directory."""
+  line = _error_line(_train('', cache_dir=cache_dir))
+  assert '--workdir is empty' in line
+
+
 def test_unwritable_workdir_is_one_line(tmp_path, cache_dir):
   blocker = tmp_path / 'a_file'
   blocker.write_text('x')
