@@ -28,7 +28,7 @@ def make_sample_fn(setup: Setup):
   sampler = samplers.SAMPLERS[s.sampler]
 
   @jax.jit
-  def sample(params, z, key, cond=None):
+  def compiled(params, z, key, cond=None):
     x_T = setup.process.prior_std * z
     den = make_model_denoiser(setup, params, clip_x0=clip)
     if setup.conditional and s.guidance_scale != 1.0:
@@ -36,7 +36,22 @@ def make_sample_fn(setup: Setup):
     x0, _ = sampler(den, setup.process, x_T, key, steps=s.steps, cond=cond, **options)
     return x0
 
+  def sample(params, z, key, cond=None):
+    check_labels(cond, setup.num_classes)
+    return compiled(params, z, key, cond)
+
   return sample
+
+
+def check_labels(labels, num_classes: int) -> None:
+  """Refuses class labels outside `[0, num_classes]` (`num_classes` is the null class): an
+  embedding lookup out of range returns NaN, which would come back as NaN samples."""
+  if labels is None or num_classes == 0 or isinstance(labels, jax.core.Tracer):
+    return
+  values = np.asarray(labels)
+  if values.size and (values.min() < 0 or values.max() > num_classes):
+    raise ValueError(f'class labels must lie in [0, {num_classes - 1}] (or {num_classes}, the '
+                     f'null class); got min {values.min()}, max {values.max()}')
 
 
 def make_model_denoiser(setup: Setup, params, clip_x0: float | None = None):

@@ -93,3 +93,14 @@ def test_conditional_dit_trains_and_samples_with_guidance(tmp_path):
 @pytest.mark.parametrize('variant', [v for v in VARIANTS if v != 'smoke,dit,cond'])
 def test_every_variant_trains_and_samples(tmp_path, variant):
   _run(tmp_path, variant)
+
+
+def test_out_of_range_class_label_is_an_error_not_nan_samples():
+  """An embedding lookup past the table returns NaN: labels are checked before sampling."""
+  setup = run_config.build(_config('smoke,mlp,cond'))
+  sample = generation.make_sample_fn(setup)
+  z = jnp.zeros((2, 8, 8, 1))
+  with pytest.raises(ValueError, match=r'class labels must lie in \[0, 9\]'):
+    sample(None, z, jax.random.key(0), jnp.array([3, 11]))
+  with pytest.raises(ValueError, match='got min -1'):
+    sample(None, z, jax.random.key(0), jnp.array([-1, 2]))
