@@ -131,13 +131,9 @@ class Process(abc.ABC):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class VPLinear(Process):
-  """VP SDE with beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021, Eq. 11, App. B).
-
-  `log alpha(t) = -t² (beta_max - beta_min) / 4 - t beta_min / 2`, `sigma² = 1 - alpha²`.
-  Song et al. sample down to `t_min = 1e-3` and evaluate likelihoods from 1e-5. Prior N(0, I)
-  (alpha(1) = 6.57e-3 with the defaults).
-  """
+class _LinearBeta(Process):
+  """The linear `beta(t) = beta_min + t (beta_max - beta_min)` shared by the VP and sub-VP SDEs
+  (Song et al. 2021, App. B), with its integral `B(t)`."""
   beta_min: float = 0.1
   beta_max: float = 20.0
   t_min: float = 1e-3
@@ -147,6 +143,20 @@ class VPLinear(Process):
     _check(0 < self.beta_min <= self.beta_max, type(self), 'need 0 < beta_min <= beta_max, got '
            f'beta_min={self.beta_min}, beta_max={self.beta_max}')
 
+  def _integrated_beta(self, t):
+    """B(t) = beta_min t + (beta_max - beta_min) t² / 2."""
+    t = as_float(t)
+    return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VPLinear(_LinearBeta):
+  """VP SDE with beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021, Eq. 11, App. B).
+
+  `log alpha(t) = -t² (beta_max - beta_min) / 4 - t beta_min / 2`, `sigma² = 1 - alpha²`.
+  Song et al. sample down to `t_min = 1e-3` and evaluate likelihoods from 1e-5. Prior N(0, I)
+  (alpha(1) = 6.57e-3 with the defaults).
+  """
   def log_alpha(self, t):
     t = as_float(t)
     return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
@@ -173,7 +183,7 @@ class VPLinear(Process):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class SubVP(Process):
+class SubVP(_LinearBeta):
   """Sub-VP SDE (Song et al. 2021, "Score-Based Generative Modeling through SDEs", §3.4, Eq. 12;
   its perturbation kernel, App. B, Eq. 29): the VP SDE's drift with a smaller diffusion.
 
@@ -183,20 +193,6 @@ class SubVP(Process):
   `f = -beta / 2`, `g² = beta (1 - e^{-2B})`. Song et al. sample down to `t_min = 1e-3`.
   Prior N(0, I), as for `VPLinear`: sigma(1) = 1 - e^{-10.05} = 0.99996 with the defaults.
   """
-  beta_min: float = 0.1
-  beta_max: float = 20.0
-  t_min: float = 1e-3
-
-  def __post_init__(self):
-    _floats(self, 'beta_min', 'beta_max', 't_min')
-    _check(0 < self.beta_min <= self.beta_max, type(self), 'need 0 < beta_min <= beta_max, got '
-           f'beta_min={self.beta_min}, beta_max={self.beta_max}')
-
-  def _integrated_beta(self, t):
-    """B(t) = beta_min t + (beta_max - beta_min) t² / 2 = -2 log alpha(t)."""
-    t = as_float(t)
-    return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
-
   def log_alpha(self, t):
     return -0.5 * self._integrated_beta(t)
 
