@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.models import initializers
 from diffusion_jax.models import layers
 
 # name -> (hidden size, depth, heads), Peebles & Xie 2023, Table 1.
@@ -55,7 +56,7 @@ def _modulate(x, shift, scale):
   return x * (1 + scale[:, None, :]) + shift[:, None, :]  # x: [B, T, D]; shift, scale: [B, D]
 
 
-_xavier = nn.initializers.xavier_uniform()
+_xavier = initializers.xavier_uniform()
 
 
 class DiTBlock(nn.Module):
@@ -71,7 +72,7 @@ class DiTBlock(nn.Module):
   def __call__(self, x, c, context=None, context_mask=None):
     # x: [B, T, D], c: [B, D]
     d, heads = self.hidden_size, self.num_heads
-    mod = nn.Dense(6 * d, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+    mod = nn.Dense(6 * d, dtype=self.dtype, kernel_init=initializers.zeros,
                    name='adaLN_modulation')(nn.silu(c))  # [B, 6D]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     norm = lambda name: nn.LayerNorm(1e-6, use_bias=False, use_scale=False, dtype=self.dtype,
@@ -162,7 +163,7 @@ class DiT(nn.Module):
     h = h.reshape(b, gh * gw, d) + jnp.asarray(sincos_2d(gh, gw, d), dtype)[None]
 
     # Conditioning vector c [B, D]: timestep MLP, plus the label embedding.
-    normal = nn.initializers.normal(0.02)
+    normal = initializers.normal(0.02)
     temb = layers.noise_embedding(t, self.frequency_dim, self.embedding, self.time_scale,
                                   self.fourier_scale)
     temb = nn.Dense(d, dtype=dtype, kernel_init=normal, name='t_embedder_0')(temb)
@@ -179,11 +180,11 @@ class DiT(nn.Module):
           h, c, c_in.context, c_in.context_mask)
 
     # Final layer: adaLN-modulated LayerNorm, zero-initialised linear to p*p*out channels.
-    shift, scale = jnp.split(nn.Dense(2 * d, dtype=dtype, kernel_init=nn.initializers.zeros,
+    shift, scale = jnp.split(nn.Dense(2 * d, dtype=dtype, kernel_init=initializers.zeros,
                                       name='final_adaLN')(nn.silu(c)), 2, axis=-1)
     h = _modulate(nn.LayerNorm(1e-6, use_bias=False, use_scale=False, dtype=dtype,
                                name='final_norm')(h), shift, scale)
-    h = nn.Dense(p * p * out_channels, dtype=dtype, kernel_init=nn.initializers.zeros,
+    h = nn.Dense(p * p * out_channels, dtype=dtype, kernel_init=initializers.zeros,
                  name='final_linear')(h)  # [B, T, p*p*C_out]
     # Unpatchify: [B, gh, gw, p, p, C_out] -> [B, H, W, C_out].
     h = h.reshape(b, gh, gw, p, p, out_channels).transpose(0, 1, 3, 2, 4, 5)

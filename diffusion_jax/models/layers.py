@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import initializers
+
 Dtype = Any
 
 
@@ -170,8 +172,9 @@ class LabelEmbedding(nn.Module):
   @nn.compact
   def __call__(self, labels: jax.Array, *, train: bool) -> jax.Array:
     labels = drop_labels(self, labels, self.num_classes, self.rate, train=train)
-    return nn.Embed(self.num_classes + 1, self.features, dtype=self.dtype,
-                    name='embedding')(labels)  # [B, features]
+    embed = nn.Embed(self.num_classes + 1, self.features, dtype=self.dtype,
+                     embedding_init=initializers.embed_normal(), name='embedding')
+    return embed(labels)  # [B, features]
 
 
 def drop_context(module: nn.Module, cond: Cond, rate: float, *, train: bool) -> Cond:
@@ -212,10 +215,11 @@ class CrossAttention(nn.Module):
                mask: jax.Array | None = None) -> jax.Array:
     c = x.shape[-1]
     head_dim = c // self.num_heads
-    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)
+    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
+                                         kernel_init=initializers.lecun_normal(), name=name)
     q = dense('query')(x)                                   # [B, T, N, D]
     k = dense('key')(context.astype(self.dtype))            # [B, L, N, D]
     v = dense('value')(context.astype(self.dtype))          # [B, L, N, D]
     h = attention(q, k, v, mask)                            # [B, T, N, D]
     return nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype,
-                           kernel_init=nn.initializers.zeros, name='out')(h)  # [B, T, C]
+                           kernel_init=initializers.zeros, name='out')(h)  # [B, T, C]

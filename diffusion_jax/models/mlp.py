@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffusion_jax.models import initializers
 from diffusion_jax.models import layers
 
 
@@ -41,15 +42,17 @@ class MLP(nn.Module):
     dtype = layers.canonical_dtype('MLP', self.dtype)
     temb = layers.noise_embedding(t, self.hidden, self.embedding, self.time_scale,
                                   self.fourier_scale)
-    temb = nn.Dense(self.hidden, dtype=dtype)(temb)
-    temb = nn.Dense(self.hidden, dtype=dtype)(nn.silu(temb))                     # [B, H]
+    kernel_init = initializers.lecun_normal()
+    dense = lambda features, init=kernel_init: nn.Dense(features, dtype=dtype, kernel_init=init)
+    temb = dense(self.hidden)(temb)
+    temb = dense(self.hidden)(nn.silu(temb))                                       # [B, H]
     if self.num_classes > 0:
       labels = layers.drop_labels(self, c.labels, self.num_classes, self.label_dropout,
                                   train=train)
-      temb = temb + nn.Embed(self.num_classes + 1, self.hidden, dtype=dtype)(labels)
-    h = nn.Dense(self.hidden, dtype=dtype)(x.astype(dtype))
+      temb = temb + nn.Embed(self.num_classes + 1, self.hidden, dtype=dtype,
+                             embedding_init=initializers.embed_normal())(labels)
+    h = dense(self.hidden)(x.astype(dtype))
     for _ in range(self.depth):
-      h = h + nn.Dense(self.hidden, dtype=dtype)(
-          nn.silu(nn.Dense(self.hidden, dtype=dtype)(nn.silu(h)) + temb))
-    out = nn.Dense(x.shape[-1], dtype=dtype, kernel_init=nn.initializers.zeros)(nn.silu(h))
+      h = h + dense(self.hidden)(nn.silu(dense(self.hidden)(nn.silu(h)) + temb))
+    out = dense(x.shape[-1], initializers.zeros)(nn.silu(h))
     return out.astype(jnp.float32).reshape(shape)

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import initializers
 from diffusion_jax.models import layers
 from diffusion_jax.models.layers import timestep_embedding  # noqa: F401  (public re-export)
 
@@ -36,7 +37,7 @@ def _conv3x3(features: int, dtype: Dtype, name: str, zero_init: bool = False,
   # conv sees the same neighbourhood at every output position.
   return nn.Conv(features, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)),
                  dtype=dtype,
-                 kernel_init=nn.initializers.zeros if zero_init else nn.linear.default_kernel_init,
+                 kernel_init=initializers.zeros if zero_init else initializers.lecun_normal(),
                  name=name)
 
 
@@ -76,7 +77,8 @@ class ResBlock(nn.Module):
     h = _conv3x3(self.features, self.dtype, 'conv_0')(h)  # [B, H', W', F]
     # DDPM applies the nonlinearity to the shared embedding before each block's projection.
     emb_features = 2 * self.features if self.scale_shift_norm else self.features
-    emb = nn.Dense(emb_features, dtype=self.dtype, name='temb_proj')(nn.silu(temb))
+    emb = nn.Dense(emb_features, dtype=self.dtype, kernel_init=initializers.lecun_normal(),
+                   name='temb_proj')(nn.silu(temb))
     emb = emb[:, None, None, :]  # [B, 1, 1, F or 2F]
     if self.scale_shift_norm:
       scale, shift = jnp.split(emb, 2, axis=-1)
@@ -87,7 +89,8 @@ class ResBlock(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv3x3(self.features, self.dtype, 'conv_1', zero_init=True)(h)
     if x.shape[-1] != self.features or (self.resample and self.resample_shortcut_conv):
-      x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name='shortcut')(x)
+      x = nn.Conv(self.features, (1, 1), dtype=self.dtype,
+                  kernel_init=initializers.lecun_normal(), name='shortcut')(x)
     out = x + h
     return out / math.sqrt(2.0) if self.skip_rescale else out  # [B, H', W', F]
 
@@ -107,10 +110,11 @@ class AttnBlock(nn.Module):
     head_dim = c // self.num_heads
     h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name='norm')(x)
     h = h.reshape(b, hgt * wid, c)  # [B, T, C]
-    q, k, v = (nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)(h)
+    q, k, v = (nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
+                               kernel_init=initializers.lecun_normal(), name=name)(h)
                for name in ('query', 'key', 'value'))  # [B, T, N, D] each
     h = layers.attention(q, k, v)  # [B, T, N, D]
-    h = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.zeros,
+    h = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, kernel_init=initializers.zeros,
                         name='out')(h)  # [B, T, C]
     x = x + h.reshape(b, hgt, wid, c)
     if self.skip_rescale:
@@ -268,13 +272,16 @@ class UNet(nn.Module):
 
     # Noise-level (and class) embedding, [B, 4 ch].
     temb = layers.noise_embedding(t, self.ch, self.embedding, self.time_scale, self.fourier_scale)
-    temb = nn.Dense(4 * self.ch, dtype=dtype, name='temb_dense_0')(temb)
-    temb = nn.Dense(4 * self.ch, dtype=dtype, name='temb_dense_1')(nn.silu(temb))  # [B, E]
+    dense_init = initializers.lecun_normal()
+    temb = nn.Dense(4 * self.ch, dtype=dtype, kernel_init=dense_init, name='temb_dense_0')(temb)
+    temb = nn.Dense(4 * self.ch, dtype=dtype, kernel_init=dense_init,
+                    name='temb_dense_1')(nn.silu(temb))  # [B, E]
     if self.num_classes > 0:
       # Row `num_classes` is the null label (the unconditional branch of guidance).
       labels = layers.drop_labels(self, c.labels, self.num_classes, self.label_dropout,
                                   train=train)
       temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=dtype,
+                             embedding_init=initializers.embed_normal(),
                              name='class_embed')(labels)
 
     # Encoder: store every activation the decoder will consume as a skip.
