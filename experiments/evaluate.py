@@ -1,10 +1,11 @@
 r"""Evaluate a trained run: restore its checkpoint, sample, measure, write eval_<name>.json.
 
-  python -m experiments.evaluate --config=configs/digits.py --workdir=runs/digits \
+  python -m experiments.evaluate --workdir=runs/digits \
       [--config.sample.sampler=dpm_solver_pp_2m --config.sample.steps=20] \
       [--num_samples=1000] [--params=ema] [--nll_examples=450]
 
-`--config` is the run's config (with any sampling overrides); the newest readable checkpoint of
+The config is the run's own, `<workdir>/config.json` (`configs/json_config.py`), with any
+overrides on top; `--config=...` names another file instead. The newest readable checkpoint of
 `--workdir` is restored read-only onto this machine's devices, whatever topology wrote it.
 Samples come from the EMA parameters unless `--params=raw`. Digits runs are measured in the
 digits classifier's features against the test digits (FD with its floor, KID, precision,
@@ -27,8 +28,9 @@ from ml_collections import config_flags  # noqa: E402
 
 from experiments import cli  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s ml_collections config.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'The run\'s ml_collections config (default: '
+    'configs/json_config.py:<workdir>/config.json, the config the run saved).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run\'s work dir (its checkpoints/).')
 _NUM = flags.DEFINE_integer('num_samples', None, 'Samples to draw (default: eval.num_samples).')
 _PARAMS = flags.DEFINE_enum('params', 'ema', ['ema', 'raw'], 'Which parameters sample.')
@@ -38,7 +40,28 @@ _SEED = flags.DEFINE_integer('seed', None, 'Seed of the prior noise and the samp
                              'the key the training run sampled with, so its EVAL is reproduced).')
 _INCEPTION = flags.DEFINE_string('inception_weights', '', 'Converted FID Inception .npz.')
 _REFERENCE = flags.DEFINE_string('reference_stats', '', 'FID reference statistics .npz.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['workdir'])
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_flags(argv):
+  """`cli.parse_flags`, with `--config` defaulting to the run's own `config.json` (overrides
+  such as `--config.sample.steps=20` then apply to it)."""
+  args = list(argv)
+  if not any(a == '--config' or a.startswith('--config=') for a in args[1:]):
+    workdir = None
+    for i, a in enumerate(args[1:], 1):
+      if a.startswith('--workdir='):
+        workdir = a.split('=', 1)[1]
+      elif a == '--workdir' and i + 1 < len(args):
+        workdir = args[i + 1]
+    if workdir:
+      path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'config.json')
+      if not os.path.exists(path):
+        cli.fail(f'no --config given and the work dir has no config.json ({path}); pass the '
+                 f'run\'s config with --config=...')
+      args.insert(1, f'--config={os.path.join(ROOT, "configs", "json_config.py")}:{path}')
+  return cli.parse_flags(args)
 
 
 def main(argv):
@@ -132,5 +155,5 @@ def format_result(result: dict) -> str:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=parse_flags)
   sys.exit(0)
