@@ -22,13 +22,15 @@ A failed save (disk full, no permission) is one `CheckpointSaveError` naming the
 the OS error, raised at the next `save`, `poll` or `wait`; the steps saved before are kept, and
 `close` after a failure gives orbax's threads a bounded time, so a failing run cannot hang.
 orbax's own error logs (a traceback per failing thread) are not printed; they are what these
-errors report in one line (and are logged at DEBUG level by this module).
+errors report in one line (and are logged at DEBUG level by this module). So is TensorStore's
+"Event loop is closed" from callbacks that complete after a failed save.
 """
 
 import errno
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from typing import Any
@@ -82,6 +84,19 @@ def _quiet_orbax_errors():
   absl_logger = logging.getLogger('absl')
   if _FILTER not in absl_logger.filters:
     absl_logger.addFilter(_FILTER)
+  # After a failed save, TensorStore's late completion callbacks may find orbax's event loop
+  # closed; TensorStore reports that as an unraisable exception, a traceback with nothing to act
+  # on. Only that exact error is dropped.
+  previous = sys.unraisablehook
+  if not getattr(previous, 'drops_closed_loop_errors', False):
+    def hook(unraisable):
+      if (unraisable.exc_type is RuntimeError
+          and str(unraisable.exc_value) == 'Event loop is closed'):
+        log.debug('a late callback after a failed save: %s', unraisable.exc_value)
+        return
+      previous(unraisable)
+    hook.drops_closed_loop_errors = True
+    sys.unraisablehook = hook
 
 
 def os_error_text(e: BaseException) -> str:
