@@ -214,3 +214,22 @@ def test_persistent_nan_stops_the_run_with_a_readable_checkpoint(tmp_path):
   step, state = _final_state(tmp_path)
   assert step == 8 and int(state.consecutive_skips) == 2
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(state.params))
+
+
+def test_a_second_ctrl_c_exits_at_once_after_releasing(tmp_path):
+  """The first SIGINT asks for a save; a second one exits now (130), after `on_force_exit`."""
+  script = (
+      'import os, signal, time\n'
+      'from diffusion_jax import preemption\n'
+      'with preemption.PreemptionWatcher(on_force_exit=lambda: print("released", flush=True)):\n'
+      '  os.kill(os.getpid(), signal.SIGINT)\n'
+      '  os.kill(os.getpid(), signal.SIGINT)\n'
+      '  time.sleep(60)\n')
+  t0 = time.time()
+  done = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60)
+  assert done.returncode == preemption.FORCE_EXIT_CODE, done.stderr[-2000:]
+  assert time.time() - t0 < 30 and done.stdout == 'released\n'
+  assert 'saving the current step' in done.stderr
+  assert 'interrupted again: exiting now, without saving this step' in done.stderr
+  assert 'Traceback' not in done.stderr
