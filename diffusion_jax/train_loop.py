@@ -5,7 +5,8 @@ process of a run. Re-running it with the same work dir resumes from the newest r
 checkpoint; a finished run skips straight to sampling and evaluation. Everything the run leaves
 is in `workdir` (written by process 0; every process takes part in checkpointing):
 
-  config.json       the resolved config
+  run.lock          while a run is going: its pid and host (a second run refuses)
+  config.json       the resolved config, written once when the run starts
   checkpoints/      orbax checkpoints (keep-N and keep-every-K, async), each with its `meta`
   metrics.jsonl     training scalars and the final evaluation
   samples.png       a grid of samples from the EMA parameters
@@ -15,8 +16,12 @@ Sharding (DESIGN §5): one mesh over all devices of all processes; the global ba
 its `data` axis, each process loading only its rows; the state is replicated or FSDP-sharded
 (`train.param_sharding`). The same global batch gives the same numbers on 1 or N devices.
 Reliability: a non-finite update is skipped and counted (`train.max_consecutive_skips` in a row
-stop the run with `training.TrainingDiverged`); SIGTERM / SIGUSR1 save the current step and
-raise `preemption.Preempted`.
+stop the run with `training.TrainingDiverged`); SIGTERM / SIGUSR1 / SIGINT save the current step
+and raise `preemption.Preempted`. One run per work dir (`workdir.WorkdirLock`); a rerun must have
+the config of `config.json` (`workdir.check_config`: only `train.num_steps`, `sample.*` and
+`eval.*` may differ), checked before anything is built, and a checkpoint of another config is a
+`checkpointing.CheckpointMismatch`: nothing in the work dir is moved or rewritten. A failed save
+raises `checkpointing.CheckpointSaveError` (the earlier steps are kept).
 """
 
 import dataclasses
@@ -39,6 +44,7 @@ from diffusion_jax import metric_writer
 from diffusion_jax import parallel
 from diffusion_jax import preemption
 from diffusion_jax import training
+from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.configuration import ConfigError
 from diffusion_jax.data import sources
 from diffusion_jax.generation import generate
@@ -61,24 +67,6 @@ def prepare_workdir(workdir: str) -> str:
   except OSError as e:
     raise ConfigError(f'work dir {workdir} is not writable: {e.strerror or e}') from None
   return workdir
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes the resolved config as JSON (and keeps the first one if a resumed run differs)."""
-  path = os.path.join(workdir, 'config.json')
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      old = f.read()
-    if old != text:
-      stamp = time.strftime('%Y%m%d-%H%M%S')
-      log.warning('config differs from the one this work dir was started with; keeping the '
-                  'old one as config.%s.json', stamp)
-      os.replace(path, os.path.join(workdir, f'config.{stamp}.json'))
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text + '\n')
-  os.replace(tmp, path)
 
 
 def init_state_fn(setup: Setup, optimizer, ema_fn):
@@ -124,13 +112,36 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, mesh=Non
   optimizer, ema_fn = _optimizer_and_ema(setup)
   init = init_state_fn(setup, optimizer, ema_fn)
   target = abstract_state(setup, mesh, init, jax.random.key(0))
-  with _checkpointer(setup, os.path.abspath(workdir), read_only=True) as ckpt:
-    if step is not None:
-      return setup, ckpt.restore(step, target), int(step)
-    state, step = ckpt.restore_latest(target)
+  workdir = os.path.abspath(workdir)
+  with _checkpointer(setup, workdir, read_only=True) as ckpt:
+    with _pointing_at_the_run_config(workdir):
+      if step is not None:
+        return setup, ckpt.restore(step, target), int(step)
+      state, step = ckpt.restore_latest(target)
     if state is None:
       raise checkpointing.CheckpointError(f'no checkpoint in {ckpt.directory}')
   return setup, state, step
+
+
+class _pointing_at_the_run_config:  # pylint: disable=invalid-name
+  """Adds to a `CheckpointMismatch` where the run's own config is."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None or not issubclass(exc_type, checkpointing.CheckpointMismatch):
+      return False
+    path = os.path.join(self.workdir, workdir_lib.CONFIG_NAME)
+    hint = (f'it was written with another config: use the run\'s own, '
+            f'{workdir_lib.json_config_flag(self.workdir)}' if os.path.exists(path) else
+            'it was written with another config (its own is in the step\'s meta item; this work '
+            'dir has no config.json)')
+    raise checkpointing.CheckpointMismatch(f'{exc}; {hint}; nothing was moved',
+                                           exc.step) from None
 
 
 def checkpoint_meta(config, setup: Setup, step: int, mesh) -> dict:
@@ -154,11 +165,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   interface). Raises `preemption.Preempted` after saving on SIGTERM / SIGUSR1, and
   `training.TrainingDiverged` after too many non-finite updates in a row.
   """
-  setup = build(config, source=source)
   workdir = prepare_workdir(workdir)
   is_main = jax.process_index() == 0
-  if is_main:
-    write_config(config, workdir)
+  lock = workdir_lib.WorkdirLock(workdir) if is_main else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    workdir_lib.check_config(config, workdir)
+    return _train_and_evaluate(config, workdir, source, lock)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config, workdir: str, source, lock) -> dict:
+  setup = build(config, source=source)
   train = setup.train
   mesh = parallel.make_mesh()
   width = mesh.devices.size
@@ -166,16 +187,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ConfigError(f'config.train.batch_size={train.batch_size}: must be divisible by the '
                       f'{width} devices x train.grad_accum_steps={train.grad_accum_steps}')
 
-  num_steps = train.num_steps
   optimizer, ema_fn = _optimizer_and_ema(setup)
   root = jax.random.key(config.seed)
   k_init, k_sample = jax.random.split(root)
   init = init_state_fn(setup, optimizer, ema_fn)
   target = abstract_state(setup, mesh, init, k_init)
-  state_sh = jax.tree.map(lambda a: a.sharding, target)
 
   ckpt = _checkpointer(setup, workdir)
-  state, restored_step = ckpt.restore_latest(target)   # onto this run's shardings
+  try:
+    return _resume_and_run(config, setup, mesh, workdir, ckpt, lock, init, target, k_init,
+                           k_sample)
+  except BaseException:
+    # Failing already: orbax gets a bounded time (a failed save must not hang the exit).
+    ckpt.close(timeout=checkpointing.CLOSE_AFTER_FAILURE_S)
+    raise
+
+
+def _resume_and_run(config, setup: Setup, mesh, workdir, ckpt, lock, init, target, k_init,
+                    k_sample) -> dict:
+  """Restores (or initialises), trains, closes the checkpointer, samples and evaluates."""
+  is_main = lock is not None
+  train, num_steps = setup.train, setup.train.num_steps
+  optimizer, ema_fn = _optimizer_and_ema(setup)
+  state_sh = jax.tree.map(lambda a: a.sharding, target)
+  with _pointing_at_the_run_config(workdir):
+    state, restored_step = ckpt.restore_latest(target)   # onto this run's shardings
+  if is_main:
+    workdir_lib.write_config(config, workdir)   # a fresh run's (an existing one is kept)
   if state is None:
     state = jax.jit(init, out_shardings=state_sh)(k_init)
   else:
@@ -212,14 +250,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           f'{num_steps} steps at batch {train.batch_size} on {parallel.describe(mesh)}',
           flush=True)
 
-  with preemption.PreemptionWatcher() as watcher:
+  force_exit = lock.release if lock is not None else None
+  with preemption.PreemptionWatcher(on_force_exit=force_exit) as watcher:
     run = _Run(setup, mesh, workdir, ckpt, writer, watcher,
                lambda step: checkpoint_meta(config, setup, step, mesh))
     try:
       state = _train(run, state, train_step, load, start)
+      ckpt.close()
       return _sample_and_evaluate(run, state, k_sample, n_params)
     finally:
-      ckpt.close()
       if writer is not None:
         writer.close()
 
@@ -264,6 +303,7 @@ def _train(run: _Run, state, train_step, load, start: int):
   batches = _batches(load, start, num_steps, train.prefetch)
   try:
     for step, batch in batches:
+      ckpt.poll()                 # a failed background save stops the run now
       state, metrics = train_step(state, batch)
       # Wait for the step: the progress bar's rate and ETA then measure compute, not dispatch.
       m = parallel.local_value(metrics)

@@ -57,12 +57,23 @@ def _first_and_last_line(text: str) -> str:
 
 
 EXIT_DIVERGED = 3
+EXIT_SAVE_FAILED = 74     # EX_IOERR: a checkpoint could not be written
+EXIT_INTERRUPTED = 130    # Ctrl-C before training started (nothing to save)
+
+
+def _exit_now(code: int):
+  """Exits without waiting for other threads (orbax's, after a failed save, may never end)."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 @contextlib.contextmanager
 def user_errors():
   """Turns the library's user-facing errors into one-line messages: exit status 2 for a user
-  error, 3 for diverged training, and `preemption.EXIT_CODE` (75) after a preemption save."""
+  error, 3 for diverged training, `preemption.EXIT_CODE` (75) after a preemption save (SIGTERM,
+  SIGUSR1, Ctrl-C), 74 when a checkpoint could not be written (at once: no thread can hold the
+  exit) and 130 for a Ctrl-C before training started."""
   # pylint: disable=g-import-not-at-top
   from diffusion_jax import checkpointing
   from diffusion_jax import preemption
@@ -78,6 +89,12 @@ def user_errors():
   except preemption.Preempted as e:
     print(f'preempted: {e}', file=sys.stderr, flush=True)
     sys.exit(preemption.EXIT_CODE)
+  except checkpointing.CheckpointSaveError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    _exit_now(EXIT_SAVE_FAILED)
+  except KeyboardInterrupt:
+    print('\ninterrupted: exiting (nothing to save at this point)', file=sys.stderr, flush=True)
+    _exit_now(EXIT_INTERRUPTED)
 
 
 def start_processes(coordinator_address, num_processes, process_id):

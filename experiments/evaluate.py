@@ -1,13 +1,13 @@
 r"""Evaluate a trained run: restore its checkpoint, sample, measure, write eval_<name>.json.
 
-  python -m experiments.evaluate --config=configs/digits.py --workdir=runs/digits \
+  python -m experiments.evaluate --workdir=runs/digits \
       [--config.sample.sampler=dpm_solver_pp_2m --config.sample.steps=20] \
       [--num_samples=1000] [--params=ema] [--nll_examples=450]
 
-`--config` is the run's config with any sampling overrides, sampler options included
-(`--config.sample.sampler=ddim --config.sample.options.eta=0.5`); a run's own config.json is
-`--config=configs/json_config.py:runs/digits/config.json` (old ones, with flat `sample.eta`
-keys, too). The newest readable checkpoint of `--workdir` is restored read-only onto this
+The config is the run's own, `<workdir>/config.json` (`configs/json_config.py`; old ones, with
+flat `sample.eta` keys, too), with any overrides on top, sampler options included
+(`--config.sample.sampler=ddim --config.sample.options.eta=0.5`); `--config=...` names another
+file instead. The newest readable checkpoint of `--workdir` is restored read-only onto this
 machine's devices, whatever topology wrote it.
 Samples come from the EMA parameters unless `--params=raw`. Digits runs are measured in the
 digits classifier's features against the test digits (FD with its floor, KID, precision,
@@ -30,18 +30,42 @@ from ml_collections import config_flags  # noqa: E402
 
 from experiments import cli  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s ml_collections config.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'The run\'s ml_collections config (default: '
+    'configs/json_config.py:<workdir>/config.json, the config the run saved).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run\'s work dir (its checkpoints/).')
-_NUM = flags.DEFINE_integer('num_samples', None, 'Samples to draw (default: eval.num_samples).')
+_NUM = flags.DEFINE_integer('num_samples', None, 'Samples to draw (default: eval.num_samples).',
+                            lower_bound=1)
 _PARAMS = flags.DEFINE_enum('params', 'ema', ['ema', 'raw'], 'Which parameters sample.')
-_NLL = flags.DEFINE_integer('nll_examples', 0, 'Held-out examples for the NLL (0: no NLL).')
+_NLL = flags.DEFINE_integer('nll_examples', 0, 'Held-out examples for the NLL (0: no NLL).',
+                            lower_bound=0)
 _TAG = flags.DEFINE_string('tag', '', 'Suffix of the output names.')
 _SEED = flags.DEFINE_integer('seed', None, 'Seed of the prior noise and the sampler (default: '
                              'the key the training run sampled with, so its EVAL is reproduced).')
 _INCEPTION = flags.DEFINE_string('inception_weights', '', 'Converted FID Inception .npz.')
 _REFERENCE = flags.DEFINE_string('reference_stats', '', 'FID reference statistics .npz.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['workdir'])
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_flags(argv):
+  """`cli.parse_flags`, with `--config` defaulting to the run's own `config.json` (overrides
+  such as `--config.sample.steps=20` then apply to it)."""
+  args = list(argv)
+  if not any(a == '--config' or a.startswith('--config=') for a in args[1:]):
+    workdir = None
+    for i, a in enumerate(args[1:], 1):
+      if a.startswith('--workdir='):
+        workdir = a.split('=', 1)[1]
+      elif a == '--workdir' and i + 1 < len(args):
+        workdir = args[i + 1]
+    if workdir:
+      path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'config.json')
+      if not os.path.exists(path):
+        cli.fail(f'no --config given and the work dir has no config.json ({path}); pass the '
+                 f'run\'s config with --config=...')
+      args.insert(1, f'--config={os.path.join(ROOT, "configs", "json_config.py")}:{path}')
+  return cli.parse_flags(args)
 
 
 def main(argv):
@@ -67,7 +91,7 @@ def main(argv):
     setup, state, step = train_loop.load_checkpoint(config, workdir)
   params = state.ema_params if _PARAMS.value == 'ema' else state.params
   s = setup.sample
-  num = _NUM.value or setup.eval.num_samples
+  num = setup.eval.num_samples if _NUM.value is None else _NUM.value
   name = f'{s.sampler}_{s.steps}' + (f'_{_TAG.value}' if _TAG.value else '')
   print(f'Evaluating {workdir} at step {step} ({_PARAMS.value} parameters): {num} samples with '
         f'{s.sampler}, {s.steps} steps', flush=True)
@@ -135,5 +159,5 @@ def format_result(result: dict) -> str:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=parse_flags)
   sys.exit(0)

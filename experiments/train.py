@@ -3,12 +3,15 @@ r"""Train, sample and evaluate a diffusion model: the main entry point.
   python -m experiments.train --config=configs/digits.py --workdir=runs/digits \
       [--config.train.num_steps=200 ...]
 
-Re-running with the same --workdir resumes from its latest readable checkpoint.
+Re-running with the same --workdir resumes from its latest readable checkpoint (the config must
+be that of its config.json, but for train.num_steps, sample.* and eval.*; one run per work dir).
 
 Several processes (one per host, or per GPU) run the same command; `launch/multiprocess.sh`
 passes --coordinator_address / --num_processes / --process_id, and under SLURM (`srun`) they
 are read from SLURM's variables. Exit status: 0 done, 2 a user error (one line), 3 training
-diverged (non-finite updates), 75 preempted after saving a checkpoint (requeue to resume).
+diverged (non-finite updates), 74 a checkpoint could not be written (disk full; the earlier
+ones are kept), 75 preempted after saving a checkpoint (SIGTERM, SIGUSR1 or Ctrl-C; requeue to
+resume), 130 a second Ctrl-C (exit at once) or a Ctrl-C before training started.
 """
 
 import os

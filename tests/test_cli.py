@@ -1,8 +1,10 @@
 """The real CLI end to end: a short run, resume, and one-line errors for user mistakes."""
 
+import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -219,14 +221,16 @@ def test_unwritable_workdir_is_one_line(tmp_path, cache_dir):
 
 def _evaluate(workdir, *args, cache_dir, config=RUN):
   env = dict(os.environ, DIFFUSION_JAX_CACHE=cache_dir, PYTHONUNBUFFERED='1')
-  cmd = [sys.executable, '-m', 'experiments.evaluate', f'--config={config}',
-         f'--workdir={workdir}', *args]
+  cmd = [sys.executable, '-m', 'experiments.evaluate', f'--workdir={workdir}', *args]
+  if config is not None:
+    cmd.insert(3, f'--config={config}')
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_evaluate_reproduces_the_run_and_adds_kid_precision_recall_nll(finished_run, cache_dir):
   workdir, _ = finished_run
-  done = _evaluate(workdir, '--nll_examples=8', '--tag=check', cache_dir=cache_dir)
+  # No --config: the run's own config.json.
+  done = _evaluate(workdir, '--nll_examples=8', '--tag=check', cache_dir=cache_dir, config=None)
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads((workdir / 'eval_ddpm_10_check.json').read_text())
   trained = json.loads((workdir / 'eval.json').read_text())
@@ -245,6 +249,77 @@ def test_evaluate_with_the_wrong_config_is_one_line_and_moves_nothing(finished_r
   done = _evaluate(workdir, '--config.model.hidden=16', cache_dir=cache_dir)
   errors = [ln for ln in done.stderr.splitlines() if ln.startswith('error: ')]
   assert done.returncode == 2 and len(errors) == 1 and 'Traceback' not in done.stderr
-  assert 'no readable checkpoint' in errors[0] and 'holds a different state: ' in errors[0]
+  assert errors[0].startswith(f'error: checkpoint step 20 in {workdir / "checkpoints"} holds a '
+                             'different state: ')
   assert 'Dense_0/bias is (32,) float32 there, this config expects (16,) float32' in errors[0]
+  assert f'--config=configs/json_config.py:{workdir / "config.json"}' in errors[0]
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20']   # read-only: nothing moved
+
+
+def _digest(root) -> dict:
+  """`{relative path: sha256}` of every file under `root`."""
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for f in files:
+      path = os.path.join(dirpath, f)
+      with open(path, 'rb') as fh:
+        out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+def test_rerun_with_another_model_refuses_and_changes_nothing(finished_run, cache_dir, tmp_path):
+  """The lost-work case: another model in a work dir with checkpoints is exit 2 before anything
+  is built, and every file (checkpoints, config.json) is byte-identical afterwards."""
+  workdir = tmp_path / 'copy'
+  shutil.copytree(finished_run[0], workdir)
+  before = _digest(workdir)
+  line = _error_line(_train(workdir, '--config.model.hidden=16', cache_dir=cache_dir,
+                            config=RUN))
+  assert line.startswith('error: config.model.hidden is 16 here but 32 in the config this work '
+                         f'dir was started with ({workdir / "config.json"})'), line
+  assert f'--config=configs/json_config.py:{workdir / "config.json"}' in line
+  assert _digest(workdir) == before
+
+
+def test_a_checkpoint_of_another_model_is_an_error_naming_the_leaf(finished_run, cache_dir,
+                                                                   tmp_path):
+  """Without config.json to compare with, the checkpoints themselves refuse the other model:
+  exit 2 naming the leaf, nothing renamed (they are not damaged) and no config.json written."""
+  workdir = tmp_path / 'copy'
+  shutil.copytree(finished_run[0], workdir)
+  os.remove(workdir / 'config.json')
+  before = _digest(workdir)
+  line = _error_line(_train(workdir, '--config.model.hidden=16', cache_dir=cache_dir,
+                            config=RUN))
+  assert line.startswith(f'error: checkpoint step 20 in {workdir / "checkpoints"} holds a '
+                         'different state: '), line
+  assert 'Dense_0/bias is (32,) float32 there, this config expects (16,) float32' in line
+  assert line.endswith('nothing was moved')
+  assert _digest(workdir) == before
+
+
+def test_a_second_run_in_a_busy_work_dir_is_refused(tmp_path, cache_dir):
+  workdir = tmp_path / 'busy'
+  workdir.mkdir()
+  lock = workdir / 'run.lock'
+  # A live process (this one) on this host holds the lock.
+  lock.write_text(json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}))
+  before = lock.read_bytes()
+  line = _error_line(_train(workdir, cache_dir=cache_dir, config=RUN))
+  assert (f'is in use by another run (pid {os.getpid()} on host {socket.gethostname()})'
+          in line), line
+  assert lock.read_bytes() == before and sorted(os.listdir(workdir)) == ['run.lock']
+
+
+def test_a_stale_lock_is_taken_over_and_released_at_the_end(tmp_path, cache_dir):
+  workdir = tmp_path / 'stale'
+  workdir.mkdir()
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  (workdir / 'run.lock').write_text(json.dumps({'pid': dead.pid, 'host': socket.gethostname()}))
+  proc = _train(workdir, '--config.train.num_steps=2', '--config.eval.enabled=False',
+                '--config.sample.grid_size=0', cache_dir=cache_dir, config=RUN)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (f'Took over the lock of a run that is gone (pid {dead.pid} on '
+          f'{socket.gethostname()})') in proc.stderr
+  assert not (workdir / 'run.lock').exists()

@@ -2,8 +2,10 @@
 
 - SIGKILL at a random step, then a rerun: the final state is bit-identical to an uninterrupted
   run (data order and keys are functions of (seed, step); the key is in the checkpoint).
-- SIGTERM: a checkpoint at the current step and exit status 75 (the requeue status); the rerun
-  resumes from that step and again ends bit-identical.
+- SIGTERM, and Ctrl-C (SIGINT) alike: a checkpoint at the current step and exit status 75 (the
+  requeue status); the rerun resumes from that step and again ends bit-identical.
+- A save that cannot be written (the file size limit of a full disk): one line naming the
+  directory and the OS error, exit 74 within seconds, the earlier checkpoints intact.
 - A non-finite batch is skipped and counted; a persistent one stops the run with a one-line
   message and leaves a readable checkpoint.
 """
@@ -11,6 +13,7 @@
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -43,8 +46,8 @@ def env(subprocess_cache):
   return dict(os.environ, DIFFUSION_JAX_CACHE=subprocess_cache, PYTHONUNBUFFERED='1')
 
 
-def _cmd(workdir):
-  return [sys.executable, '-m', 'experiments.train', f'--workdir={workdir}', *ARGS]
+def _cmd(workdir, *extra):
+  return [sys.executable, '-m', 'experiments.train', f'--workdir={workdir}', *ARGS, *extra]
 
 
 def _train(workdir, env):
@@ -75,9 +78,9 @@ def uninterrupted(tmp_path_factory, env):
   return state
 
 
-def _start_and_wait(workdir, env, ready):
+def _start_and_wait(workdir, env, ready, *extra):
   """Starts a run and returns once `ready()` is true."""
-  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+  proc = subprocess.Popen(_cmd(workdir, *extra), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while not ready():
@@ -104,17 +107,20 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, env, un
   _assert_bit_identical(state, uninterrupted)
 
 
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_checkpoints_the_current_step_and_asks_for_a_requeue(tmp_path, env,
-                                                                      uninterrupted):
+                                                                      uninterrupted, sig):
   workdir = tmp_path / 'preempted'
   metrics = workdir / 'metrics.jsonl'
   # Training is under way once step 5 is logged.
   proc = _start_and_wait(workdir, env, lambda: metrics.exists() and metrics.stat().st_size > 0)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == preemption.EXIT_CODE, err[-3000:]
+  assert 'Traceback' not in err, err[-3000:]
   line = [ln for ln in err.splitlines() if ln.startswith('preempted: ')]
-  assert len(line) == 1 and 'SIGTERM received: checkpoint saved at step' in line[0], err[-2000:]
+  assert len(line) == 1, err[-2000:]
+  assert f'{sig.name} received: checkpoint saved at step' in line[0], err[-2000:]
   saved = int(line[0].split('checkpoint saved at step ')[1].split()[0])
   assert 5 <= saved < STEPS
   steps = sorted(int(p) for p in os.listdir(workdir / 'checkpoints') if p.isdigit())
@@ -126,6 +132,35 @@ def test_sigterm_checkpoints_the_current_step_and_asks_for_a_requeue(tmp_path, e
   assert f'Trained steps {saved}..{STEPS}' in done.stdout
   _, state = _final_state(workdir)
   _assert_bit_identical(state, uninterrupted)
+
+
+def test_a_failed_save_is_one_line_exits_promptly_and_keeps_the_earlier_steps(tmp_path, env):
+  """A full disk, as the process sees it: once step 10 is saved, the run's file size limit
+  drops to 0 (root ignores permissions; RLIMIT_FSIZE binds it too), so the next save fails
+  with EFBIG inside orbax's threads. No metrics are written in between (log_every)."""
+  workdir = tmp_path / 'full'
+  ckpts = workdir / 'checkpoints'
+  proc = _start_and_wait(workdir, env, (ckpts / '10').exists, '--config.train.log_every=1000')
+  resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (0, 0))
+  saved_before = sorted(int(p) for p in os.listdir(ckpts) if p.isdigit())
+  t0 = time.time()
+  _, err = proc.communicate(timeout=120)
+  seconds = time.time() - t0
+  assert proc.returncode == 74, err[-3000:]
+  assert seconds < 30, f'took {seconds:.0f} s to exit'
+  assert 'Traceback' not in err, err[-3000:]
+  errors = [ln for ln in err.splitlines() if 'error' in ln.lower()]
+  assert len(errors) == 1, err[-3000:]
+  line = errors[0]
+  assert line.startswith('error: could not save checkpoint step ') and str(ckpts) in line, line
+  assert '[Errno 27] File too large' in line, line
+  failed = int(line.split('checkpoint step ')[1].split()[0])
+  steps = sorted(int(p) for p in os.listdir(ckpts) if p.isdigit())
+  assert failed not in steps and steps and steps[-1] == failed - 10, (steps, line)
+  assert saved_before[-1] in steps    # the newest step saved before the failure is kept
+  assert f'the earlier steps {", ".join(map(str, steps))} are kept' in line, line
+  step, _ = _final_state(workdir)
+  assert step == steps[-1]
 
 
 class _Poisoned:
@@ -179,3 +214,22 @@ def test_persistent_nan_stops_the_run_with_a_readable_checkpoint(tmp_path):
   step, state = _final_state(tmp_path)
   assert step == 8 and int(state.consecutive_skips) == 2
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(state.params))
+
+
+def test_a_second_ctrl_c_exits_at_once_after_releasing(tmp_path):
+  """The first SIGINT asks for a save; a second one exits now (130), after `on_force_exit`."""
+  script = (
+      'import os, signal, time\n'
+      'from diffusion_jax import preemption\n'
+      'with preemption.PreemptionWatcher(on_force_exit=lambda: print("released", flush=True)):\n'
+      '  os.kill(os.getpid(), signal.SIGINT)\n'
+      '  os.kill(os.getpid(), signal.SIGINT)\n'
+      '  time.sleep(60)\n')
+  t0 = time.time()
+  done = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60)
+  assert done.returncode == preemption.FORCE_EXIT_CODE, done.stderr[-2000:]
+  assert time.time() - t0 < 30 and done.stdout == 'released\n'
+  assert 'saving the current step' in done.stderr
+  assert 'interrupted again: exiting now, without saving this step' in done.stderr
+  assert 'Traceback' not in done.stderr

@@ -1,0 +1,113 @@
+"""One run per work dir: the lock file, and config.json written once and compared on resume."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from configs import digits as digits_config
+from diffusion_jax import workdir as workdir_lib
+
+
+def _write_lock(path, pid, host=None):
+  path.write_text(json.dumps({'pid': pid, 'host': host or socket.gethostname()}) + '\n')
+
+
+def _dead_pid():
+  proc = subprocess.Popen([sys.executable, '-c', 'pass'])
+  proc.wait()
+  return proc.pid
+
+
+def test_lock_holds_pid_and_host_and_is_released_also_on_an_exception(tmp_path):
+  lock_path = tmp_path / workdir_lib.LOCK_NAME
+  with pytest.raises(ZeroDivisionError):
+    with workdir_lib.WorkdirLock(str(tmp_path)):
+      holder = json.loads(lock_path.read_text())
+      assert holder == {'pid': os.getpid(), 'host': socket.gethostname()}
+      raise ZeroDivisionError
+  assert not lock_path.exists()
+
+
+@pytest.mark.parametrize('host', [None, 'some-other-node'])
+def test_a_second_run_is_refused_naming_the_holder(tmp_path, host):
+  lock_path = tmp_path / workdir_lib.LOCK_NAME
+  # This process is alive; on another host nothing can tell whether a pid is, so it is refused.
+  pid = os.getpid() if host is None else _dead_pid()
+  _write_lock(lock_path, pid, host)
+  before = lock_path.read_bytes()
+  with pytest.raises(workdir_lib.WorkdirBusy) as e:
+    workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+  message = str(e.value)
+  assert f'in use by another run (pid {pid} on host {host or socket.gethostname()})' in message
+  assert str(lock_path) in message and '\n' not in message
+  assert lock_path.read_bytes() == before
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_and_said(tmp_path, capsys):
+  lock_path = tmp_path / workdir_lib.LOCK_NAME
+  dead = _dead_pid()
+  _write_lock(lock_path, dead)
+  with workdir_lib.WorkdirLock(str(tmp_path)):
+    assert json.loads(lock_path.read_text())['pid'] == os.getpid()
+  err = capsys.readouterr().err
+  assert f'Took over the lock of a run that is gone (pid {dead} on {socket.gethostname()})' in err
+  assert not lock_path.exists() and os.listdir(tmp_path) == []
+
+
+def _config(**changes):
+  config = digits_config.get_config('smoke,mlp')
+  for key, value in changes.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+def test_config_json_is_written_once_and_never_replaced(tmp_path):
+  assert not workdir_lib.check_config(_config(), str(tmp_path))
+  workdir_lib.write_config(_config(), str(tmp_path))
+  path = tmp_path / 'config.json'
+  before = path.read_bytes()
+  assert json.loads(before)['model']['hidden'] == 32
+  workdir_lib.write_config(_config(**{'model.hidden': 16}), str(tmp_path))
+  assert path.read_bytes() == before
+  assert sorted(os.listdir(tmp_path)) == ['config.json']     # no config.<time>.json copies
+
+
+@pytest.mark.parametrize('changes', [
+    {'train.num_steps': 40},                                 # extending the run
+    {'sample.sampler': 'ddim', 'sample.steps': 5, 'sample.eta': 0.5},   # re-sampling
+    {'eval.num_samples': 10, 'eval.cache_dir': '/elsewhere'},
+])
+def test_a_resume_may_change_num_steps_sampling_and_evaluation(tmp_path, changes):
+  workdir_lib.write_config(_config(), str(tmp_path))
+  assert workdir_lib.check_config(_config(**changes), str(tmp_path))
+
+
+@pytest.mark.parametrize('changes, key, here, there', [
+    ({'model.hidden': 16}, 'model.hidden', '16', '32'),
+    ({'train.batch_size': 64}, 'train.batch_size', '64', '32'),
+    ({'optim.lr': 0.1}, 'optim.lr', '0.1', '0.002'),
+    ({'objective.name': 'ddpm_x0'}, 'objective.name', '"ddpm_x0"', '"ddpm_eps"'),
+])
+def test_any_other_change_is_refused_naming_the_key(tmp_path, changes, key, here, there):
+  workdir_lib.write_config(_config(), str(tmp_path))
+  with pytest.raises(workdir_lib.ConfigMismatch) as e:
+    workdir_lib.check_config(_config(**changes), str(tmp_path))
+  message = str(e.value)
+  assert message.startswith(f'config.{key} is {here} here but {there} in the config this work '
+                            f'dir was started with ({tmp_path / "config.json"})'), message
+  assert f'--config=configs/json_config.py:{tmp_path / "config.json"}' in message
+  assert '\n' not in message
+
+
+def test_a_key_missing_from_config_json_is_a_difference(tmp_path):
+  workdir_lib.write_config(_config(), str(tmp_path))
+  config = _config()
+  config.model.extra = 3
+  with pytest.raises(workdir_lib.ConfigMismatch, match=r'config\.model\.extra is 3 here but '
+                     r'absent in the config'):
+    workdir_lib.check_config(config, str(tmp_path))
