@@ -100,6 +100,18 @@ class Setup:
     return getattr(self.model, 'num_classes', 0)
 
 
+def section_defaults() -> dict:
+  """`{'data.crop': 0, 'train.keep_every': 0, ...}`: what a key of a typed section (data,
+  train, optim, eval) means when a config leaves it out."""
+  out = {}
+  for section, cls in (('data', sources.DataConfig), ('train', TrainConfig),
+                       ('optim', training.OptimConfig), ('eval', EvalConfig)):
+    for f in dataclasses.fields(cls):
+      if f.default is not dataclasses.MISSING:
+        out[f'{section}.{f.name}'] = f.default
+  return out
+
+
 def build_model(model_config) -> Any:
   """The Flax module named by `model_config.name` (a `MODELS` key), its fields checked."""
   model_cfg = dict(model_config)

@@ -43,6 +43,7 @@ from diffusion_jax import images as images_lib
 from diffusion_jax import metric_writer
 from diffusion_jax import parallel
 from diffusion_jax import preemption
+from diffusion_jax import run_config
 from diffusion_jax import training
 from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.configuration import ConfigError
@@ -171,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if lock is not None:
     lock.acquire()
   try:
-    workdir_lib.check_config(config, workdir)
+    workdir_lib.check_config(config, workdir, run_config.section_defaults())
     return _train_and_evaluate(config, workdir, source, lock)
   finally:
     if lock is not None:

@@ -164,10 +164,13 @@ def _may_differ(key: str) -> bool:
   return any(key == p or key.startswith(p + '.') for p in MAY_DIFFER)
 
 
-def check_config(config: ml_collections.ConfigDict, workdir: str) -> bool:
+def check_config(config: ml_collections.ConfigDict, workdir: str,
+                 defaults: dict | None = None) -> bool:
   """Compares `config` with the work dir's `config.json`, if there is one; raises a one-line
   `ConfigMismatch` naming the first key that differs (other than those in `MAY_DIFFER`).
-  Returns whether `config.json` exists. Reads only."""
+  `defaults` (dotted key -> value) are what a key absent from one side means: a config that
+  spells out a default (e.g. every `config.data` key, listed since this change) is the same as
+  one that left it out. Returns whether `config.json` exists. Reads only."""
   path = os.path.join(workdir, CONFIG_NAME)
   try:
     with open(path, encoding='utf-8') as f:
@@ -178,6 +181,9 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> bool:
     raise ConfigMismatch(f'{path} is unreadable ({e}); it is the config of the run in this work '
                          f'dir: restore it, or use a new --workdir') from None
   old, new = _flatten(saved), _flatten(config_dict(config))
+  for key, value in (defaults or {}).items():
+    old.setdefault(key, value)
+    new.setdefault(key, value)
   for key in sorted(set(old) | set(new)):
     if _may_differ(key) or old.get(key, KeyError) == new.get(key, KeyError):
       continue

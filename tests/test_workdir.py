@@ -111,3 +111,19 @@ def test_a_key_missing_from_config_json_is_a_difference(tmp_path):
   with pytest.raises(workdir_lib.ConfigMismatch, match=r'config\.model\.extra is 3 here but '
                      r'absent in the config'):
     workdir_lib.check_config(config, str(tmp_path))
+
+
+def test_a_key_left_out_at_its_default_is_no_difference(tmp_path):
+  """Runs from before every `config.data` key was listed resume: a key absent from one side is
+  its typed section's default (`run_config.section_defaults`), and only a real change differs."""
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  old = _config()
+  del old.data['crop']                      # as config.json files written before the change
+  workdir_lib.write_config(old, str(tmp_path))
+  defaults = run_config.section_defaults()
+  assert defaults['data.crop'] == 0 and defaults['train.keep_every'] == 0
+  assert workdir_lib.check_config(_config(), str(tmp_path), defaults)
+  changed = _config()
+  changed.data.crop = 4
+  with pytest.raises(workdir_lib.ConfigMismatch, match=r'config\.data\.crop is 4 here but 0'):
+    workdir_lib.check_config(changed, str(tmp_path), defaults)
