@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -62,6 +63,12 @@ def test_short_run_leaves_all_outputs(finished_run):
   records = [json.loads(ln) for ln in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in records if 'loss' in r] == [5, 10, 15, 20]
   assert all(r['loss'] == r['loss'] for r in records if 'loss' in r)  # finite, not NaN
+  # steps_per_sec is each interval's own rate: the intervals' times (steps / rate) add up to no
+  # more than the whole training time the run printed (a stale tqdm rate of 0.016 would not).
+  trained = float(re.search(r'Trained steps 0\.\.20 in ([0-9.]+) s', proc.stdout).group(1))
+  rates = [r['steps_per_sec'] for r in records if 'steps_per_sec' in r]
+  assert len(rates) == 4 and all(r > 0 for r in rates)
+  assert sum(5 / r for r in rates) <= trained + 0.1, (rates, trained)
   result = json.loads((workdir / 'eval.json').read_text())
   assert result['fd'] > 0 and result['fd_floor'] > 0 and result['num_generated'] == 100
   last = proc.stdout.strip().splitlines()[-1]
