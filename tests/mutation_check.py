@@ -40,6 +40,7 @@ T_DPM, T_ODE, T_SDE = 'tests/test_samplers_dpm.py', 'tests/test_samplers_ode.py'
 T_SAMP, T_ALL, T_GRIDS = 'tests/test_samplers.py', 'tests/test_samplers_all.py', \
     'tests/test_grids.py'
 T_LIK = 'tests/test_likelihood.py'
+T_VLB = T_ELBO + '::test_ddpm_vlb_terms_are_ho_et_al_eq_5_to_7_per_example'
 
 MUTATIONS = [
     # --- processes (processes.py, processes_continuous.py) ----------------------------------
@@ -146,9 +147,11 @@ MUTATIONS = [
     (EL, 'nll = (prior_kl(process, x0, t_max)', 'nll = (prior_kl(process, x0)', [T_ELBO]),
     (EL, 'c0 = jnp.sqrt(abar_m) * beta / (1 - abar_n)',
      'c0 = jnp.sqrt(abar_n) * beta / (1 - abar_n)',
-     [T_ELBO]),
-    (EL, 'ct = jnp.sqrt(1 - beta) * (1 - abar_m) / (1 - abar_n)',
-     'ct = (1 - beta) * (1 - abar_m) / (1 - abar_n)', [T_ELBO]),
+     [T_VLB, T_ELBO]),
+    # (Replaces `ct` -> `(1 - beta) ...`, an equivalent change: ct multiplies x_t in both
+    # posterior means, so it cancels from the KL, which sees only c0 (x0 - x0_hat).)
+    (EL, 'var_q = beta * (1 - abar_m) / (1 - abar_n)', 'var_q = beta * (1 - abar_n) / (1 - abar_m)',
+     [T_VLB, T_ELBO]),
     (EL, 'terms = T * jnp.where(n == 1, decoder, kl)', 'terms = jnp.where(n == 1, decoder, kl)',
      [T_ELBO, T_VALUES + '::test_ddpm_hybrid_is_l_simple_plus_weighted_t_times_l_vlb_term']),
     (EL, 'return 0.5 * (jnp.log(var2 / var1)', 'return 0.5 * (jnp.log(var1 / var2)', [T_ELBO]),
@@ -251,7 +254,8 @@ MUTATIONS = [
      'a = (alpha[:alpha_next.shape[0]] / alpha_next)',
      [T_VALUES + '::test_pc_langevin_step_is_song_2021_algorithm_5', T_SDE]),
     (S + 'sde.py', 'c_x, c_eps, c_z = 1.0 - h * f, -h * g2 / sigma[:-1], np.sqrt(g2 * h)',
-     'c_x, c_eps, c_z = 1.0 + h * f, -h * g2 / sigma[:-1], np.sqrt(g2 * h)', [T_SDE]),
+     'c_x, c_eps, c_z = 1.0 + h * f, -h * g2 / sigma[:-1], np.sqrt(g2 * h)',
+     [T_SDE + '::test_euler_maruyama_predictor_is_song_et_al_eq_6', T_SDE]),
 
     # --- samplers/consistency.py --------------------------------------------------------------
     (S + 'consistency.py', 'top_up = np.sqrt(np.maximum(s**2 - s_min**2, 0.0))',
