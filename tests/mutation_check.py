@@ -7,7 +7,8 @@ restores the file and reports whether a test failed ("killed") or everything pas
 ("SURVIVED": a hole in the suite). It exits 1 if any mutation survived. Each original text must
 occur exactly once in its file, so the table cannot silently drift from the code.
 
-Not collected by pytest (no `test_` prefix); it takes minutes, so it is a habit, not a CI step.
+Not collected by pytest (no `test_` prefix); the whole table takes ~30 min on two cores, so
+it is a habit, not a CI step. The last full run's output is in docs/mutation_check.txt.
 """
 
 import argparse
@@ -17,33 +18,308 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (file, original text, wrong text, test files run against it). Keep every original unique.
+# Every mutation sits in code the library runs in its normal paths (not in validation or in a
+# method every family overrides). Test lists are short and most-targeted first: `-x` stops at the
+# first failure, and a survivor runs them all. A pytest node id narrows a slow file.
+PC, PR = 'diffusion_jax/processes_continuous.py', 'diffusion_jax/processes.py'
+PA, OB = 'diffusion_jax/parameterization.py', 'diffusion_jax/objectives.py'
+CO, EL = 'diffusion_jax/consistency.py', 'diffusion_jax/elbo.py'
+S = 'diffusion_jax/samplers/'
+T_PROC, T_PARAM, T_ORACLE = 'tests/test_processes.py', 'tests/test_parameterization.py', \
+    'tests/test_oracles.py'
+T_OBJ, T_VALUES = 'tests/test_objectives.py', 'tests/test_objective_values.py'
+T_CONS, T_ELBO, T_REF = 'tests/test_consistency.py', 'tests/test_elbo.py', \
+    'tests/test_reference_updates.py'
+T_DPM, T_ODE, T_SDE = 'tests/test_samplers_dpm.py', 'tests/test_samplers_ode.py', \
+    'tests/test_samplers_sde.py'
+T_SAMP, T_ALL, T_GRIDS = 'tests/test_samplers.py', 'tests/test_samplers_all.py', \
+    'tests/test_grids.py'
+T_LIK = 'tests/test_likelihood.py'
+T_VLB = T_ELBO + '::test_ddpm_vlb_terms_are_ho_et_al_eq_5_to_7_per_example'
+
 MUTATIONS = [
-    # --- processes -------------------------------------------------------------------------
-    ('diffusion_jax/processes_continuous.py',
-     'return 2.0 * self.log_alpha(t) - jnp.log(self.sigma_squared(t))',
-     'return 2.0 * self.log_alpha(t) + jnp.log(self.sigma_squared(t))',
-     ['tests/test_processes.py']),
-    ('diffusion_jax/processes_continuous.py',
-     'return self.alpha(t).reshape(shape) * x0 + self.sigma(t).reshape(shape) * eps',
+    # --- processes (processes.py, processes_continuous.py) ----------------------------------
+    # (The base `Process.log_snr` is overridden by every family: a change there is dead code.)
+    (PC, 'return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min',
+     'return -0.5 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min',
+     [T_PROC]),
+    (PC, 'return self.alpha(t).reshape(shape) * x0 + self.sigma(t).reshape(shape) * eps',
      'return self.alpha(t).reshape(shape) * x0 + self.sigma(t).reshape(shape) ** 2 * eps',
-     ['tests/test_processes.py', 'tests/test_objectives.py']),
-    ('diffusion_jax/processes_continuous.py',
-     'return jnp.exp(2.0 * self._log_sigma(t))',
-     'return jnp.exp(self._log_sigma(t))',
-     ['tests/test_processes.py']),
-    ('diffusion_jax/processes_continuous.py',
-     'return 2.0 * (jnp.log1p(-t) - jnp.log(t))',
+     [T_PROC]),
+    (PC, 'return d_var - 2.0 * f * var', 'return d_var + 2.0 * f * var', [T_PROC]),
+    (PC, 'return jnp.exp(2.0 * self._log_sigma(t))', 'return jnp.exp(self._log_sigma(t))',
+     [T_PROC]),
+    (PC, 'return 2.0 * (jnp.log1p(-t) - jnp.log(t))',
      'return 2.0 * (jnp.log1p(-t) - jnp.log(2 * t))',
-     ['tests/test_processes.py']),
-    ('diffusion_jax/processes.py',
-     'return np.cumprod(1.0 - self.betas)',
-     'return np.cumprod(1.0 - 0.5 * self.betas)',
-     ['tests/test_processes.py']),
+     [T_PROC]),
+    (PC, 'return lam + self.shift\n', 'return lam - self.shift\n', [T_PROC]),
+    (PC, 't = -2.0 * c / (b + jnp.sqrt(b * b - 4.0 * a * c))',
+     't = -2.0 * c / (b + jnp.sqrt(b * b + 4.0 * a * c))', [T_PROC]),
+    (PC, 'return -jnp.expm1(-self._integrated_beta(t))',
+     'return -jnp.expm1(-0.5 * self._integrated_beta(t))', [T_PROC]),
+    (PC, 'return jnp.exp(-0.5 * as_float(lam)) / self.sigma_max',
+     'return jnp.exp(-as_float(lam)) / self.sigma_max', [T_PROC]),
+    (PR, 'return np.cumprod(1.0 - self.betas)', 'return np.cumprod(1.0 - 0.5 * self.betas)',
+     [T_PROC]),
+    (PR, 'grid_t = jnp.linspace(0.0, 1.0, self.num_steps + 1, dtype=t.dtype)',
+     'grid_t = jnp.linspace(0.0, 1.0, self.num_steps + 2, dtype=t.dtype)[:-1]', [T_PROC]),
+    (PR, 'return math.cos((n / num_steps + s) / (1 + s) * math.pi / 2) ** 2',
+     'return math.cos((n / num_steps + s) / (1 + s) * math.pi / 2)', [T_PROC]),
+    (PR, 'scale = 1000.0 / num_steps', 'scale = 1.0', [T_PROC]),
+
+    # --- parameterization ---------------------------------------------------------------------
+    (PA, '1.0 / jnp.sqrt(norm), 0.25 * jnp.log(s)', '1.0 / jnp.sqrt(norm), 0.5 * jnp.log(s)',
+     [T_ORACLE, T_PARAM]),
+    (PA, 'return sd2 / norm, s * sigma_data / jnp.sqrt(norm)',
+     'return sd2 / norm, s * sigma_data / norm', [T_ORACLE, T_PARAM]),
+    (PA, 'return alpha * eps - sigma * x0', 'return alpha * eps + sigma * x0', [T_ORACLE, T_PARAM]),
+    (PA, 'return (alpha * x_t - sigma * out) / norm, (sigma * x_t + alpha * out) / norm',
+     'return (alpha * x_t - sigma * out) / norm, (sigma * x_t - alpha * out) / norm',
+     [T_PARAM, T_ORACLE]),
+    (PA, 'det = alpha * d_sigma - sigma * d_alpha', 'det = alpha * d_sigma + sigma * d_alpha',
+     [T_PARAM, T_ORACLE]),
+    (PA, 'eps = -sigma * out', 'eps = sigma * out', [T_PARAM, T_ORACLE]),
+    (PA, 'x_tilde = x0 + sigma / alpha * eps', 'x_tilde = x0 + sigma * eps', [T_ORACLE, T_PARAM]),
+    (PA, 'return expand_like(c_in / process.alpha(t), x_t) * x_t, c_noise',
+     'return expand_like(c_in, x_t) * x_t, c_noise', [T_PARAM, T_ORACLE]),
+    (PA, 'sigma_data * shifted / jnp.sqrt(sd2 + sigma**2)',
+     'sigma_data * sigma / jnp.sqrt(sd2 + sigma**2)', [T_PARAM, T_CONS]),
+    (PA, '    eps = (x_t - alpha * x0) / sigma\n', '    eps = (x_t - x0) / sigma\n', [T_PARAM]),
+
+    # --- objectives ---------------------------------------------------------------------------
+    (OB, "if kind == 'x0':\n    return (sigma / alpha) ** 2",
+     "if kind == 'x0':\n    return (alpha / sigma) ** 2",
+     [T_OBJ + '::test_stated_equivalences_per_example']),
+    (OB, 'return (sigma / alpha) ** 2 / c_out**2', 'return (sigma / alpha) / c_out**2',
+     [T_OBJ + '::test_stated_equivalences_per_example']),
+    (OB, 'return jnp.minimum(snr, gamma) / snr / eps_mse_factor(kind, process, t)',
+     'return jnp.minimum(snr, gamma) / eps_mse_factor(kind, process, t)',
+     [T_OBJ + '::test_min_snr_v_weight_is_papers_form_on_vp',
+      T_OBJ + '::test_loss_at_optimal_model_is_closed_form_minimum']),
+    (OB, "- 2.0 * a @ b.T", "+ 2.0 * a @ b.T",
+     [T_VALUES + '::test_ot_flow_matching_is_flow_matching_on_assignment_paired_noise',
+      T_OBJ + '::test_ot_pairing_is_the_exact_minimum_cost_permutation']),
+    (OB, 'x_t = process.marginal(x0, eps, t)', 'x_t = process.marginal(eps, x0, t)',
+     [T_OBJ + '::test_loss_at_optimal_model_is_closed_form_minimum']),
+    (OB, 'return process.sigma(t) ** 2', 'return process.sigma(t)',
+     [T_OBJ + '::test_loss_at_optimal_model_is_closed_form_minimum']),
+    (OB, 'return process.t_of_log_snr(-2.0 * log_sigma)', 'return process.t_of_log_snr(-log_sigma)',
+     [T_OBJ + '::test_t_samplers_follow_their_distributions', T_PROC]),
+    (OB, 'n = jax.random.randint(key, (batch_size,), 1, process.num_steps + 1)',
+     'n = jax.random.randint(key, (batch_size,), 0, process.num_steps)',
+     [T_OBJ + '::test_aux_reports_t_on_ddpm_grid_and_log_snr',
+      T_OBJ + '::test_t_samplers_follow_their_distributions']),
+    (OB, 'return 0.5 * (t_max - t0) * (-d_lambda)', 'return (t_max - t0) * (-d_lambda)',
+     ['tests/test_weighting.py', T_OBJ + '::test_loss_at_optimal_model_is_closed_form_minimum']),
+    (OB, 'return jstats.norm.pdf(u, mean, std) / (t * (1 - t)) * _dt_dlambda(process, lam)',
+     'return jstats.norm.pdf(u, mean, std) / t * _dt_dlambda(process, lam)',
+     ['tests/test_weighting.py']),
+
+    # --- consistency (training and distillation) ---------------------------------------------
+    (CO, 'online = f(model_fn, x0 + expand_like(sigma_next, x0) * z, sigma_next, cond)',
+     'online = f(model_fn, x0 + expand_like(sigma_i, x0) * z, sigma_next, cond)',
+     [T_VALUES + '::test_consistency_training_loss_is_the_hand_computation', T_CONS]),
+    (CO, 'return 1.0 / (sigma_next - sigma_i)', 'return 1.0 / (sigma_next + sigma_i)',
+     [T_VALUES + '::test_consistency_training_loss_is_the_hand_computation', T_CONS]),
+    (CO, 'return 0.00054 * math.sqrt(dim)', 'return 0.00054 * dim',
+     [T_CONS, T_VALUES + '::test_consistency_training_loss_is_the_hand_computation']),
+    (CO, 'cdf = erf((jnp.log(sigmas) - p_mean) / (math.sqrt(2.0) * p_std))',
+     'cdf = erf((jnp.log(sigmas) - p_mean) / (2.0 * p_std))', [T_CONS]),
+    (CO, 'return jnp.minimum(jnp.left_shift(s0, doublings.astype(jnp.int32)), s1) + 1',
+     'return jnp.minimum(jnp.left_shift(s0, doublings.astype(jnp.int32)), s1)', [T_CONS]),
+    (CO, 'n = jnp.ceil(jnp.sqrt(frac * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1.0) + 1.0',
+     'n = jnp.ceil(jnp.sqrt(frac * (s1 ** 2 - s0**2) + s0**2) - 1.0) + 1.0', [T_CONS]),
+    (CO, 'expand_like(sigma, x), _sigma_to_t(process, sigma_to)',
+     'expand_like(sigma_to, x), _sigma_to_t(process, sigma_to)', [T_CONS]),
+    (CO, 'process, x_next, sigma_next, sigma_n,', 'process, x_next, sigma_n, sigma_next,',
+     [T_CONS]),
+
+    # --- elbo ---------------------------------------------------------------------------------
+    (EL, '- 1.0 - jnp.log(s**2 / p2)', '- 1.0 + jnp.log(s**2 / p2)', [T_ELBO]),
+    (EL, '(jnp.log(2 * math.pi * s_tilde2) + 1.0)', '(jnp.log(2 * math.pi * s_tilde2))', [T_ELBO]),
+    (EL, 'weight = 0.5 * (t_max - t0) * (-d_lambda)', 'weight = (t_max - t0) * (-d_lambda)',
+     [T_ELBO]),
+    (EL, 'nll = (prior_kl(process, x0, t_max)', 'nll = (prior_kl(process, x0)', [T_ELBO]),
+    (EL, 'c0 = jnp.sqrt(abar_m) * beta / (1 - abar_n)',
+     'c0 = jnp.sqrt(abar_n) * beta / (1 - abar_n)',
+     [T_VLB, T_ELBO]),
+    # (Replaces `ct` -> `(1 - beta) ...`, an equivalent change: ct multiplies x_t in both
+    # posterior means, so it cancels from the KL, which sees only c0 (x0 - x0_hat).)
+    (EL, 'var_q = beta * (1 - abar_m) / (1 - abar_n)', 'var_q = beta * (1 - abar_n) / (1 - abar_m)',
+     [T_VLB, T_ELBO]),
+    (EL, 'terms = T * jnp.where(n == 1, decoder, kl)', 'terms = jnp.where(n == 1, decoder, kl)',
+     [T_ELBO, T_VALUES + '::test_ddpm_hybrid_is_l_simple_plus_weighted_t_times_l_vlb_term']),
+    (EL, 'return 0.5 * (jnp.log(var2 / var1)', 'return 0.5 * (jnp.log(var1 / var2)', [T_ELBO]),
+    (EL, 'var_p = jnp.exp(v * ex(jnp.log(beta)) + (1 - v) * ex(log_tilde))',
+     'var_p = jnp.exp((1 - v) * ex(jnp.log(beta)) + v * ex(log_tilde))', [T_ELBO]),
+    (EL, 'vlb_bpd = terms / (d * math.log(2.0))', 'vlb_bpd = terms / d',
+     [T_VALUES + '::test_ddpm_hybrid_is_l_simple_plus_weighted_t_times_l_vlb_term', T_ELBO]),
+
+    # --- samplers/dpm_solver.py ---------------------------------------------------------------
+    (S + 'dpm_solver.py', 'A, B = a_t / a_s, -s_t * h * phi(1, h)',
+     'A, B = a_s / a_t, -s_t * h * phi(1, h)', [T_REF, T_DPM]),
+    (S + 'dpm_solver.py', 'C = -s_t * h * phi(1, h) / (2.0 * rh[0] / h)',
+     'C = -s_t * h * phi(1, h) / (rh[0] / h)', [T_REF, T_DPM]),
+    (S + 'dpm_solver.py', 'C_j = -s_j * (rh[1] / rh[0]) * rh[1] * phi(2, rh[1])',
+     'C_j = -s_j * (rh[0] / rh[1]) * rh[1] * phi(2, rh[1])', [T_REF, T_DPM]),
+    (S + 'dpm_solver.py', 'C = -s_t / (rh[1] / h) * h * phi(2, h)',
+     'C = -s_t / (rh[1] / h) * h * phi(1, h)', [T_REF, T_DPM]),
+    (S + 'dpm_solver.py', 'r = (lh[i] - lh[i - 1]) / h', 'r = h / (lh[i] - lh[i - 1])',
+     [T_REF, T_DPM]),
+    (S + 'dpm_solver.py',
+     'moments = np.array([h * math.factorial(i) * float(phi(i + 1, -h)) for i in k])',
+     'moments = np.array([h * float(phi(i + 1, -h)) for i in k])', [T_REF, T_DPM]),
+    (S + 'dpm_solver.py', 'c[i] = sigma[i + 1] * np.sqrt(base)', 'c[i] = sigma[i] * np.sqrt(base)',
+     [T_REF, T_DPM]),
+    (S + 'dpm_solver.py', 'a[i] = sigma[i + 1] / sigma[i] * np.exp(-h)',
+     'a[i] = sigma[i + 1] / sigma[i] * np.exp(-2.0 * h)', [T_REF, T_DPM]),
+    (S + 'dpm_solver.py', 'w[i] *= alpha[i + 1]', 'w[i] *= alpha[i]', [T_REF, T_DPM]),
+    (S + 'dpm_solver.py', 'series = sum(z**j / math.factorial(j + k) for j in range(30))',
+     'series = sum(z**j / math.factorial(j + k + 1) for j in range(30))', [T_REF, T_DPM]),
+
+    # --- samplers/unipc.py --------------------------------------------------------------------
+    (S + 'unipc.py', "B = hh if variant == 'bh1' else hh * float(dpm_solver.phi(1, hh))",
+     "B = hh * float(dpm_solver.phi(1, hh)) if variant == 'bh1' else hh", [T_REF, T_DPM]),
+    (S + 'unipc.py', 'b = [hh * math.factorial(k) * float(dpm_solver.phi(k + 1, hh)) / B',
+     'b = [hh * float(dpm_solver.phi(k + 1, hh)) / B', [T_REF, T_DPM]),
+    (S + 'unipc.py', 'r = [(lh[i - k] - lh[i]) / h for k in range(1, p)]',
+     'r = [(lh[i - k + 1] - lh[i - 1]) / h for k in range(1, p)]', [T_REF, T_DPM]),
+    (S + 'unipc.py', 'return np.array([0.5])', 'return np.array([1.0])', [T_REF, T_DPM]),
+    (S + 'unipc.py', 'wcn[i + 1] = -a_t * B * rho_c[-1]', 'wcn[i + 1] = a_t * B * rho_c[-1]',
+     [T_REF, T_DPM]),
+    (S + 'unipc.py', 'wp[i, 0] = base + a_t * B * sum(rho[k] / r[k] for k in range(p - 1))',
+     'wp[i, 0] = base - a_t * B * sum(rho[k] / r[k] for k in range(p - 1))', [T_REF, T_DPM]),
+    (S + 'unipc.py', 'x_next = ap * x + dpm_solver.weighted_sum',
+     'x_next = ap * x_pred + dpm_solver.weighted_sum', [T_REF, T_DPM]),
+
+    # --- samplers/ode.py ----------------------------------------------------------------------
+    (S + 'ode.py', 'return alpha_next * (x / alpha + (s_next - s) * 0.5 * (d1 + d2))',
+     'return alpha_next * (x / alpha + (s_next - s) * 0.5 * (d2 + d2))', [T_REF, T_ODE]),
+    (S + 'ode.py', 'y_euler = x / alpha + (s_next - s) * d1',
+     'y_euler = x / alpha + (s_next - s) * 0.5 * d1',
+     [T_REF, T_ODE]),
+    (S + 'ode.py', 'return alpha_next * x0 + sigma_next * eps', 'return x0 + sigma_next * eps',
+     [T_SAMP, T_ODE]),
+    (S + 'ode.py', 'gamma = min(s_churn / steps, math.sqrt(2.0) - 1.0)',
+     'gamma = min(s_churn / steps, math.sqrt(2.0))', [T_REF]),
+    (S + 'ode.py', 'add = jnp.sqrt(jnp.maximum(s_hat**2 - s_i**2, 0.0)) * s_noise',
+     'add = jnp.maximum(s_hat - s_i, 0.0) * s_noise', [T_REF]),
+    (S + 'ode.py', "'midpoint': ((0.0, 0.5), ((), (0.5,)), (0.0, 1.0)),",
+     "'midpoint': ((0.0, 0.5), ((), (1.0,)), (0.0, 1.0)),", [T_ODE]),
+    (S + 'ode.py', '(1 / 6, 1 / 3, 1 / 3, 1 / 6)),', '(1 / 6, 1 / 3, 1 / 6, 1 / 3)),', [T_ODE]),
+    (S + 'ode.py', 'return expand_like(d_alpha, x) * x0 + expand_like(d_sigma, x) * eps',
+     'return expand_like(d_alpha, x) * eps + expand_like(d_sigma, x) * x0', [T_ODE]),
+    (S + 'ode.py', 'ks.append(velocity(denoiser, process, xi, t_i + ci * h, cond))',
+     'ks.append(velocity(denoiser, process, xi, t_i + 0.5 * ci * h, cond))', [T_ODE]),
+
+    # --- samplers/discrete.py -----------------------------------------------------------------
+    (S + 'discrete.py', 's = eta * jnp.sqrt((1 - abar_m) / (1 - abar_n) * (1 - abar_n / abar_m))',
+     's = eta * jnp.sqrt((1 - abar_n) / (1 - abar_m) * (1 - abar_n / abar_m))', [T_REF, T_SAMP]),
+    (S + 'discrete.py', 'jnp.sqrt(jnp.maximum(1 - abar_m - s**2, 0.0)) * eps',
+     'jnp.sqrt(jnp.maximum(1 - abar_m, 0.0)) * eps', [T_REF, T_SAMP]),
+    (S + 'discrete.py', 'mean = (jnp.sqrt(abar_m) * beta / (1 - abar_n)) * x0',
+     'mean = (jnp.sqrt(abar_n) * beta / (1 - abar_n)) * x0', [T_SAMP, T_SDE]),
+    (S + 'discrete.py', 'log_var = v * jnp.log(beta) + (1 - v) * log_tilde',
+     'log_var = (1 - v) * jnp.log(beta) + v * log_tilde', [T_SDE, T_SAMP]),
+    (S + 'discrete.py', 'std = jnp.where(m > 0, jnp.exp(0.5 * log_var), 0.0)',
+     'std = jnp.where(m > 0, jnp.exp(log_var), 0.0)', [T_SAMP, T_SDE]),
+    (S + 'discrete.py', 'alpha, s = np.sqrt(abar), np.sqrt((1.0 - abar) / abar)',
+     'alpha, s = np.sqrt(abar), np.sqrt(1.0 - abar)', [T_SDE]),
+    (S + 'discrete.py', 'y_n = y + (s_n - s_m) * eps', 'y_n = y + (s_m - s_n) * eps', [T_SDE]),
+    (S + 'discrete.py', 't = process.t_of_step(n, x.dtype)',
+     't = process.t_of_step(n - 1, x.dtype)',
+     [T_SAMP, T_SDE]),
+
+    # --- samplers/sde.py ----------------------------------------------------------------------
+    (S + 'sde.py', 'drift = f_i * x + g2_i / s_i * eps', 'drift = f_i * x - g2_i / s_i * eps',
+     [T_SDE]),
+    (S + 'sde.py', 'jnp.sqrt(g2_i * h_i) * jax.random.normal(k, x.shape, x.dtype)',
+     'jnp.sqrt(g2_i) * h_i * jax.random.normal(k, x.shape, x.dtype)', [T_SDE]),
+    (S + 'sde.py', 'c_x, c_eps, c_z = 2.0 - r, -big_g2 / sigma[:-1], np.sqrt(big_g2)',
+     'c_x, c_eps, c_z = 2.0 - r, -big_g2 / sigma[1:], np.sqrt(big_g2)', [T_SDE]),
+    (S + 'sde.py', 'big_g2 = np.maximum(sigma[:-1] ** 2 - r**2 * sigma[1:] ** 2, 0.0)',
+     'big_g2 = np.maximum(sigma[:-1] ** 2 - r * sigma[1:] ** 2, 0.0)', [T_SDE]),
+    (S + 'sde.py', 'e = parameterization.expand_like(2.0 * a_i * ratio**2, x)',
+     'e = parameterization.expand_like(a_i * ratio**2, x)',
+     [T_VALUES + '::test_pc_langevin_step_is_song_2021_algorithm_5', T_SDE]),
+    (S + 'sde.py', 'return x + e * score + jnp.sqrt(2.0 * e) * z',
+     'return x + e * score + jnp.sqrt(e) * z',
+     [T_VALUES + '::test_pc_langevin_step_is_song_2021_algorithm_5', T_SDE]),
+    (S + 'sde.py', 'a = (alpha[:alpha_next.shape[0]] / alpha_next) ** 2',
+     'a = (alpha[:alpha_next.shape[0]] / alpha_next)',
+     [T_VALUES + '::test_pc_langevin_step_is_song_2021_algorithm_5', T_SDE]),
+    (S + 'sde.py', 'c_x, c_eps, c_z = 1.0 - h * f, -h * g2 / sigma[:-1], np.sqrt(g2 * h)',
+     'c_x, c_eps, c_z = 1.0 + h * f, -h * g2 / sigma[:-1], np.sqrt(g2 * h)',
+     [T_SDE + '::test_euler_maruyama_predictor_is_song_et_al_eq_6', T_SDE]),
+
+    # --- samplers/consistency.py --------------------------------------------------------------
+    (S + 'consistency.py', 'top_up = np.sqrt(np.maximum(s**2 - s_min**2, 0.0))',
+     'top_up = np.maximum(s - s_min, 0.0)', [T_SDE, T_CONS]),
+    (S + 'consistency.py', 'x = a_i * (x0 + std_i * jax.random.normal(k, x0.shape, x0.dtype))',
+     'x = x0 + std_i * jax.random.normal(k, x0.shape, x0.dtype)', [T_SDE, T_CONS]),
+    (S + 'consistency.py', 'x0, _ = denoiser(x_T, t_j[0], cond)',
+     'x0, _ = denoiser(x_T, t_j[1], cond)',
+     [T_SDE, T_CONS]),
+    (S + 'consistency.py', '(t_j[1:], alpha_j[1:], std_j[1:], keys)',
+     '(t_j[1:], alpha_j[1:], std_j[:-1], keys)', [T_SDE, T_CONS]),
+    (S + 'consistency.py', 'return g.t[:-1]', 'return g.t[1:]', [T_SDE, T_CONS]),
+
+    # --- samplers/grids.py --------------------------------------------------------------------
+    (S + 'grids.py', 'ramp = np.linspace(0.0, 1.0, int(n))',
+     'ramp = np.linspace(0.0, 1.0, int(n) + 1)[:-1]', [T_GRIDS, T_CONS]),
+    (S + 'grids.py', 'ramp = jnp.maximum(k, 0).astype(dtype) / jnp.asarray(n - 1, dtype)',
+     'ramp = jnp.maximum(k, 0).astype(dtype) / jnp.asarray(n, dtype)', [T_CONS, T_GRIDS]),
+    (S + 'grids.py', 'k = np.round(np.arange(T, 0, -T / S)) - 1',
+     'k = np.round(np.arange(T, 0, -T / S)) - 2', [T_GRIDS, T_SAMP]),
+    (S + 'grids.py', 'k = np.round(np.linspace(0, T - 1, S))',
+     'k = np.round(np.linspace(1, T - 1, S))',
+     [T_GRIDS, T_SAMP]),
+    (S + 'grids.py', 'k = np.arange(S) * (T // S)', 'k = np.arange(S) * (T // S) + 1',
+     [T_GRIDS, T_SAMP]),
+    (S + 'grids.py', 's_max, s_min = np.exp(-0.5 * lam_ends)', 's_max, s_min = np.exp(-lam_ends)',
+     [T_GRIDS]),
+    (S + 'grids.py', 't = jnp.linspace(t_max, t_min, n + 1, dtype=dtype)[:-1] if at_data',
+     't = jnp.linspace(t_max, t_min, n + 1, dtype=dtype)[1:] if at_data', [T_GRIDS, T_ODE]),
+    (S + 'grids.py', 's_max, s_min = EDM_SIGMA_MAX, EDM_SIGMA_MIN',
+     's_max, s_min = EDM_SIGMA_MAX, 2 * EDM_SIGMA_MIN', [T_GRIDS]),
+
+    # --- samplers/adaptive.py -----------------------------------------------------------------
+    (S + 'adaptive.py', 'calls = calls + tried * (stages - 1 if fsal else stages)',
+     'calls = calls + tried * (stages if fsal else stages)', [T_LIK]),
+    (S + 'adaptive.py', 'x, stats = integrate(fn, x_T, t_max, t_min, solver=solver',
+     'x, stats = integrate(fn, x_T, t_min, t_max, solver=solver', [T_LIK]),
+    (S + 'adaptive.py', 'solver_state = (jnp.asarray(False), f0) if fsal else None',
+     'solver_state = (jnp.asarray(False), jax.tree.map(jnp.zeros_like, f0)) if fsal else None',
+     [T_LIK]),
+    (S + 'adaptive.py', 'x = _common.to_data(denoiser, x, jnp.asarray(t_min, x_T.dtype), cond)',
+     'x = _common.to_data(denoiser, x, jnp.asarray(t_max, x_T.dtype), cond)', [T_LIK]),
+    # Value-equivalent where sigma(t_min) = 0 (a velocity model's x0_hat there is x itself): it
+    # costs one extra call, which the documented NFE rejects.
+    (S + 'adaptive.py', "to_data = final == 'data' and not at_data", "to_data = final == 'data'",
+     [T_LIK]),
+    (S + 'adaptive.py', "info['trajectory_length'] = n + 1 + int(to_data)",
+     "info['trajectory_length'] = n + int(to_data)", [T_LIK]),
+
+    # --- samplers/likelihood.py ---------------------------------------------------------------
+    (S + 'likelihood.py', 'return -0.5 * sq / std**2', 'return -0.5 * sq / std', [T_LIK]),
+    (S + 'likelihood.py', 'jnp.log(2.0 * math.pi * jnp.asarray(std, x.dtype) ** 2)',
+     'jnp.log(2.0 * math.pi * jnp.asarray(std, x.dtype))', [T_LIK]),
+    (S + 'likelihood.py', "div = jnp.einsum('ibi->b', jv.reshape(d, x.shape[0], d))",
+     "div = jnp.einsum('ibj->b', jv.reshape(d, x.shape[0], d))", [T_LIK]),
+    (S + 'likelihood.py', 'jnp.sum((probes * jv).reshape(k, b, -1), axis=-1)',
+     'jnp.sum((jv * jv).reshape(k, b, -1), axis=-1)', [T_LIK]),
+    (S + 'likelihood.py', 'return prior + delta, info', 'return prior - delta, info', [T_LIK]),
+    (S + 'likelihood.py', 'return lo + (hi - lo) * (x_int.astype(dtype) + u) / num_bins',
+     'return lo + (hi - lo) * (x_int.astype(dtype) + u) / (num_bins - 1)', [T_LIK]),
+    (S + 'likelihood.py',
+     'return -logp / (num_dims * math.log(2.0)) + math.log2(num_bins / (hi - lo))',
+     'return -logp / (num_dims * math.log(2.0)) + math.log2(num_bins)', [T_LIK]),
 ]
 
 
@@ -95,18 +371,31 @@ def main():
     works = [os.path.join(tmp, f'w{j}') for j in range(max(1, args.jobs))]
     for w in works:
       _copy_repo(w)
-    survived = 0
+    lock = threading.Lock()
+
+    def report(mutation, result):
+      path, old, new, _ = mutation
+      killed, why, seconds = result
+      with lock:   # as each finishes, so a long run shows progress
+        print(f'{"killed  " if killed else "SURVIVED"} {seconds:6.1f}s {path}: {old!r} -> '
+              f'{new!r}\n           {why}', flush=True)
+      return mutation, result
+
+    t0 = time.time()
     with concurrent.futures.ThreadPoolExecutor(len(works)) as pool:
       # Each worker copy runs one mutation at a time.
       chunks = [todo[j::len(works)] for j in range(len(works))]
-      futures = [pool.submit(lambda w, ms: [(m, run_one(w, m, python)) for m in ms], w, c)
+      futures = [pool.submit(lambda w, ms: [report(m, run_one(w, m, python)) for m in ms], w, c)
                  for w, c in zip(works, chunks, strict=True)]
       results = [r for f in futures for r in f.result()]
-    for (path, old, new, _), (killed, why, seconds) in results:
-      survived += not killed
-      print(f'{"killed  " if killed else "SURVIVED"} {seconds:6.1f}s {path}: {old!r} -> {new!r}'
-            f'\n           {why}')
-  print(f'{len(results) - survived} killed, {survived} survived of {len(results)} mutations')
+    survived = sum(not killed for _, (killed, _, _) in results)
+  per_file = {}
+  for (path, _, _, _), (killed, _, _) in results:
+    per_file.setdefault(path, [0, 0])[0 if killed else 1] += 1
+  for path, (k, s) in per_file.items():
+    print(f'{path}: {k} killed, {s} survived')
+  print(f'{len(results) - survived} killed, {survived} survived of {len(results)} mutations '
+        f'in {time.time() - t0:.0f}s')
   return 1 if survived else 0
 
 

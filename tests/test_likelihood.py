@@ -118,6 +118,10 @@ def test_adaptive_nfe_is_exact(solver, final, dt0):
     ts = np.asarray(info['trajectory_t'])
     assert ts[0] == 1.0 and np.all(np.diff(ts[:n + 1]) < 0)
     np.testing.assert_allclose(ts[n], proc.t_min, rtol=1e-6)
+    # final='data': the last row is x0_hat at t_min of the ODE state there (the step to data).
+    x0_hat, _ = analytic.gaussian_denoiser(st.MU, st.S2, proc)(
+        jnp.asarray(rows[n]), jnp.asarray(proc.t_min, jnp.float32))
+    np.testing.assert_allclose(rows[n + 1], x0_hat, rtol=1e-5, atol=1e-6)
 
 
 def test_adaptive_flow_matching_velocity_model_to_t0():
@@ -135,7 +139,10 @@ def test_adaptive_flow_matching_velocity_model_to_t0():
     exact = mu + jnp.sqrt(s2) * x_T          # z = x_T at t = 1 (alpha = 0, sigma = 1)
     err = float(jnp.max(jnp.abs(x - exact)))
     assert err < 1e-5, err                    # measured ~1e-7
-    assert int(info['nfe']) == count()
+    # No step to data: f0, the starting-step heuristic and 6 new stages per tried Tsit5 step.
+    stages, fsal = adaptive.stage_cost(adaptive.make_solver('tsit5'))
+    tried = int(info['num_steps']) + int(info['num_rejected_steps'])
+    assert int(info['nfe']) == count() == 2 + tried * (stages - fsal)
     x0_den = parameterization.make_denoiser(
         analytic.optimal_model('x0', exact_den, proc), proc, 'x0')
     with pytest.raises(ValueError, match='sigma'):

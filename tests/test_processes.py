@@ -20,6 +20,11 @@ def test_linear_betas_are_ddpm_values():
   # Ho et al. choose the schedule so that x_T is almost pure noise: abar_T ≈ 4.0e-5.
   abar_T = np.exp(np.sum(np.log1p(-betas)))
   assert abar_T == pytest.approx(4.0358e-5, rel=1e-3)
+  # Nichol & Dhariwal (2021), improved-diffusion's get_named_beta_schedule: for T != 1000 the
+  # end points scale by 1000 / T, so T = 100 runs from 1e-3 to 0.2 and T = 4000 from 2.5e-5.
+  short, long = processes.linear_betas(100), processes.linear_betas(4000)
+  assert short[0] == pytest.approx(1e-3) and short[-1] == pytest.approx(0.2)
+  assert long[0] == pytest.approx(2.5e-5) and long[-1] == pytest.approx(5e-3)
 
 
 def test_cosine_alphas_cumprod_is_f_ratio():

@@ -371,6 +371,25 @@ def test_reverse_diffusion_predictor_is_song_et_al(name):
   np.testing.assert_allclose(x, expect, rtol=1e-5, atol=1e-5)
 
 
+def test_euler_maruyama_predictor_is_song_et_al_eq_6():
+  """PC's 'euler_maruyama' predictor on the VP SDE (Song et al. 2021, Eqs. 6 and 11): with
+  `beta(t) = beta_min + t (beta_max - beta_min)`, `f = -beta / 2`, `g² = beta`, one step from
+  t_0 = 1 down by h is `x - h (f x - g² score) + sqrt(g² h) z` (no corrector, same noise)."""
+  proc, steps = processes.VPLinear(), 4
+  den = analytic.gaussian_denoiser(jnp.asarray(MU), jnp.asarray(S2), proc)
+  x_T = jax.random.normal(jax.random.key(0), (8, 3))
+  key = jax.random.key(1)
+  _, info = sde.pc_sample(den, proc, x_T, key, steps=steps, grid='t', final='t_min',
+                          corrector_steps=0, predictor='euler_maruyama', return_trajectory=True)
+  g = samplers.time_grid(proc, steps, 't', final='t_min')
+  t0, h = float(g.t[0]), float(g.t[0] - g.t[1])
+  beta = proc.beta_min + t0 * (proc.beta_max - proc.beta_min)
+  score = -den(x_T, g.t[0])[1] / g.sigma[0]
+  z = jax.random.normal(jax.random.split(key, (steps, 1))[0, 0], x_T.shape)
+  expect = x_T - h * (-0.5 * beta * x_T - beta * score) + np.sqrt(beta * h) * z
+  np.testing.assert_allclose(info['trajectory'][1], expect, rtol=1e-5, atol=1e-5)
+
+
 # --- exact NFE and refusals ----------------------------------------------------------------------
 
 
