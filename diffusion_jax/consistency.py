@@ -283,6 +283,9 @@ def consistency_distillation(process, teacher_denoiser, num_timesteps: int = 18,
   sigma_min, sigma_max = sigma_range(process)
   f = functools.partial(consistency_fn, sigma_min=sigma_min, sigma_data=sigma_data)
   n_points = int(num_timesteps)
+  if n_points < 2:
+    raise ValueError(f'consistency_distillation: num_timesteps={num_timesteps} must be >= 2 '
+                     '(the Karras grid needs both end points)')
 
   def objective(model_fn, x0, key, cond=None, *, step=0, target_model_fn=None):
     del step

@@ -362,3 +362,9 @@ def test_bad_option_names():
     cm.consistency_training(EDM, 10, loss='lpips')
   with pytest.raises(ValueError, match='ode_solver'):
     cm.consistency_distillation(EDM, analytic.gaussian_denoiser(MU, S2, EDM), ode_solver='rk4')
+
+
+def test_distillation_needs_two_grid_points():
+  edm = processes.make_process('edm')
+  with pytest.raises(ValueError, match='num_timesteps=1 must be >= 2'):
+    cm.consistency_distillation(edm, analytic.gaussian_denoiser(MU, S2, edm), num_timesteps=1)
