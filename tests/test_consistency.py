@@ -147,10 +147,17 @@ def test_sampling_arguments():
   x_T = SIGMA_MAX * jax.random.normal(jax.random.key(6), (4, 3))
   with pytest.raises(ValueError, match='key is required'):
     _sample(model, x_T, None, (SIGMA_MAX, 1.0))
+  # One step needs no key and is one call of f at t = 1 (CM Alg. 1 with N = 1), on any
+  # alpha = 1 process: on VE (sigma in [0.01, 50]) it is f*(x_T, 50) with sigma_min = 0.01.
   ve = processes.make_process('ve')
-  out, info = samplers.consistency_multistep_sample(param.make_denoiser(model, ve, 'consistency'),
-                                                    ve, x_T / SIGMA_MAX * 50.0, steps=1)
-  assert out.shape == x_T.shape and info['nfe'] == 1 and bool(jnp.all(jnp.isfinite(out)))
+  s_min, s_max = float(ve.sigma_min), float(ve.sigma_max)
+  x = x_T / SIGMA_MAX * s_max
+  out, info = samplers.consistency_multistep_sample(
+      param.make_denoiser(exact_network(sigma_min=s_min), ve, 'consistency'), ve, x, steps=1)
+  assert info['nfe'] == 1
+  # float32: f* = mu + r (x - mu) with r ~ 2e-3 and |x| ~ 50; the scalings cancel to ~1e-6.
+  np.testing.assert_allclose(out, MU + np.sqrt((S2 + s_min**2) / (S2 + s_max**2)) * (x - MU),
+                             rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('name, kwargs', [('vp_linear', {}), ('linear', {}),

@@ -35,9 +35,39 @@ def _accepts(name, option):
   return option in inspect.signature(samplers.SAMPLERS[name]).parameters
 
 
+# Network evaluations per step, from each method's definition (written out, not read from the
+# samplers): one for DDPM (Ho et al. 2020, Alg. 2), DDIM (Song et al. 2021, Eq. 12), Euler and
+# Euler-Maruyama, consistency multistep (Song et al. 2023, Alg. 1), DPM-Solver-1 and the
+# multistep DPM-Solver++ 2M / 3M / 2M-SDE (Lu et al. 2022b, Alg. 2: earlier evaluations are
+# reused) and UniPC (Zhao et al. 2023: the corrector reuses the next step's evaluation); two
+# for Heun (Karras et al. 2022, Alg. 1), explicit midpoint and DPM-Solver-2; three for
+# DPM-Solver-3 (Lu et al. 2022a, Alg. 1-2); four for classical RK4; two for PC with its one
+# default corrector step (Song et al. 2021b, Alg. 2). With final='data' the last step is
+# replaced by one evaluation, x0_hat at the last grid time (EDM Alg. 1 line 8: no second stage
+# at sigma = 0), except PC, whose last level still runs its corrector before the noise-free
+# predictor. `adaptive` is data dependent: only the counted calls are checked.
+STAGES = {'ddpm': 1, 'ddim': 1, 'euler': 1, 'euler_maruyama': 1, 'consistency': 1,
+          'dpm_solver_1': 1, 'dpm_solver_pp_2m': 1, 'dpm_solver_pp_3m': 1,
+          'dpm_solver_pp_2m_sde': 1, 'unipc_bh1': 1, 'unipc_bh2': 1, 'heun': 2,
+          'flow_heun': 2, 'flow_midpoint': 2, 'flow_euler': 1, 'dpm_solver_2': 2,
+          'dpm_solver_3': 3, 'flow_rk4': 4, 'pc': 2}
+
+
+def expected_nfe(name, steps, final):
+  k = STAGES[name]
+  if final == 'data' and name != 'pc':
+    return k * (steps - 1) + 1
+  return k * steps
+
+
+def test_every_fixed_step_sampler_has_a_stage_count():
+  assert set(STAGES) == set(NAMES) - {'adaptive'}
+
+
 @pytest.mark.parametrize('name', NAMES)
 @pytest.mark.parametrize('steps', [4, pytest.param(7, marks=pytest.mark.slow)])
 def test_nfe_is_exact(name, steps):
+  """`info['nfe']` is the method's evaluation count and the calls that really executed."""
   finals = ['data', 't_min'] if _accepts(name, 'final') else [None]
   for final in finals:
     den, count = st.counting(analytic.gaussian_denoiser(MU, S2, PROC))
@@ -46,6 +76,8 @@ def test_nfe_is_exact(name, steps):
     jax.block_until_ready(x)
     jax.effects_barrier()
     assert info['nfe'] == count() > 0, (name, final, int(info['nfe']), count())
+    if name != 'adaptive':
+      assert info['nfe'] == expected_nfe(name, steps, final), (name, final, info['nfe'])
     assert np.all(np.isfinite(np.asarray(x)))
 
 
