@@ -16,7 +16,7 @@ from configs import digits
 def get_config() -> ml_collections.ConfigDict:
   c = digits.get_config()
   c.data = digits.data_section(name='toy2d', toy='eight_gaussians')
-  c.model = dict(name='mlp', hidden=128, depth=3)
+  c.model = digits.model_section(name='mlp', hidden=128, depth=3)
   c.train.update(num_steps=3000, batch_size=512, log_every=250, checkpoint_every=500)
   # Points are not images: no clipping of x0_hat to [-1, 1].
   c.sample.update(clip_x0=0.0, batch_size=5000, grid_size=2000)

@@ -21,9 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = digits.data_section(name='imagenet64')
   c.process = dict(name='vp_discrete', schedule='cosine', num_steps=1000)
   c.objective = dict(name='ddpm_hybrid')
-  c.model = dict(name='unet', ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
-                 attn_resolutions=(32, 16, 8), num_head_channels=64, dropout=0.1, num_groups=32,
-                 resblock_updown=True, scale_shift_norm=True, out_channels=6, num_classes=1000)
+  c.model = digits.model_section(name='unet', ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
+                                 attn_resolutions=(32, 16, 8), num_head_channels=64, dropout=0.1,
+                                 num_groups=32, resblock_updown=True, scale_shift_norm=True,
+                                 out_channels=6, num_classes=1000)
   c.optim.update(lr=3e-4, warmup_steps=1, schedule='constant', grad_clip=0.0)
   c.train.update(num_steps=540_000, batch_size=2048, ema_decay=0.9999, log_every=100,
                  checkpoint_every=10_000)

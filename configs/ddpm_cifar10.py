@@ -25,8 +25,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.data = digits.data_section(name='cifar10')
   c.process = dict(name='vp_discrete', schedule='linear', num_steps=1000)
   c.objective = dict(name='ddpm_eps')
-  c.model = dict(name='unet', ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(16,), num_heads=1, dropout=0.1, num_groups=32)
+  c.model = digits.model_section(name='unet', ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                                 attn_resolutions=(16,), num_heads=1, dropout=0.1, num_groups=32)
   c.optim.update(lr=2e-4, warmup_steps=5000, schedule='constant', grad_clip=1.0)
   c.train.update(num_steps=800_000, batch_size=128, ema_decay=0.9999, log_every=100,
                  checkpoint_every=10_000)

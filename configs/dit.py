@@ -32,8 +32,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.data = digits.data_section(name='npy')
   c.process = dict(name='vp_discrete', schedule='linear', num_steps=1000)
   c.objective = dict(name='ddpm_hybrid')
-  c.model = dict(name='dit', patch_size=int(patch), hidden_size=hidden, depth=depth,
-                 num_heads=heads, num_classes=1000, label_dropout=0.1, out_channels=8)
+  c.model = digits.model_section(name='dit', patch_size=int(patch), hidden_size=hidden,
+                                 depth=depth, num_heads=heads, num_classes=1000,
+                                 label_dropout=0.1, out_channels=8)
   c.optim.update(lr=1e-4, warmup_steps=1, schedule='constant', weight_decay=0.0, grad_clip=0.0)
   c.train.update(num_steps=400_000, batch_size=256, ema_decay=0.9999, log_every=100,
                  checkpoint_every=10_000)

@@ -9,6 +9,7 @@ and the probability-flow ODE moves every point along `x_t = alpha mu + r(t) z` w
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import parameterization
 from diffusion_jax.parameterization import expand_like
@@ -19,9 +20,20 @@ def _r2(process, t, s2, x):
   return alpha, sigma, alpha**2 * s2 + sigma**2
 
 
+def _check_variance(where, s2):
+  """Refuses a negative variance where `s2` is concrete (a traced one is not checked)."""
+  try:
+    bad = bool(np.any(np.asarray(s2) < 0))
+  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return
+  if bad:
+    raise ValueError(f'{where}: s2 holds variances and must be >= 0, got {np.asarray(s2)}')
+
+
 def gaussian_denoiser(mu, s2, process):
   """The optimal denoiser `(x_t, t, cond) -> (E[x0|x_t], E[eps|x_t])` for N(mu, diag(s2)) data."""
   mu, s2 = jnp.asarray(mu), jnp.asarray(s2)
+  _check_variance('gaussian_denoiser', s2)
 
   def denoiser(x_t, t, cond=None):
     del cond

@@ -24,7 +24,11 @@ def _type_ok(value, annotation) -> bool:
   if annotation is type(None):
     return value is None
   if origin in (tuple, list):
-    return isinstance(value, (tuple, list))
+    if not isinstance(value, (tuple, list)):
+      return False
+    args = typing.get_args(annotation)   # tuple[int, ...] / list[int]: every element checked
+    element = args[0] if len(args) == 1 or (len(args) == 2 and args[1] is Ellipsis) else None
+    return element is None or all(_type_ok(v, element) for v in value)
   if annotation is float:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
   if annotation is int:
@@ -45,6 +49,8 @@ def check_keys(section: str, values: Mapping[str, Any], fields: Mapping[str, Any
 
 
 def _type_name(annotation):
+  if typing.get_origin(annotation) in (tuple, list):
+    return str(annotation)       # 'tuple[int, ...]', not just 'tuple'
   return getattr(annotation, '__name__', str(annotation))
 
 

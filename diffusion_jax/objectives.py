@@ -197,6 +197,9 @@ def ot_pairing(x0, eps):
   over index pairs, with replacement); here the whole optimal permutation is used, so every
   `x0` and every `eps` appears exactly once per batch.
   """
+  if x0.shape != eps.shape:
+    raise ValueError(f'ot_pairing: x0 {x0.shape} and eps {eps.shape} must have one shape (the '
+                     'plan between equal batches is a permutation)')
   a, b = x0.reshape(x0.shape[0], -1), eps.reshape(eps.shape[0], -1)
   cost = jnp.sum(a**2, 1)[:, None] + jnp.sum(b**2, 1)[None, :] - 2.0 * a @ b.T
   cols = jax.pure_callback(_assignment, jax.ShapeDtypeStruct((x0.shape[0],), jnp.int32),
@@ -262,7 +265,16 @@ class Objective:
   time: TimeLaw | None = None
   eps_weight: Callable | None = None
 
+  def __post_init__(self):
+    if not self.sigma_data > 0:    # also refuses NaN
+      raise ValueError(f'objective {self.name!r}: sigma_data={self.sigma_data!r} must be > 0 '
+                       '(the data standard deviation of the EDM preconditioning)')
+
   def __call__(self, model_fn, x0, key, cond=None, **kwargs):
+    for leaf in jax.tree_util.tree_leaves(cond):   # one condition per example
+      if jnp.ndim(leaf) and jnp.shape(leaf)[0] != jnp.shape(x0)[0]:
+        raise ValueError(f'objective {self.name!r}: cond has {jnp.shape(leaf)[0]} rows for a '
+                         f'batch of {jnp.shape(x0)[0]} examples')
     return self.loss(model_fn, x0, key, cond, **kwargs)
 
 

@@ -241,6 +241,8 @@ def make_denoiser(model_fn: ModelFn, process, objective, clip_x0: float | None =
   `eps_hat` from it so the pair stays consistent with `x_t`, as DDPM's sampler does.
   `sigma_min` (kind 'consistency' only) defaults to `consistency_sigma_min(process)`.
   """
+  if clip_x0 is not None and not clip_x0 > 0:    # 0 would clip x0_hat to 0; < 0 to -clip_x0
+    raise ValueError(f'make_denoiser: clip_x0={clip_x0} must be > 0 (None: no clipping)')
   if isinstance(objective, str):
     kind = objective
     sigma_data = SIGMA_DATA if sigma_data is None else float(sigma_data)

@@ -137,6 +137,8 @@ class DiscreteVP(Process):
     """`BETA_SCHEDULES[schedule](num_steps, **kwargs)`, optionally rescaled to zero terminal SNR."""
     if schedule not in BETA_SCHEDULES:
       raise ValueError(f'unknown beta schedule {schedule!r}; choose from {sorted(BETA_SCHEDULES)}')
+    if not isinstance(num_steps, int) or num_steps < 1:
+      raise ValueError(f'num_steps={num_steps!r}: the discrete process needs an integer T >= 1')
     make_betas = BETA_SCHEDULES[schedule]
     try:
       inspect.signature(make_betas).bind(num_steps, **kwargs)

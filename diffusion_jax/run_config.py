@@ -8,6 +8,7 @@ combination fails in seconds.
 
 import dataclasses
 import inspect
+import json
 import types
 from typing import Any, Mapping
 
@@ -100,15 +101,23 @@ class Setup:
     return getattr(self.model, 'num_classes', 0)
 
 
-def section_defaults() -> dict:
+def section_defaults(model_name: str | None = None) -> dict:
   """`{'data.crop': 0, 'train.keep_every': 0, ...}`: what a key of a typed section (data,
-  train, optim, eval) means when a config leaves it out."""
+  train, optim, eval, and the fields of model `model_name`) means when a config leaves it out,
+  as `config.json` stores it (tuples as lists)."""
+  sections = [('data', sources.DataConfig), ('train', TrainConfig),
+              ('optim', training.OptimConfig), ('eval', EvalConfig)]
+  if model_name in MODELS:
+    sections.append(('model', MODELS[model_name]))
   out = {}
-  for section, cls in (('data', sources.DataConfig), ('train', TrainConfig),
-                       ('optim', training.OptimConfig), ('eval', EvalConfig)):
+  for section, cls in sections:
     for f in dataclasses.fields(cls):
-      if f.default is not dataclasses.MISSING:
-        out[f'{section}.{f.name}'] = f.default
+      if (f.default is not dataclasses.MISSING and f.init
+          and not (section == 'model' and f.name in ('parent', 'name'))):
+        try:
+          out[f'{section}.{f.name}'] = json.loads(json.dumps(f.default))
+        except TypeError:   # a default JSON cannot hold: no config.json spells it either
+          pass
   return out
 
 
@@ -237,6 +246,7 @@ def _build_sample(section) -> SampleConfig:
   configuration.positive('sample.steps', sample.steps)
   configuration.positive('sample.batch_size', sample.batch_size)
   configuration.positive('sample.grid_size', sample.grid_size, allow_zero=True)
+  configuration.positive('sample.clip_x0', sample.clip_x0, allow_zero=True)
   return sample
 
 

@@ -172,7 +172,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if lock is not None:
     lock.acquire()
   try:
-    workdir_lib.check_config(config, workdir, run_config.section_defaults())
+    workdir_lib.check_config(config, workdir,
+                             run_config.section_defaults(config.model.get('name')))
     return _train_and_evaluate(config, workdir, source, lock)
   finally:
     if lock is not None:
@@ -250,6 +251,12 @@ def _resume_and_run(config, setup: Setup, mesh, workdir, ckpt, lock, init, targe
     print(f'Model: {type(setup.model).__name__}, {n_params / 1e6:.2f} M parameters; '
           f'{num_steps} steps at batch {train.batch_size} on {parallel.describe(mesh)}',
           flush=True)
+    warmup = setup.optim.warmup_steps
+    if warmup > num_steps:        # allowed (the run may be extended later), but said
+      peak = training.learning_rate_schedule(setup.optim, num_steps)(num_steps)
+      print(f'Note: optim.warmup_steps={warmup} > train.num_steps={num_steps}: the learning '
+            f'rate peaks at {float(peak):.3g}, {float(peak) / setup.optim.lr:.0%} of optim.lr',
+            flush=True)
 
   force_exit = lock.release if lock is not None else None
   with preemption.PreemptionWatcher(on_force_exit=force_exit) as watcher:

@@ -87,6 +87,14 @@ def main(argv):
   if not is_digits and not (_INCEPTION.value and _REFERENCE.value):
     cli.fail(f'config.data.name={config.data.name!r}: FID needs --inception_weights and '
              f'--reference_stats (docs/fid_inception.md)')
+  if is_digits and (_INCEPTION.value or _REFERENCE.value):   # they would be ignored
+    cli.fail('--inception_weights / --reference_stats are for FID on image data; digits are '
+             'measured with the digits classifier (FD), so leave them out')
+  if _NLL.value and not is_digits:   # before sampling, not after it
+    cli.fail('--nll_examples: the held-out NLL is implemented for digits')
+  for flag in (_INCEPTION, _REFERENCE):
+    if flag.value and not os.path.isfile(flag.value):
+      cli.fail(f'--{flag.name}={flag.value}: no such file')
   with cli.user_errors():
     setup, state, step = train_loop.load_checkpoint(config, workdir)
   params = state.ema_params if _PARAMS.value == 'ema' else state.params
@@ -131,8 +139,6 @@ def main(argv):
     result.update(evaluation.digits_metrics(cls_params, cls_info, np.concatenate(kept),
                                             labels))
   if _NLL.value:
-    if not is_digits:
-      cli.fail('--nll_examples: the held-out NLL is implemented for digits')
     test_x, _ = digits.load_digits('test', setup.image_shape[0])
     t1 = time.time()
     with cli.user_errors():

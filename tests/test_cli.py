@@ -74,6 +74,9 @@ def test_short_run_leaves_all_outputs(finished_run):
   last = proc.stdout.strip().splitlines()[-1]
   assert last.startswith('EVAL step=20: FD=') and 'floor=' in last
   assert 'step/s' in proc.stderr  # the progress bar reports speed
+  # The smoke config warms up for 100 steps of a 20-step run: allowed, but said.
+  assert ('Note: optim.warmup_steps=100 > train.num_steps=20: the learning rate peaks at '
+          '0.0004, 20% of optim.lr') in proc.stdout, proc.stdout
 
 
 @pytest.mark.slow  # the resume path is also run by test_reliability.py's SIGKILL and SIGTERM tests
@@ -129,6 +132,18 @@ def test_config_errors_are_one_line(tmp_path, cache_dir, override, expected):
     ('sample', dict(options=dict(grid='karras')), "sampler 'ddpm' takes no 'grid'"),
     ('sample', dict(options=dict(etta=0.5)), "config.sample.options.etta=0.5: sampler 'ddpm'"),
     ('train', dict(batch_size=0), 'config.train.batch_size=0: must be > 0'),
+    # Found by tests/bad_input_check.py (docs/bad_inputs.txt); each used to run silently
+    # (or crash with a traceback):
+    ('sample', dict(clip_x0=-1.0), 'config.sample.clip_x0=-1.0: must be >= 0'),
+    ('process', dict(num_steps=0), 'config.process: num_steps=0: the discrete process needs'),
+    ('train', dict(grad_accum_steps=3), 'config.train.batch_size=32: must be divisible by '
+     'train.grad_accum_steps=3'),
+    ('model', dict(num_classes=-1), 'UNet: num_classes=-1 must be >= 0'),
+    ('model', dict(attn_resolutions=(3,)), 'UNet: attn_resolutions=(3,): [3] is not among the '
+     'resolutions [8, 4]'),
+    ('model', dict(ch_mult=('1', 'x')), "config.model.ch_mult=('1', 'x'): expected "
+     'tuple[int, ...]'),
+    ('model', dict(ch_mult=()), 'UNet: ch_mult=() must be one or more positive integers'),
 ])
 def test_build_errors_name_the_key(section, values, expected):
   config = digits_config.get_config('smoke')

@@ -137,6 +137,9 @@ def make_source(cfg: DataConfig):
   if cfg.name == 'toy2d':
     return ToySource(cfg.toy)
   if cfg.name in tfds_images.PRESETS or cfg.name == 'tfds':
+    if cfg.data_dir and not os.path.isdir(cfg.data_dir):
+      raise ValueError(f'config.data.data_dir={cfg.data_dir}: no such directory (the folder that '
+                       f'holds the prepared TFDS data; see "Preparing TFDS data" in the README)')
     preset = cfg.name
     if cfg.name == 'tfds':
       if not cfg.tfds_name or cfg.image_size <= 0:

@@ -130,6 +130,10 @@ class DiT(nn.Module):
   remat: bool = False
 
   def _check(self, x):
+    layers.check_fields('DiT', self, positive=('patch_size', 'hidden_size', 'depth',
+                                               'num_heads', 'mlp_ratio', 'frequency_dim'),
+                        non_negative=('num_classes', 'context_dim'),
+                        probabilities=('label_dropout', 'context_dropout'))
     p = self.patch_size
     if self.hidden_size % self.num_heads:
       raise ValueError(f'DiT: num_heads={self.num_heads} must divide hidden_size='
@@ -137,9 +141,6 @@ class DiT(nn.Module):
     if self.hidden_size % 4:
       raise ValueError(f'DiT: hidden_size={self.hidden_size} must be divisible by 4 (2-D '
                        f'sin-cos position embedding).')
-    for name in ('label_dropout', 'context_dropout'):
-      if not 0.0 <= getattr(self, name) < 1.0:
-        raise ValueError(f'DiT: {name}={getattr(self, name)} must lie in [0, 1).')
     if x.shape[1] % p or x.shape[2] % p:
       raise ValueError(f'DiT: H and W of x (shape {x.shape}) must be divisible by '
                        f'patch_size={p}.')

@@ -134,6 +134,22 @@ def parse_cond(name: str, cond: Any, batch: int, num_classes: int, context_dim: 
   return Cond(labels, context, mask)
 
 
+def check_fields(name: str, module: nn.Module, *, positive=(), non_negative=(),
+                 probabilities=()) -> None:
+  """One-line ValueErrors for module fields out of range: `positive` (> 0), `non_negative`
+  (>= 0; e.g. `num_classes`, where a negative value would silently mean "unconditional") and
+  `probabilities` (dropout rates, in [0, 1))."""
+  for field in positive:
+    if not getattr(module, field) > 0:
+      raise ValueError(f'{name}: {field}={getattr(module, field)} must be > 0.')
+  for field in non_negative:
+    if not getattr(module, field) >= 0:
+      raise ValueError(f'{name}: {field}={getattr(module, field)} must be >= 0.')
+  for field in probabilities:
+    if not 0.0 <= getattr(module, field) < 1.0:
+      raise ValueError(f'{name}: {field}={getattr(module, field)} must lie in [0, 1).')
+
+
 def check_inputs(name: str, x: jax.Array, t: Any, ndim: int) -> jax.Array:
   """Checks `x` has `ndim` axes and `t` is `[B]` or a scalar; returns `t` as `[B]` float."""
   if x.ndim != ndim:

@@ -35,6 +35,8 @@ class MLP(nn.Module):
   def __call__(self, x, t, cond=None, *, train: bool = False):
     if x.ndim < 2:
       raise ValueError(f'MLP: x must be [B, D] (or [B, ...], flattened), got shape {x.shape}')
+    layers.check_fields('MLP', self, positive=('hidden',), non_negative=('depth', 'num_classes'),
+                        probabilities=('label_dropout',))
     shape = x.shape
     x = x.reshape(shape[0], -1)  # [B, D]
     t = layers.check_inputs('MLP', x, t, ndim=2)

@@ -211,6 +211,12 @@ class UNet(nn.Module):
   remat: bool = False
 
   def _check_config(self):
+    if not self.ch_mult or min(self.ch_mult) < 1:
+      raise ValueError(f'UNet: ch_mult={self.ch_mult} must be one or more positive integers '
+                       f'(the channel multiplier of each resolution level).')
+    layers.check_fields('UNet', self, positive=('ch', 'num_res_blocks', 'num_groups'),
+                        non_negative=('num_classes', 'context_dim', 'num_head_channels'),
+                        probabilities=('dropout', 'label_dropout', 'context_dropout'))
     for m in self.ch_mult:
       c = self.ch * m
       if c % self.num_groups:
@@ -220,9 +226,6 @@ class UNet(nn.Module):
       raise ValueError(f'UNet: num_heads must be >= 1, got {self.num_heads}.')
     if self.embedding not in layers.EMBEDDINGS:
       raise ValueError(f'UNet: embedding={self.embedding!r}; choose from {layers.EMBEDDINGS}.')
-    for name in ('dropout', 'label_dropout', 'context_dropout'):
-      if not 0.0 <= getattr(self, name) < 1.0:
-        raise ValueError(f'UNet: {name}={getattr(self, name)} must lie in [0, 1).')
 
   def _check_inputs(self, x, t):
     t = layers.check_inputs('UNet', x, t, ndim=4)
@@ -230,6 +233,12 @@ class UNet(nn.Module):
     if x.shape[1] % factor or x.shape[2] % factor:
       raise ValueError(f'UNet: H and W of x (shape {x.shape}) must be divisible by {factor} '
                        f'= 2**(len(ch_mult) - 1) for ch_mult={self.ch_mult}.')
+    sizes = [x.shape[1] // 2**i for i in range(len(self.ch_mult))]
+    unused = [r for r in self.attn_resolutions if r not in sizes]
+    if unused:     # attention that would silently never run
+      raise ValueError(f'UNet: attn_resolutions={tuple(self.attn_resolutions)}: {unused} is not '
+                       f'among the resolutions {sizes} of this input (H={x.shape[1]}, '
+                       f'ch_mult={self.ch_mult}).')
     return t
 
   def _heads(self, channels: int, name: str) -> int:

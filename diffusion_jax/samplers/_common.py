@@ -51,6 +51,7 @@ def require_finite_log_snr(grid: grids_lib.Grid, who: str):
 
 
 def make_grid(process, steps, x_T, grid, t_min, t_max, rho, final, log_snr_clip=20.0):
+  check_x_T(x_T, 'sampler')
   return grids_lib.time_grid(process, steps, grid, t_min=t_min, t_max=t_max, rho=rho,
                              final=final, log_snr_clip=log_snr_clip, dtype=x_T.dtype)
 
@@ -92,6 +93,14 @@ def finish(denoiser, x, t_last, cond, grid: grids_lib.Grid, traj, return_traject
   if return_trajectory:
     traj_out = trajectory(x_T, traj, x_out if grid.to_data else None)
   return x_out, make_info(denoiser, calls, traj_out, **extra)
+
+
+def check_x_T(x_T, who: str):
+  """The prior draw must be a floating array: an integer one would be carried through the loop
+  as integers (or fail deep inside `lax.scan`)."""
+  if not jnp.issubdtype(jnp.result_type(x_T), jnp.floating):
+    raise ValueError(f'{who}: x_T must be a floating array (the prior draw), got dtype '
+                     f'{jnp.result_type(x_T)}')
 
 
 def need_key(key, who: str, why: str):

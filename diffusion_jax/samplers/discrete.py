@@ -59,8 +59,9 @@ def ddim_sample(denoiser, process, x_T, key=None, *, steps: int, eta: float = 0.
   """
   if eta < 0:
     raise ValueError(f'eta={eta} must be >= 0')
-  if eta > 0 and key is None:
-    raise ValueError('ddim_sample: eta > 0 draws noise, so a PRNG key is required')
+  if eta > 0:
+    _common.need_key(key, 'ddim_sample', 'eta > 0 draws noise')
+  _common.check_x_T(x_T, 'ddim_sample')
   n, m = _pairs(process, steps, spacing, denoiser, 'ddim_sample')
   keys = jax.random.split(key, n.shape[0]) if key is not None else jnp.zeros((n.shape[0], 2))
 
@@ -94,6 +95,8 @@ def ddpm_sample(denoiser, process, x_T, key, *, steps: int | None = None, cond=N
   """
   if variance not in VARIANCES:
     raise ValueError(f'variance={variance!r}; choose from {VARIANCES}')
+  _common.need_key(key, 'ddpm_sample', 'it draws fresh noise at every step')
+  _common.check_x_T(x_T, 'ddpm_sample')
   learned = variance == 'learned'
   with_variance = parameterization.as_denoiser(denoiser).with_variance
   if learned and with_variance is None:

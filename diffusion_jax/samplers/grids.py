@@ -82,6 +82,14 @@ class Grid(NamedTuple):
     return self.t.shape[0] - 1 + int(self.to_data)
 
 
+def _concrete(value) -> float | None:
+  """`value` as a float, or None when it is traced (checked only where it is known)."""
+  try:
+    return float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return None
+
+
 def karras_sigmas(n, sigma_min, sigma_max, rho: float = 7.0, *, size: int | None = None,
                   dtype=None, exact_ends: bool = True):
   """Karras et al. (2022, Eq. 5): `n` noise levels decreasing from `sigma_max` to `sigma_min`,
@@ -96,6 +104,10 @@ def karras_sigmas(n, sigma_min, sigma_max, rho: float = 7.0, *, size: int | None
   `dtype`, the first `size - n` equal to `sigma_max`, so that reversed into the increasing order
   consistency models index (CM §4) the padding comes last.
   """
+  ends = _concrete(sigma_min), _concrete(sigma_max)
+  if None not in ends and not 0 < ends[0] <= ends[1]:
+    raise ValueError(f'karras_sigmas: need 0 < sigma_min <= sigma_max, got sigma_min={ends[0]}, '
+                     f'sigma_max={ends[1]}')
   lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
   if size is None:
     if int(n) < 1:
