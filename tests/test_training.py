@@ -285,6 +285,11 @@ def test_digits_at_16x16_are_the_8x8_digits_pixel_repeated():
   np.testing.assert_array_equal(digits.to_native(x16), x8)     # exact: block means of copies
   config = digits_config.get_config('smoke')
   config.data.image_size = 16
+  # The U-Net's attention sits at 4 x 4, which a 2-level U-Net on 16 x 16 never has: refused
+  # (it used to run without attention), and accepted at the 8 x 8 level.
+  with pytest.raises(run_config.ConfigError, match=r'attn_resolutions=\(4,\): \[4\] is not '):
+    run_config.build(config)
+  config.model.attn_resolutions = (8,)
   assert run_config.build(config).image_shape == (16, 16, 1)
   config.data.image_size = 12
   with pytest.raises(run_config.ConfigError, match=r'config.data.image_size=12: digits: size'):
