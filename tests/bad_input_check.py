@@ -229,7 +229,6 @@ def _library_cases():
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from diffusion_jax import analytic, objectives, parameterization, processes, samplers
   from diffusion_jax.samplers import grids
   # pylint: enable=g-import-not-at-top
