@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     'absl-py>=2.1,<3',
     'tqdm>=4.66,<5',
     'diffrax>=0.7,<0.8',
+    'safetensors>=0.4,<1',
 ]
 
 EXTRAS_REQUIRE = {

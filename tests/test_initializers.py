@@ -7,8 +7,9 @@ DenseGeneral-style (several in/out/batch axes) and embedding shapes; whole-model
 smoke U-Net, a small DiT and the MLP (conditioned, so class embeddings and cross-attention are
 included) against the same `init` traced under `reference_draws()`, which hands every draw to
 the original initializers (the parameters the models had before the flat draws); and, from the
-traced programs, that no model layer makes a multi-dimensional draw (so none falls back to a
-Flax default). Programs compile at LLVM optimisation level 0, as in test_unet.py.
+traced programs, that no model layer (nor the AutoencoderKL's) makes a multi-dimensional draw
+(so none falls back to a Flax default). Programs compile at LLVM optimisation level 0, as in
+test_unet.py.
 """
 
 import contextlib
@@ -22,7 +23,7 @@ import pytest
 
 from configs import digits
 from diffusion_jax import run_config
-from diffusion_jax.models import initializers
+from diffusion_jax.models import AutoencoderKL, initializers
 
 _FAST_COMPILE = {'xla_backend_optimization_level': 0}
 
@@ -167,3 +168,10 @@ def test_no_model_layer_draws_multidimensionally(name):
   assert len(flat) >= 3 and all(len(s) <= 1 for s in flat), flat
   with initializers.reference_draws():  # the check can fail: the original draws are N-D
     assert any(len(s) > 1 for s in _random_draw_shapes(trace()))
+
+
+def test_no_autoencoder_layer_draws_multidimensionally():
+  model = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+  jaxpr = jax.make_jaxpr(model.init)(jax.random.key(0), jnp.zeros((1, 4, 4, 3))).jaxpr
+  flat = _random_draw_shapes(jaxpr)
+  assert len(flat) >= 20 and all(len(s) <= 1 for s in flat), flat

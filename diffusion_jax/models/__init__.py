@@ -6,8 +6,12 @@ Every model has the DESIGN §2 interface `model(x_t, t, cond, *, train) -> out`:
   mlp   a residual MLP for low-dimensional data (`mlp.py`).
 Conditioning (class labels with a null class and label dropout, cross-attended context) is
 shared through `layers.py`.
+
+Not a denoiser, so not in `MODELS`: `AutoencoderKL` (`autoencoder.py`), the KL-VAE of latent
+diffusion (Stable Diffusion's, `SD_VAE_CONFIG`), whose latents other models diffuse.
 """
 
+from diffusion_jax.models.autoencoder import SD_VAE_CONFIG, AutoencoderKL
 from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
