@@ -11,8 +11,18 @@ cheap.
 
 import os
 
-import jax
-import pytest
+# The suite compiles hundreds of small XLA programs and runs each a few times: compile time, not
+# run time, dominates it. LLVM at optimisation level 0 compiles CPU programs ~25 % faster
+# (tests/test_samplers_dpm, test_objectives, test_guidance, test_elbo: 94 -> 71 s cold). The
+# numbers differ from -O2 only by rounding (e.g. FMA contraction), inside every tolerance here.
+# Set before jax starts its backend; subprocesses inherit it unless they set XLA_FLAGS
+# themselves. `XLA_FLAGS=--xla_backend_optimization_level=2 pytest` restores the default.
+if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_backend_optimization_level=0').strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 _ROOT_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '.jax_cache')
 
