@@ -127,3 +127,27 @@ def test_a_key_left_out_at_its_default_is_no_difference(tmp_path):
   changed.data.crop = 4
   with pytest.raises(workdir_lib.ConfigMismatch, match=r'config\.data\.crop is 4 here but 0'):
     workdir_lib.check_config(changed, str(tmp_path), defaults)
+
+
+def test_a_run_from_before_every_model_and_train_key_was_listed_resumes(tmp_path):
+  """config.json files written before `typed_section` / `model_section` hold only the keys the
+  config file set (e.g. `model` without `num_classes`, `train` without `grad_accum_steps`):
+  they compare equal to today's config, whose extra keys are at their defaults, and a real
+  change of a newly listed key is still a difference."""
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  now = digits.get_config()
+  old = digits.get_config()
+  with old.unlocked():
+    old.model = dict(name='unet', ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                     num_heads=1, dropout=0.0, num_groups=8)
+    old.train = dict(num_steps=3000, batch_size=128, ema_decay=0.999, log_every=50,
+                     checkpoint_every=500, keep_checkpoints=3)
+  workdir_lib.write_config(old, str(tmp_path))
+  defaults = run_config.section_defaults('unet')
+  assert defaults['model.num_classes'] == 0 and defaults['model.ch_mult'] == [1, 2]
+  assert workdir_lib.check_config(now, str(tmp_path), defaults)
+  now.model.num_classes = 10
+  with pytest.raises(workdir_lib.ConfigMismatch, match=r'config\.model\.num_classes is 10 here '
+                     r'but 0'):
+    workdir_lib.check_config(now, str(tmp_path), defaults)
