@@ -9,6 +9,8 @@ import pytest
 
 from diffusion_jax.models import vq
 
+import error_testing
+
 
 def _data(seed=0, shape=(2, 3, 5, 4), k=7):
   rng = np.random.default_rng(seed)
@@ -178,9 +180,4 @@ def test_module_holds_the_codebook():
      ['num_codes=0']),
 ])
 def test_bad_inputs_are_one_line_errors(call, words):
-  with pytest.raises(ValueError) as info:
-    call()
-  message = str(info.value)
-  assert '\n' not in message
-  for word in words:
-    assert word in message, message
+  error_testing.assert_one_line_error(call, words)
