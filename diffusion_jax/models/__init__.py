@@ -8,13 +8,16 @@ Conditioning (class labels with a null class and label dropout, cross-attended c
 shared through `layers.py`.
 
 Not a denoiser, so not in `MODELS`: `AutoencoderKL` (`autoencoder.py`), the KL-VAE of latent
-diffusion (Stable Diffusion's, `SD_VAE_CONFIG`), whose latents other models diffuse.
+diffusion (Stable Diffusion's, `SD_VAE_CONFIG`), whose latents other models diffuse; and the
+VQ-VAE quantizer (`vq.py`: `quantize`, the EMA codebook, dead-code restarts, `VectorQuantizer`).
+Their losses are in `diffusion_jax.autoencoder_losses`.
 """
 
 from diffusion_jax.models.autoencoder import SD_VAE_CONFIG, AutoencoderKL
 from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
+from diffusion_jax.models.vq import VectorQuantizer
 
 MODELS = {
     'unet': UNet,
