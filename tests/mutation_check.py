@@ -41,6 +41,10 @@ T_DPM, T_ODE, T_SDE = 'tests/test_samplers_dpm.py', 'tests/test_samplers_ode.py'
 T_SAMP, T_ALL, T_GRIDS = 'tests/test_samplers.py', 'tests/test_samplers_all.py', \
     'tests/test_grids.py'
 T_LIK = 'tests/test_likelihood.py'
+AE, VQ = 'diffusion_jax/models/autoencoder.py', 'diffusion_jax/models/vq.py'
+AEL = 'diffusion_jax/autoencoder_losses.py'
+T_AE, T_VQ, T_AEL = 'tests/test_autoencoder.py', 'tests/test_vq.py', \
+    'tests/test_autoencoder_losses.py'
 T_VLB = T_ELBO + '::test_ddpm_vlb_terms_are_ho_et_al_eq_5_to_7_per_example'
 
 MUTATIONS = [
@@ -320,6 +324,24 @@ MUTATIONS = [
     (S + 'likelihood.py',
      'return -logp / (num_dims * math.log(2.0)) + math.log2(num_bins / (hi - lo))',
      'return -logp / (num_dims * math.log(2.0)) + math.log2(num_bins)', [T_LIK]),
+
+    # --- autoencoders: models/autoencoder.py, models/vq.py, autoencoder_losses.py -------------
+    (AE, 'return jnp.exp(0.5 * self.logvar)', 'return jnp.exp(self.logvar)', [T_AE, T_AEL]),
+    (AE, '0.5 * jnp.sum(jnp.square(self.mean) + self.var - 1.0 - self.logvar, axis=axes)',
+     '0.5 * jnp.sum(jnp.square(self.mean) + self.var - self.logvar, axis=axes)', [T_AE]),
+    (VQ, 'z_st = jax.lax.stop_gradient(z_q) + (z - jax.lax.stop_gradient(z))',
+     'z_st = z_q + (z - jax.lax.stop_gradient(z))', [T_VQ]),
+    (VQ, 'smoothed = (cluster_size + eps) / (n + k * eps) * n',
+     'smoothed = cluster_size', [T_VQ]),
+    (VQ, 'codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z) - z_q))',
+     'codebook_loss = jnp.mean(jnp.square(z - z_q))', [T_VQ]),
+    (VQ, 'perplexity = jnp.exp(jnp.sum(jax.scipy.special.entr(p)))',
+     'perplexity = jnp.sum(jax.scipy.special.entr(p))', [T_VQ]),
+    (AEL, 'per_example = rec + beta * kl', 'per_example = rec + kl', [T_AEL]),
+    (AEL, 'return 10.0 * jnp.log10(peak_to_peak**2 / mse)',
+     'return 10.0 * jnp.log10(peak_to_peak / mse)', [T_AEL]),
+    (AEL, 'commitment = _sum_per_example(jnp.square(z - jax.lax.stop_gradient(e)))  # [B]',
+     'commitment = _sum_per_example(jnp.square(z - e))  # [B]', [T_AEL]),
 ]
 
 
