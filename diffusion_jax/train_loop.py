@@ -8,7 +8,8 @@ is in `workdir` (written by process 0; every process takes part in checkpointing
   run.lock          while a run is going: its pid and host (a second run refuses)
   config.json       the resolved config, written once when the run starts
   checkpoints/      orbax checkpoints (keep-N and keep-every-K, async), each with its `meta`
-  metrics.jsonl     training scalars and the final evaluation
+  metrics.jsonl     per interval: loss, grad_norm, lr, skipped, steps_per_sec, examples_per_sec;
+                    then the final evaluation
   samples.png       a grid of samples from the EMA parameters
   eval.json         the final evaluation (FD, its floor, classifier accuracy)
 
@@ -311,6 +312,7 @@ def _train(run: _Run, state, train_step, load, start: int):
   # steps/s over each logging interval, timed here: tqdm's smoothed rate went stale (it read
   # 0.016 while the run did ~2 steps/s).
   interval_start = time.perf_counter()
+  schedule = training.learning_rate_schedule(setup.optim, num_steps)
   batches = _batches(load, start, num_steps, train.prefetch)
   try:
     for step, batch in batches:
@@ -337,6 +339,11 @@ def _train(run: _Run, state, train_step, load, start: int):
         now = time.perf_counter()
         scalars = _interval_scalars(running)
         scalars['steps_per_sec'] = len(running) / max(now - interval_start, 1e-9)
+        scalars['examples_per_sec'] = scalars['steps_per_sec'] * train.batch_size
+        # The rate of the interval's last applied update: optax counts applied updates only
+        # (a skipped step leaves the optimizer state as it was).
+        applied = done - int(m['skipped_total'])
+        scalars['lr'] = float(schedule(max(applied - 1, 0)))
         running, interval_start = [], now
         if writer is not None:
           writer.write(done, scalars)

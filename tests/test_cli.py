@@ -69,6 +69,13 @@ def test_short_run_leaves_all_outputs(finished_run):
   rates = [r['steps_per_sec'] for r in records if 'steps_per_sec' in r]
   assert len(rates) == 4 and all(r > 0 for r in rates)
   assert sum(5 / r for r in rates) <= trained + 0.1, (rates, trained)
+  # Examples/s is steps/s times the global batch (32); the learning rate is that of the last
+  # update of each interval, in optax's linear warm-up from 0 over 100 updates to 2e-3:
+  # lr = 2e-3 * count / 100, count = the updates applied before it (4 at step 5).
+  for r in records:
+    if 'loss' in r:
+      assert r['examples_per_sec'] == pytest.approx(32 * r['steps_per_sec'], rel=1e-12)
+      assert r['lr'] == pytest.approx(2e-3 * (r['step'] - 1) / 100, rel=1e-6), r
   result = json.loads((workdir / 'eval.json').read_text())
   assert result['fd'] > 0 and result['fd_floor'] > 0 and result['num_generated'] == 100
   last = proc.stdout.strip().splitlines()[-1]
