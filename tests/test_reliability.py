@@ -196,6 +196,10 @@ def test_a_nan_batch_is_skipped_and_counted(tmp_path):
   by_step = {r['step']: r for r in records if 'loss' in r}
   assert by_step[4]['skipped'] == 0 and by_step[8]['skipped'] == 1
   assert by_step[8]['skipped_total'] == 1 and np.isfinite(by_step[8]['loss'])
+  # The skipped update did not advance the optimizer: step 8's update was its 7th, at count 6
+  # of the smoke warm-up (2e-3 * count / 100), as step 4's was at count 3.
+  assert by_step[4]['lr'] == pytest.approx(2e-3 * 3 / 100, rel=1e-6)
+  assert by_step[8]['lr'] == pytest.approx(2e-3 * 6 / 100, rel=1e-6)
   _, state = _final_state(tmp_path)
   assert int(state.skipped) == 1 and int(state.step) == 8
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(state.params))
