@@ -30,6 +30,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   # --config.data.image_size=16 repeats each pixel 2 x 2; then also
   # --config.model.attn_resolutions=(8,) (the U-Net's 4 x 4 level is at 8 x 8).
+  # --config.data.image_size=32 upsamples bilinearly by 4 (for an f=4 autoencoder's 8 x 8
+  # latents).
   c.data = data_section(name='digits')
   c.process = dict(name='vp_discrete', schedule='linear', num_steps=1000)
   c.objective = dict(name='ddpm_eps')

@@ -53,7 +53,7 @@ def digits_metrics(classifier_params, classifier_info, generated: np.ndarray,
                    labels: np.ndarray | None = None) -> dict:
   """FD, KID, precision and recall of generated digits, each beside its floor (the same number
   for real training digits, as many as generated), and the class accuracy if `labels`.
-  16x16 digits are measured at 8x8 (`digits.to_native`)."""
+  16x16 and 32x32 digits are measured at 8x8 (`digits.to_native`)."""
   generated = digits.to_native(generated)
   result = dict(digits_classifier.digits_fd_eval(
       classifier_params, generated,

@@ -31,7 +31,8 @@ from diffusion_jax.data import toy2d
 class DataConfig:
   name: str = 'digits'
   split: str = 'train'
-  image_size: int = 0           # 0: the data's own; digits: 8, or 16 (pixels repeated 2 x 2)
+  image_size: int = 0           # 0: the data's own; digits: 8, 16 (pixels repeated 2 x 2) or
+                                # 32 (bilinear x 4)
   data_dir: str = ''            # TFDS data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
   path: str = ''                # npy: the images / latents file
   labels_path: str = ''         # npy: optional labels file
