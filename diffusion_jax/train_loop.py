@@ -388,10 +388,12 @@ class _Unbuffered:
 
 
 def _interval_scalars(running) -> dict:
-  """Means over the interval's finite updates; `skipped` counts the others."""
+  """Means over the interval's finite updates of every metric the step reports (loss,
+  grad_norm, and a loss's own terms); `skipped` counts the others."""
   good = [m for m in running if not m['skipped']]
+  counters = ('skipped', 'skipped_total', 'consecutive_skips')
   scalars = {k: float(np.mean([m[k] for m in good])) if good else float('nan')
-             for k in ('loss', 'grad_norm')}
+             for k in running[-1] if k not in counters}
   scalars['skipped'] = int(sum(int(m['skipped']) for m in running))
   scalars['skipped_total'] = int(running[-1]['skipped_total'])
   return scalars

@@ -28,6 +28,8 @@ class TrainState:
   key: jax.Array           # uint32 [2] raw key data (plain array: checkpoints stay portable)
   skipped: jax.Array       # int32: updates skipped for a non-finite loss or gradient, in all
   consecutive_skips: jax.Array  # int32: skipped in a row up to now (0 after a good update)
+  # Non-gradient model state the loss updates (a VQ autoencoder's EMA codebook); {} if none.
+  model_state: Any = flax.struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,50 +95,72 @@ def ema(decay: float, warmup: bool = True) -> EMA:
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation, ema_fn: EMA,
-                     key: jax.Array) -> TrainState:
+                     key: jax.Array, model_state=None) -> TrainState:
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, ema_params=ema_fn.init(params),
                     opt_state=optimizer.init(params), key=jax.random.key_data(key),
-                    skipped=zero, consecutive_skips=zero)
+                    skipped=zero, consecutive_skips=zero,
+                    model_state={} if model_state is None else model_state)
 
 
 def make_train_step(objective, apply_fn, optimizer: optax.GradientTransformation, ema_fn: EMA,
                     *, conditional: bool = False, grad_accum_steps: int = 1,
                     batch_constraint=None):
-  """Builds the pure `train_step(state, batch) -> (state, metrics)`; jit it at the call site.
+  """Builds the pure `train_step(state, batch) -> (state, metrics)` of a diffusion objective;
+  jit it at the call site.
 
   `objective` is an `objectives.Objective` (called as `objective(model_fn, x0, key, cond)`);
   `apply_fn` is a Flax `Module.apply`. `batch` holds 'image' `[B, ...]` and, if
   `conditional`, 'label' `[B]`. An objective with `takes_step` (consistency training's
-  curriculum) receives the step.
+  curriculum) receives the step. The update itself is `make_loss_train_step`'s.
+  """
+  takes_step = objective.takes_step
+
+  def loss_fn(params, model_state, batch, key, step):
+    key_obj, key_dropout = jax.random.split(key)
+    cond = batch['label'] if conditional else None
+
+    def model_fn(x_t, t, c):
+      return apply_fn({'params': params}, x_t, t, c, train=True, rngs={'dropout': key_dropout})
+    extra = {'step': step} if takes_step else {}
+    loss, _ = objective(model_fn, batch['image'], key_obj, cond, **extra)
+    return loss, ({}, model_state)
+
+  return make_loss_train_step(loss_fn, optimizer, ema_fn, grad_accum_steps=grad_accum_steps,
+                              batch_constraint=batch_constraint)
+
+
+def make_loss_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_fn: EMA, *,
+                         grad_accum_steps: int = 1, batch_constraint=None):
+  """`train_step(state, batch) -> (state, metrics)` for any loss (diffusion objectives, the
+  autoencoders of `diffusion_jax.latent`); jit it at the call site.
+
+  `loss_fn(params, model_state, batch, key, step) -> (loss, (metrics, new_model_state))`:
+  `metrics` a dict of scalars reported beside the loss (batch means), `new_model_state` the
+  non-gradient state after this batch (`state.model_state` in, e.g. an EMA codebook; `{}` if
+  none). `key` is this step's (and micro-batch's) key.
 
   `grad_accum_steps = A > 1` splits the batch into A micro-batches of B / A examples, run one
   after another (`lax.scan`), and applies the mean of their gradients once: the update of a
   batch of B in the memory of B / A. Micro-batch a takes examples a, a + A, a + 2A, ..., so
   when the batch is sharded in contiguous blocks each device holds an equal part of every
   micro-batch (`batch_constraint`, a sharding for `[A, B / A, ...]` arrays, keeps it there).
-  Micro-batch a draws its randomness from `fold_in(key, a)`.
+  Micro-batch a draws its randomness from `fold_in(key, a)`; the model state passes through
+  the micro-batches in order.
 
-  An update whose loss or any gradient is not finite is skipped: parameters, EMA and optimizer
-  state stay as they were, `skipped` and `consecutive_skips` count it (metrics `skipped` = 1).
+  An update whose loss or any gradient is not finite is skipped: parameters, EMA, optimizer
+  and model state stay as they were, `skipped` and `consecutive_skips` count it (metrics
+  `skipped` = 1).
   """
   if grad_accum_steps < 1:
     raise ValueError(f'grad_accum_steps={grad_accum_steps} must be >= 1')
-  takes_step = objective.takes_step
 
-  def loss_and_grad(params, batch, key, step):
-    key_obj, key_dropout = jax.random.split(key)
-    cond = batch['label'] if conditional else None
+  def loss_and_grad(params, model_state, batch, key, step):
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, model_state, batch, key, step)
+    return loss, metrics, model_state, grads
 
-    def loss_fn(params):
-      def model_fn(x_t, t, c):
-        return apply_fn({'params': params}, x_t, t, c, train=True, rngs={'dropout': key_dropout})
-      extra = {'step': step} if takes_step else {}
-      loss, _ = objective(model_fn, batch['image'], key_obj, cond, **extra)
-      return loss
-    return jax.value_and_grad(loss_fn)(params)
-
-  def accumulated(params, batch, key, step):
+  def accumulated(params, model_state, batch, key, step):
     def split(x):   # [B, ...] -> [A, B / A, ...], micro-batch a = rows a, a + A, ...
       if x.shape[0] % grad_accum_steps:
         raise ValueError(f'batch of {x.shape[0]} is not divisible by '
@@ -150,21 +174,31 @@ def make_train_step(objective, apply_fn, optimizer: optax.GradientTransformation
 
     def body(carry, inputs):
       a, mb = inputs
-      loss, grads = loss_and_grad(params, mb, jax.random.fold_in(key, a), step)
-      total_loss, total_grads = carry
-      return (total_loss + loss, jax.tree.map(jnp.add, total_grads, grads)), None
+      total_loss, total_metrics, model_state, total_grads = carry
+      loss, metrics, model_state, grads = loss_and_grad(
+          params, model_state, mb, jax.random.fold_in(key, a), step)
+      return (total_loss + loss, jax.tree.map(jnp.add, total_metrics, metrics), model_state,
+              jax.tree.map(jnp.add, total_grads, grads)), None
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss, grads), _ = jax.lax.scan(
-        body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(grad_accum_steps), micro))
+    first = jax.tree.map(lambda x: x[0], micro)
+    metric_shapes = jax.eval_shape(lambda: loss_and_grad(params, model_state, first, key,
+                                                         step)[1])
+    no_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+    (loss, metrics, model_state, grads), _ = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), no_metrics, model_state, zeros),
+        (jnp.arange(grad_accum_steps), micro))
     scale = 1.0 / grad_accum_steps
-    return loss * scale, jax.tree.map(lambda g: g * scale, grads)
+    return (loss * scale, jax.tree.map(lambda m: m * scale, metrics), model_state,
+            jax.tree.map(lambda g: g * scale, grads))
 
   def train_step(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
     if grad_accum_steps == 1:
-      loss, grads = loss_and_grad(state.params, batch, key, state.step)
+      loss, extra, model_state, grads = loss_and_grad(state.params, state.model_state, batch,
+                                                      key, state.step)
     else:
-      loss, grads = accumulated(state.params, batch, key, state.step)
+      loss, extra, model_state, grads = accumulated(state.params, state.model_state, batch, key,
+                                                    state.step)
     grad_norm = optax.global_norm(grads)
     # A NaN or inf anywhere in the gradients makes their norm non-finite.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -172,14 +206,14 @@ def make_train_step(objective, apply_fn, optimizer: optax.GradientTransformation
     def apply(state):
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      return state.replace(params=params, opt_state=opt_state,
+      return state.replace(params=params, opt_state=opt_state, model_state=model_state,
                            ema_params=ema_fn.update(state.ema_params, params, state.step))
     # A conditional, not a select per leaf: one branch runs, and the program stays small.
     new_state = jax.lax.cond(finite, apply, lambda state: state, state)
     bad = (~finite).astype(jnp.int32)
     new_state = new_state.replace(step=state.step + 1, skipped=state.skipped + bad,
                                   consecutive_skips=(state.consecutive_skips + 1) * bad)
-    metrics = {'loss': loss, 'grad_norm': grad_norm, 'skipped': bad,
+    metrics = {**extra, 'loss': loss, 'grad_norm': grad_norm, 'skipped': bad,
                'skipped_total': new_state.skipped,
                'consecutive_skips': new_state.consecutive_skips}
     return new_state, metrics
