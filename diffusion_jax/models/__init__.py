@@ -7,13 +7,16 @@ Every model has the DESIGN §2 interface `model(x_t, t, cond, *, train) -> out`:
 Conditioning (class labels with a null class and label dropout, cross-attended context) is
 shared through `layers.py`.
 
-Not a denoiser, so not in `MODELS`: `AutoencoderKL` (`autoencoder.py`), the KL-VAE of latent
-diffusion (Stable Diffusion's, `SD_VAE_CONFIG`), whose latents other models diffuse; and the
-VQ-VAE quantizer (`vq.py`: `quantize`, the EMA codebook, dead-code restarts, `VectorQuantizer`).
-Their losses are in `diffusion_jax.autoencoder_losses`.
+Not denoisers, so not in `MODELS`: the first-stage autoencoders of latent diffusion, whose
+latents other models diffuse, selected by name through `AUTOENCODERS` (`autoencoder.py`):
+  kl  `AutoencoderKL`, the KL-VAE (Stable Diffusion's, `SD_VAE_CONFIG`);
+  vq  `AutoencoderVQ`, LDM's VQ-regularised autoencoder, whose codebook is a `VectorQuantizer`;
+and the VQ-VAE quantizer (`vq.py`: `quantize`, the EMA codebook, dead-code restarts,
+`VectorQuantizer`). Their losses are in `diffusion_jax.autoencoder_losses`.
 """
 
-from diffusion_jax.models.autoencoder import SD_VAE_CONFIG, AutoencoderKL
+from diffusion_jax.models.autoencoder import (AUTOENCODERS, SD_VAE_CONFIG, AutoencoderKL,
+                                              AutoencoderVQ)
 from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet

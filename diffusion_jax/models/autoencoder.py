@@ -1,4 +1,4 @@
-"""The KL-regularised autoencoder of latent diffusion (Stable Diffusion's VAE), Flax linen.
+"""Latent diffusion's autoencoders, KL-regularised (Stable Diffusion's VAE) and VQ; Flax linen.
 
 Rombach et al. 2022 (arXiv:2112.10752, §3 and App. G): an encoder maps an image `[B, H, W, C]`
 in [-1, 1] to a diagonal Gaussian over latents `[B, H/f, W/f, latent_channels]` (`f = 2**(levels
@@ -19,6 +19,11 @@ so its published weights load unchanged (`diffusion_jax.weights.load_autoencoder
     a 1x1 conv where the channels change). Every GroupNorm has eps 1e-6.
 Layout is NHWC (torch's is NCHW). Module names are the reference's (`norm1`, `conv_shortcut`, …)
 where it helps the weight loader; decoder level `i` is the level of resolution `H / 2**i`.
+
+`AutoencoderVQ` is LDM's other first stage, "VQ-reg" (VQ-f4, VQ-f8): the same towers with a
+VQ-VAE codebook (`vq.VectorQuantizer`; van den Oord et al. 2017) between `quant_conv` and
+`post_quant_conv`; latent diffusion diffuses its unquantized encoder output and the decoder
+quantizes first. `AUTOENCODERS` maps config names ('kl', 'vq') to the two classes.
 """
 
 import numbers
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 
 from diffusion_jax.models import initializers
 from diffusion_jax.models import layers
+from diffusion_jax.models import vq
 
 Dtype = Any
 
@@ -187,7 +193,50 @@ class Decoder(_Tower):
     return self.out(h)
 
 
-class AutoencoderKL(nn.Module):
+class _Autoencoder(nn.Module):
+  """What `AutoencoderKL` and `AutoencoderVQ` share: `f` and the checks of their fields and
+  inputs (each subclass declares the fields, so their order stays each model's own)."""
+
+  @property
+  def f(self) -> int:
+    """The downsampling factor f (LDM's "KL-f8", "VQ-f4"): latents are `[B, H/f, W/f, L]`."""
+    return 2 ** max(len(self.block_out_channels) - 1, 0)
+
+  def _check_config(self, positive: tuple[str, ...] = ()) -> None:
+    """The fields both models have, and the subclass's own `positive` (> 0) ones."""
+    name = type(self).__name__
+    channels = tuple(self.block_out_channels)
+    if not channels or not all(isinstance(c, numbers.Integral) and c > 0 for c in channels):
+      raise ValueError(f'{name}: block_out_channels={channels} must be one or more positive '
+                       f'integers (the channels of each resolution level).')
+    layers.check_fields(name, self,
+                        positive=('in_channels', 'out_channels', 'layers_per_block',
+                                  'latent_channels', 'norm_num_groups') + positive,
+                        probabilities=('dropout',))
+    bad = [c for c in channels if c % self.norm_num_groups]
+    if bad:
+      raise ValueError(f'{name}: norm_num_groups={self.norm_num_groups} must divide every entry '
+                       f'of block_out_channels={channels}; {bad[0]} is not divisible.')
+
+  def _check_input(self, method: str, x: jax.Array, channels: int, field: str) -> None:
+    name = type(self).__name__
+    if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f'{name}.{method}: expects a float [B, H, W, C] array, got '
+                       f'{x.dtype} {x.shape}.')
+    if x.shape[-1] != channels:
+      raise ValueError(f'{name}.{method}: {field}={channels} but the input has '
+                       f'{x.shape[-1]} channels (shape {x.shape}; the layout is NHWC).')
+
+  def _check_image(self, method: str, x: jax.Array) -> None:
+    """An image batch `[B, H, W, in_channels]` with H and W divisible by f."""
+    self._check_input(method, x, self.in_channels, 'in_channels')
+    if x.shape[1] % self.f or x.shape[2] % self.f:
+      raise ValueError(f'{type(self).__name__}.{method}: image size {x.shape[1]}x{x.shape[2]} '
+                       f'is not divisible by f={self.f} (block_out_channels='
+                       f'{self.block_out_channels}).')
+
+
+class AutoencoderKL(_Autoencoder):
   """LDM's KL autoencoder: `encode(x) -> DiagonalGaussian`, `decode(z) -> image`.
 
   The defaults are Stable Diffusion 1.x's VAE (`SD_VAE_CONFIG`). Images are NHWC in [-1, 1],
@@ -214,35 +263,8 @@ class AutoencoderKL(nn.Module):
   dropout: float = 0.0
   dtype: Any = 'float32'
 
-  @property
-  def f(self) -> int:
-    """The downsampling factor f (LDM's "KL-f8"): latents are `[B, H/f, W/f, latent_channels]`."""
-    return 2 ** max(len(self.block_out_channels) - 1, 0)
-
-  def _check_config(self):
-    channels = tuple(self.block_out_channels)
-    if not channels or not all(isinstance(c, numbers.Integral) and c > 0 for c in channels):
-      raise ValueError(f'AutoencoderKL: block_out_channels={channels} must be one or more '
-                       f'positive integers (the channels of each resolution level).')
-    layers.check_fields('AutoencoderKL', self,
-                        positive=('in_channels', 'out_channels', 'layers_per_block',
-                                  'latent_channels', 'norm_num_groups', 'scaling_factor'),
-                        probabilities=('dropout',))
-    bad = [c for c in channels if c % self.norm_num_groups]
-    if bad:
-      raise ValueError(f'AutoencoderKL: norm_num_groups={self.norm_num_groups} must divide every '
-                       f'entry of block_out_channels={channels}; {bad[0]} is not divisible.')
-
-  def _check_input(self, name: str, x: jax.Array, channels: int, field: str) -> None:
-    if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f'AutoencoderKL.{name}: expects a float [B, H, W, C] array, got '
-                       f'{x.dtype} {x.shape}.')
-    if x.shape[-1] != channels:
-      raise ValueError(f'AutoencoderKL.{name}: {field}={channels} but the input has '
-                       f'{x.shape[-1]} channels (shape {x.shape}; the layout is NHWC).')
-
   def setup(self):
-    self._check_config()
+    self._check_config(positive=('scaling_factor',))
     dtype = layers.canonical_dtype('AutoencoderKL', self.dtype)
     channels = tuple(self.block_out_channels)
     self.encoder = Encoder(channels, self.layers_per_block, 2 * self.latent_channels,
@@ -255,10 +277,7 @@ class AutoencoderKL(nn.Module):
 
   def encode(self, x: jax.Array, *, train: bool = False) -> DiagonalGaussian:
     """Images `[B, H, W, in_channels]` in [-1, 1] -> the posterior over `[B, H/f, W/f, L]`."""
-    self._check_input('encode', x, self.in_channels, 'in_channels')
-    if x.shape[1] % self.f or x.shape[2] % self.f:
-      raise ValueError(f'AutoencoderKL.encode: image size {x.shape[1]}x{x.shape[2]} is not '
-                       f'divisible by f={self.f} (block_out_channels={self.block_out_channels}).')
+    self._check_image('encode', x)
     moments = self.quant_conv(self.encoder(x.astype(self._dtype), train))  # [B, h, w, 2L]
     return DiagonalGaussian.from_moments(moments.astype(jnp.float32))
 
@@ -277,3 +296,91 @@ class AutoencoderKL(nn.Module):
     posterior = self.encode(x, train=train)
     z = posterior.sample(key) if sample_posterior else posterior.mode()
     return self.decode(z, train=train), posterior
+
+
+class AutoencoderVQ(_Autoencoder):
+  """LDM's VQ-regularised autoencoder ("VQ-reg"): `encode(x) -> z_e`, `decode(z) -> image`.
+
+  Rombach et al. 2022 (§3, App. G) with VQ-VAE's quantizer (van den Oord et al. 2017): the towers
+  of `AutoencoderKL`, and between them a codebook of `num_codes` vectors of `latent_channels`:
+  encoder -> quant_conv 1x1 -> z_e -> nearest code (straight-through) -> post_quant_conv 1x1 ->
+  decoder. As in LDM, latent diffusion diffuses the pre-quantization z_e (`encode`), and `decode`
+  quantizes first, so the quantizer acts as the decoder's first layer. The defaults are LDM's
+  "VQ-f4" (f = 4, D = 3) with 256 codes (LDM's has 8192). Images are NHWC in [-1, 1], float;
+  outputs are float32.
+
+  The codebook is that of `vq.VectorQuantizer` 'quantizer'. With `ema_codebook=True` it is
+  `variables['vq_ema']['quantizer']`, the fields of a `vq.EMAState`, which the trainer updates
+  from `__call__`'s aux: `vq.ema_update(EMAState(**that), aux['z'], aux['indices'])` (and
+  `vq.restart_dead_codes`), writing the result back; no gradient reaches it. With `False` it is
+  the parameter `params['quantizer']['codebook']`, trained by `aux['codebook_loss']` (the
+  reconstruction passes it no gradient: `vq.quantize`'s straight-through estimator).
+
+  Attributes:
+    in_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups, dropout,
+      dtype: as `AutoencoderKL`'s.
+    latent_channels: D, the channels of z_e and of every code.
+    num_codes: K, the codebook's size.
+    ema_codebook: the codebook is an EMA of the encoder outputs (VQ-VAE App. A.1), not a
+      parameter.
+  """
+  in_channels: int = 3
+  out_channels: int = 3
+  block_out_channels: tuple[int, ...] = (128, 256, 512)
+  layers_per_block: int = 2
+  latent_channels: int = 3
+  num_codes: int = 256
+  norm_num_groups: int = 32
+  ema_codebook: bool = True
+  dropout: float = 0.0
+  dtype: Any = 'float32'
+
+  def setup(self):
+    self._check_config(positive=('num_codes',))
+    dtype = layers.canonical_dtype('AutoencoderVQ', self.dtype)
+    channels = tuple(self.block_out_channels)
+    self.encoder = Encoder(channels, self.layers_per_block, self.latent_channels,
+                           self.norm_num_groups, self.dropout, dtype)
+    self.quant_conv = _conv(self.latent_channels, 1, dtype, None)
+    self.quantizer = vq.VectorQuantizer(self.num_codes, self.latent_channels,
+                                        ema=self.ema_codebook)
+    self.post_quant_conv = _conv(self.latent_channels, 1, dtype, None)
+    self.decoder = Decoder(channels, self.layers_per_block, self.out_channels,
+                           self.norm_num_groups, self.dropout, dtype)
+    self._dtype = dtype
+
+  def encode(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Images `[B, H, W, in_channels]` in [-1, 1] -> z_e `[B, H/f, W/f, D]`, not quantized."""
+    self._check_image('encode', x)
+    z = self.quant_conv(self.encoder(x.astype(self._dtype), train))  # [B, h, w, D]
+    return z.astype(jnp.float32)
+
+  def quantize(self, z: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
+    """`vq.quantize(z, codebook)` of `z` `[B, h, w, D]`: `(z_q, indices [B, h, w], aux)`, `z_q`
+    the nearest codes with the straight-through gradient; aux: `codebook_loss`,
+    `commitment_loss` (means over elements), `perplexity`, `usage`."""
+    self._check_input('quantize', z, self.latent_channels, 'latent_channels')
+    return self.quantizer(z)
+
+  def decode(self, z: jax.Array, *, quantize: bool = True, train: bool = False) -> jax.Array:
+    """Latents `[B, h, w, D]` -> images `[B, h f, w f, out_channels]`; `z` is replaced by its
+    nearest codes first unless `quantize=False` (for `z` that already is codes)."""
+    self._check_input('decode', z, self.latent_channels, 'latent_channels')
+    if quantize:
+      z, _, _ = self.quantizer(z)
+    h = self.decoder(self.post_quant_conv(z.astype(self._dtype)), train)
+    return h.astype(jnp.float32)
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
+    """The reconstruction `decode(encode(x))` and aux: `quantize`'s, plus `z` (z_e, with its
+    gradient, for the commitment term), `indices` and `codebook` `[K, D]` (the one used), so
+    that a trainer can form `vq_vae_loss`'s terms and the EMA update of the codebook."""
+    z = self.encode(x, train=train)
+    z_q, indices, aux = self.quantize(z)
+    codebook = self.quantizer.variables['vq_ema' if self.ema_codebook else 'params']['codebook']
+    x_hat = self.decode(z_q, quantize=False, train=train)
+    return x_hat, {**aux, 'z': z, 'indices': indices, 'codebook': codebook}
+
+
+# Autoencoders by config name (`model.autoencoder`): LDM's KL-reg and VQ-reg first stages.
+AUTOENCODERS = {'kl': AutoencoderKL, 'vq': AutoencoderVQ}
