@@ -5,9 +5,9 @@ sizes: S/2 33 M, B/2 130 M, L/2 458 M, XL/2 675 M parameters; 6.06 / 23.01 / 80.
 forward GFLOPs (a multiply-add counted once). Training as in the paper: linear betas over
 T = 1000, L_simple plus the VLB term for the learned variances (`ddpm_hybrid`), AdamW 1e-4
 without weight decay or warm-up, batch 256, EMA 0.9999, 10 % label dropout for guidance;
-sampling with 250 DDPM steps. Data: VAE latents as `.npy` files, images `[N, 32, 32, 4]`
-(already scaled by the VAE's 0.18215) and labels `[N]`:
-`--config.data.path=latents.npy --config.data.labels_path=labels.npy`. The in-loop evaluation
+sampling with 250 DDPM steps. Data: the SD VAE's latents `[N, 32, 32, 4]` of 256x256 images, as
+`experiments.encode_latents --weights=...` writes them (scaled by the stored 0.18215 when read):
+`--config.data.path=latents/imagenet256` (README, "Latent diffusion"). The in-loop evaluation
 measures digits only, so it is off; model, process and objective are checked by
 `tests/test_reference_configs.py`.
 """
@@ -29,7 +29,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
                      f'{list(SIZES)} and PATCH in 2, 4, 8 (e.g. XL/2)')
   hidden, depth, heads = SIZES[size]
   c = digits.get_config()
-  c.data = digits.data_section(name='npy')
+  c.data = digits.data_section(name='latents')
   c.process = dict(name='vp_discrete', schedule='linear', num_steps=1000)
   c.objective = dict(name='ddpm_hybrid')
   c.model = digits.model_section(name='dit', patch_size=int(patch), hidden_size=hidden,

@@ -131,6 +131,22 @@ def from_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def map_batches(fn, x: np.ndarray, batch_size: int, mesh: Mesh) -> np.ndarray:
+  """`fn` (jitted here) over the rows of host array `x` in batches of `batch_size`, each batch
+  split over the mesh's `data` axis (padded to a multiple of its devices; the padding is
+  dropped); the result as numpy on every process. Every process passes the same `x`."""
+  rows = batch_sharding(mesh)
+  width = mesh.devices.size
+  jitted = jax.jit(fn, in_shardings=rows, out_shardings=rows)
+  out = []
+  for start in range(0, len(x), batch_size):
+    chunk = np.asarray(x[start:start + batch_size], np.float32)
+    pad = -len(chunk) % width
+    padded = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    out.append(to_host(jitted(from_host(padded, rows)))[:len(chunk)])
+  return np.concatenate(out)
+
+
 def local_value(x: Any) -> Any:
   """Numpy values of replicated arrays (jit outputs such as metrics), in any process."""
   return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), x)

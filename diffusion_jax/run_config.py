@@ -27,9 +27,11 @@ from diffusion_jax import training
 from diffusion_jax.configuration import ConfigError
 from diffusion_jax.data import sources
 from diffusion_jax.models import MODELS
+from diffusion_jax.models.autoencoder import AUTOENCODERS
 
+# `latent`: a latent diffusion run's autoencoder stage (`latent_pipeline`); `build` ignores it.
 SECTIONS = ('seed', 'data', 'process', 'objective', 'model', 'optim', 'train', 'sample',
-            'eval')
+            'eval', 'latent')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +109,8 @@ def section_defaults(model_name: str | None = None) -> dict:
   as `config.json` stores it (tuples as lists)."""
   sections = [('data', sources.DataConfig), ('train', TrainConfig),
               ('optim', training.OptimConfig), ('eval', EvalConfig)]
-  if model_name in MODELS:
-    sections.append(('model', MODELS[model_name]))
+  if model_name in MODELS or model_name in AUTOENCODERS:
+    sections.append(('model', MODELS.get(model_name) or AUTOENCODERS[model_name]))
   out = {}
   for section, cls in sections:
     for f in dataclasses.fields(cls):
@@ -138,9 +140,9 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
   config for data that is not at hand (the reference configs): nothing is opened.
   """
   _check_sections(config)
-  data = _build_data(config.data)
+  data = build_data(config.data)
   if image_shape is None:
-    source = _open_source(data) if source is None else source
+    source = open_source(data) if source is None else source
     image_shape = source.image_shape
   image_shape = tuple(image_shape)
   process = _build_process(config.process)
@@ -148,8 +150,8 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
   model = build_model(config.model)
   _check_model(model, image_shape)
   _check_out_channels(model, objective, image_shape)
-  train = _build_train(config.train)
-  optim = _build_optim(config.optim)
+  train = build_train(config.train)
+  optim = build_optim(config.optim)
   sample = _build_sample(config.sample)
   check_sampler(sample, process, objective, image_shape)
   conditional = getattr(model, 'num_classes', 0) > 0
@@ -175,7 +177,7 @@ def _check_sections(config) -> None:
     raise ConfigError(f'config.seed={config.get("seed")!r}: expected int')
 
 
-def _build_data(section) -> sources.DataConfig:
+def build_data(section) -> sources.DataConfig:
   values = dict(section)
   name = values.pop('name', None)
   if not isinstance(name, str):
@@ -183,7 +185,7 @@ def _build_data(section) -> sources.DataConfig:
   return configuration.from_section(sources.DataConfig, 'data', values, name=name)
 
 
-def _open_source(data: sources.DataConfig):
+def open_source(data: sources.DataConfig):
   configuration.choice('data.name', data.name, sources.DATASETS)
   try:
     return sources.make_source(data)
@@ -213,7 +215,7 @@ def _build_objective(section, process) -> objectives.Objective:
     raise ConfigError(f'config.objective: {str(e).splitlines()[0]}') from None
 
 
-def _build_train(section) -> TrainConfig:
+def build_train(section) -> TrainConfig:
   train = configuration.from_section(TrainConfig, 'train', section)
   for k in ('num_steps', 'batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints',
             'grad_accum_steps', 'max_consecutive_skips', 'fsdp_min_size'):
@@ -229,7 +231,7 @@ def _build_train(section) -> TrainConfig:
   return train
 
 
-def _build_optim(section) -> training.OptimConfig:
+def build_optim(section) -> training.OptimConfig:
   optim = configuration.from_section(training.OptimConfig, 'optim', section)
   configuration.positive('optim.lr', optim.lr)
   configuration.choice('optim.schedule', optim.schedule, ('constant', 'cosine'))

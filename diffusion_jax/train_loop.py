@@ -1,5 +1,10 @@
 """One explicit loop: init → restore → {train step, log, checkpoint} → sample → evaluate.
 
+The same loop trains an autoencoder (a config with `objective.name='autoencoder'`; `latent`):
+its step is the autoencoder's loss, and instead of sampling it reports the reconstruction of the
+held-out split (`reconstructions.png`, PSNR in `eval.json`). A config with a `latent` section
+runs latent diffusion's three stages (`latent_pipeline`).
+
 `train_and_evaluate(config, workdir)` is what `python -m experiments.train` runs, in every
 process of a run. Re-running it with the same work dir resumes from the newest readable
 checkpoint; a finished run skips straight to sampling and evaluation. Everything the run leaves
@@ -41,6 +46,7 @@ from diffusion_jax import checkpointing
 from diffusion_jax import evaluation
 from diffusion_jax import generation
 from diffusion_jax import images as images_lib
+from diffusion_jax import latent
 from diffusion_jax import metric_writer
 from diffusion_jax import parallel
 from diffusion_jax import preemption
@@ -73,6 +79,9 @@ def prepare_workdir(workdir: str) -> str:
 
 def init_state_fn(setup: Setup, optimizer, ema_fn):
   """`init(key) -> TrainState` for the setup's model (jit it, with the state's shardings)."""
+  if isinstance(setup, latent.AutoencoderSetup):
+    return latent.init_fn(setup, optimizer, ema_fn)
+
   def init(key):
     k_params, k_state = jax.random.split(key)
     x = jax.numpy.zeros((1,) + tuple(setup.image_shape), jax.numpy.float32)
@@ -81,6 +90,26 @@ def init_state_fn(setup: Setup, optimizer, ema_fn):
     params = setup.model.init({'params': k_params}, x, t, cond)['params']
     return training.init_train_state(params, optimizer, ema_fn, k_state)
   return init
+
+
+def build_setup(config: ml_collections.ConfigDict, *, source=None):
+  """The run's validated setup: an autoencoder's (`latent.build_autoencoder`, for
+  `objective.name='autoencoder'`) or a diffusion model's (`run_config.build`)."""
+  if latent.is_autoencoder_config(config):
+    return latent.build_autoencoder(config, source=source)
+  return build(config, source=source)
+
+
+def _step_fn(setup, optimizer, ema_fn, micro):
+  """The pure train step of the setup's task (diffusion objective or autoencoder loss)."""
+  if isinstance(setup, latent.AutoencoderSetup):
+    return training.make_loss_train_step(latent.loss_fn(setup), optimizer, ema_fn,
+                                         grad_accum_steps=setup.train.grad_accum_steps,
+                                         batch_constraint=micro)
+  return training.make_train_step(setup.objective, setup.model.apply, optimizer, ema_fn,
+                                  conditional=setup.conditional,
+                                  grad_accum_steps=setup.train.grad_accum_steps,
+                                  batch_constraint=micro)
 
 
 def _optimizer_and_ema(setup: Setup):
@@ -108,8 +137,15 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, mesh=Non
                     step: int | None = None):
   """`(setup, state, step)` from the newest readable checkpoint (or `step`) of a work dir, restored
   onto `mesh` (default: every device of this process group). Read-only: a step that does not
-  match the config is skipped, never moved. Raises `CheckpointError` if none can be read."""
-  setup = build(config, source=source)
+  match the config is skipped, never moved. Raises `CheckpointError` if none can be read.
+  A latent diffusion run's setup is built on its latents (`<workdir>/latents`)."""
+  if 'latent' in config and source is None:
+    from diffusion_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
+    try:
+      source = latents_lib.load_latents(os.path.join(workdir, 'latents'))[0]
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  setup = build_setup(config, source=source)
   mesh = parallel.make_mesh() if mesh is None else mesh
   optimizer, ema_fn = _optimizer_and_ema(setup)
   init = init_state_fn(setup, optimizer, ema_fn)
@@ -160,13 +196,20 @@ def checkpoint_meta(config, setup: Setup, step: int, mesh) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       source=None) -> dict:
+                       source=None, decode=None) -> dict:
   """Trains, checkpoints, samples and evaluates; returns the evaluation dict.
 
   `source` replaces the configured training data (an object with `sources.ArraySource`'s
-  interface). Raises `preemption.Preempted` after saving on SIGTERM / SIGUSR1, and
-  `training.TrainingDiverged` after too many non-finite updates in a row.
+  interface); `decode(samples) -> images` maps samples to the configured data's images before
+  the grid and the evaluation (latent diffusion's decoder; `latent_pipeline`). An autoencoder
+  config (`objective.name='autoencoder'`) trains the autoencoder and reports its reconstruction
+  of the held-out split instead of sampling. Raises `preemption.Preempted` after saving on
+  SIGTERM / SIGUSR1, and `training.TrainingDiverged` after too many non-finite updates in a
+  row.
   """
+  if 'latent' in config and source is None:
+    from diffusion_jax import latent_pipeline  # pylint: disable=g-import-not-at-top (a cycle)
+    return latent_pipeline.run(config, workdir)
   workdir = prepare_workdir(workdir)
   is_main = jax.process_index() == 0
   lock = workdir_lib.WorkdirLock(workdir) if is_main else None
@@ -175,14 +218,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     workdir_lib.check_config(config, workdir,
                              run_config.section_defaults(config.model.get('name')))
-    return _train_and_evaluate(config, workdir, source, lock)
+    return _train_and_evaluate(config, workdir, source, lock, decode)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train_and_evaluate(config, workdir: str, source, lock) -> dict:
-  setup = build(config, source=source)
+def _train_and_evaluate(config, workdir: str, source, lock, decode) -> dict:
+  setup = build_setup(config, source=source)
   train = setup.train
   mesh = parallel.make_mesh()
   width = mesh.devices.size
@@ -199,7 +242,7 @@ def _train_and_evaluate(config, workdir: str, source, lock) -> dict:
   ckpt = _checkpointer(setup, workdir)
   try:
     return _resume_and_run(config, setup, mesh, workdir, ckpt, lock, init, target, k_init,
-                           k_sample)
+                           k_sample, decode)
   except BaseException:
     # Failing already: orbax gets a bounded time (a failed save must not hang the exit).
     ckpt.close(timeout=checkpointing.CLOSE_AFTER_FAILURE_S)
@@ -207,7 +250,7 @@ def _train_and_evaluate(config, workdir: str, source, lock) -> dict:
 
 
 def _resume_and_run(config, setup: Setup, mesh, workdir, ckpt, lock, init, target, k_init,
-                    k_sample) -> dict:
+                    k_sample, decode) -> dict:
   """Restores (or initialises), trains, closes the checkpointer, samples and evaluates."""
   is_main = lock is not None
   train, num_steps = setup.train, setup.train.num_steps
@@ -235,13 +278,10 @@ def _resume_and_run(config, setup: Setup, mesh, workdir, ckpt, lock, init, targe
 
   rows = parallel.batch_sharding(mesh)
   micro = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
-  step_fn = training.make_train_step(setup.objective, setup.model.apply, optimizer, ema_fn,
-                                     conditional=setup.conditional,
-                                     grad_accum_steps=train.grad_accum_steps,
-                                     batch_constraint=micro)
+  step_fn = _step_fn(setup, optimizer, ema_fn, micro)
   train_step = jax.jit(step_fn, in_shardings=(state_sh, rows),
                        out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
-  keys = ('image', 'label') if setup.conditional else ('image',)
+  keys = ('image', 'label') if getattr(setup, 'conditional', False) else ('image',)
 
   def load(step):
     local = setup.source.batch(config.seed, step, train.batch_size, jax.process_index(),
@@ -262,10 +302,12 @@ def _resume_and_run(config, setup: Setup, mesh, workdir, ckpt, lock, init, targe
   force_exit = lock.release if lock is not None else None
   with preemption.PreemptionWatcher(on_force_exit=force_exit) as watcher:
     run = _Run(setup, mesh, workdir, ckpt, writer, watcher,
-               lambda step: checkpoint_meta(config, setup, step, mesh))
+               lambda step: checkpoint_meta(config, setup, step, mesh), decode)
     try:
       state = _train(run, state, train_step, load, start)
       ckpt.close()
+      if isinstance(setup, latent.AutoencoderSetup):
+        return _evaluate_autoencoder(run, state, n_params)
       return _sample_and_evaluate(run, state, k_sample, n_params)
     finally:
       if writer is not None:
@@ -294,6 +336,7 @@ class _Run:
   writer: metric_writer.JsonlWriter | None    # process 0 only
   watcher: preemption.PreemptionWatcher
   meta: Callable[[int], dict]                 # step -> the checkpoint's `meta` item
+  decode: Callable | None = None              # samples -> images (latent diffusion)
 
   @property
   def is_main(self) -> bool:
@@ -417,6 +460,8 @@ def _sample_and_evaluate(run: _Run, state, k_sample, n_params) -> dict:
   except generation.Interrupted as e:
     raise preemption.Preempted(f'{watcher.signal_name} received: {e}; training is checkpointed, '
                                f'rerun to sample', step=setup.train.num_steps) from None
+  if run.decode is not None:
+    samples = parallel.map_batches(run.decode, samples, s.batch_size, mesh)
   sample_seconds = time.time() - t1
   if is_main:
     print(f'Sampled {num} images with {s.sampler} ({s.steps} steps) in {sample_seconds:.1f} s',
@@ -445,7 +490,45 @@ def _sample_and_evaluate(run: _Run, state, k_sample, n_params) -> dict:
   return result
 
 
+def _evaluate_autoencoder(run: _Run, state, n_params) -> dict:
+  """Reconstructions of the held-out split (`eval.num_samples` images, the first of the
+  split) by the EMA parameters: PSNR, MSE, MAE; `reconstructions.png` shows originals (odd
+  rows) above their reconstructions (even rows)."""
+  setup, workdir, writer = run.setup, run.workdir, run.writer
+  result = {'step': setup.train.num_steps, 'num_params': int(n_params)}
+  if not setup.eval.enabled:
+    return result
+  held_out = dataclasses.replace(setup.data, split='test')
+  try:
+    test = sources.make_source(held_out)
+  except ValueError:   # no test split: the training data
+    test = setup.source
+  n = min(setup.eval.num_samples, len(test))
+  x = test.examples(np.arange(n))['image']
+  encode = latent.encoder(setup, state.ema_params, state.model_state)
+  decode = latent.decoder(setup, state.ema_params, state.model_state)
+  x_hat = parallel.map_batches(lambda x: decode(encode(x)), x, 256, run.mesh)
+  result.update({f'reconstruction_{k}': v
+                 for k, v in latent.reconstruction_metrics(x, x_hat).items()})
+  result['num_reconstructed'] = n
+  if run.is_main:
+    m = min(n, 50)
+    grid = np.concatenate([np.stack([x[i:i + 10], x_hat[i:i + 10]]).reshape(-1, *x.shape[1:])
+                           for i in range(0, m - m % 10, 10)]) if m >= 10 else x_hat[:m]
+    images_lib.save_png(os.path.join(workdir, 'reconstructions.png'),
+                        images_lib.make_grid(grid, ncol=10))
+    writer.write(setup.train.num_steps,
+                 {f'eval/{k}': v for k, v in result.items() if k != 'step'})
+    with open(os.path.join(workdir, 'eval.json'), 'w', encoding='utf-8') as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
 def format_eval_line(result: dict) -> str:
+  if 'reconstruction_psnr' in result:
+    return (f'EVAL step={result["step"]}: reconstruction PSNR='
+            f'{result["reconstruction_psnr"]:.2f} dB MSE={result["reconstruction_mse"]:.5f} '
+            f'(held-out, n={result["num_reconstructed"]})')
   if 'sw' in result:
     return (f'EVAL step={result["step"]}: SW={result["sw"]:.4f} floor={result["sw_floor"]:.4f} '
             f'(exact vs exact, n={result["num_generated"]}) SW/floor={result["sw_ratio"]:.2f}')

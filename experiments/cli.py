@@ -132,4 +132,5 @@ def begin(argv, config_holder, workdir_flag):
   if not (workdir_flag.value or '').strip():    # abspath('') would be the current directory
     fail(f'--{workdir_flag.name} is empty: name the directory the run writes to')
   setup_runtime()
-  return config_value(config_holder), os.path.abspath(workdir_flag.value)
+  config = config_value(config_holder) if config_holder is not None else None
+  return config, os.path.abspath(workdir_flag.value)

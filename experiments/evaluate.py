@@ -79,10 +79,17 @@ def main(argv):
   from diffusion_jax import images as images_lib
   from diffusion_jax import train_loop
   from diffusion_jax.data import digits
+  from diffusion_jax.latent import is_autoencoder_config as latent_config
   from diffusion_jax.metrics import digits_classifier
   from diffusion_jax.metrics import frechet
   from diffusion_jax.metrics import inception
   # pylint: enable=g-import-not-at-top
+  if 'latent' in config:   # its samples must be decoded first: the run's own evaluation does
+    cli.fail('evaluate: a latent diffusion run is evaluated (its samples decoded) by rerunning '
+             'experiments.train with its work dir (and e.g. --config.eval.num_samples=N)')
+  if latent_config(config):
+    cli.fail('evaluate: an autoencoder run is evaluated by rerunning experiments.train with its '
+             'work dir (held-out reconstruction PSNR)')
   is_digits = config.data.name == 'digits'
   if not is_digits and not (_INCEPTION.value and _REFERENCE.value):
     cli.fail(f'config.data.name={config.data.name!r}: FID needs --inception_weights and '

@@ -43,6 +43,10 @@ T_SAMP, T_ALL, T_GRIDS = 'tests/test_samplers.py', 'tests/test_samplers_all.py',
 T_LIK = 'tests/test_likelihood.py'
 AE, VQ = 'diffusion_jax/models/autoencoder.py', 'diffusion_jax/models/vq.py'
 AEL = 'diffusion_jax/autoencoder_losses.py'
+LAT, LATD, DIG = 'diffusion_jax/latent.py', 'diffusion_jax/data/latents.py', \
+    'diffusion_jax/data/digits.py'
+T_LAT, T_AEVQ, T_DIG = 'tests/test_latent.py', 'tests/test_autoencoder_vq.py', \
+    'tests/test_digits_sizes.py'
 T_AE, T_VQ, T_AEL = 'tests/test_autoencoder.py', 'tests/test_vq.py', \
     'tests/test_autoencoder_losses.py'
 T_VLB = T_ELBO + '::test_ddpm_vlb_terms_are_ho_et_al_eq_5_to_7_per_example'
@@ -342,6 +346,24 @@ MUTATIONS = [
      'return 10.0 * jnp.log10(peak_to_peak / mse)', [T_AEL]),
     (AEL, 'commitment = _sum_per_example(jnp.square(z - jax.lax.stop_gradient(e)))  # [B]',
      'commitment = _sum_per_example(jnp.square(z - e))  # [B]', [T_AEL]),
+    (AE, '      z, _, _ = self.quantizer(z)', '      pass', [T_AEVQ]),
+    # --- latent diffusion: latent.py, data/latents.py, the 32x32 digits ------------------------
+    (LAT, 'state = vq.ema_update(state, aux[\'z\'], aux[\'indices\'], obj.codebook_decay)',
+     'state = vq.ema_update(state, aux[\'z\'], aux[\'indices\'], 0.99)',
+     [f'{T_LAT}::test_vq_step_updates_the_ema_codebook_as_written_by_hand']),
+    (LAT, 'return z.mean if setup.kind == \'kl\' else z',
+     'return z.sample(jax.random.key(0)) if setup.kind == \'kl\' else z', [T_LAT]),
+    (LAT, 'return 1.0 / math.sqrt(var)', 'return 1.0 / var', [T_LAT]),
+    (LATD, "out['image'] = out['image'] * np.float32(self.scale)",
+     "out['image'] = out['image']", [T_LAT]),
+    (LAT, "  return lambda z: setup.model.apply(variables, z, method='decode')",
+     "  return lambda z: setup.model.apply(variables, z, quantize=False, method='decode') "
+     "if setup.kind == 'vq' else setup.model.apply(variables, 2 * z, method='decode')",
+     [T_LAT]),
+    (DIG, 'src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1)',
+     'src = np.clip(np.arange(n_out) * (n_in - 1) / (n_out - 1), 0.0, n_in - 1)', [T_DIG]),
+    (DIG, 'a_pinv = np.linalg.pinv(bilinear_matrix())  # [8, 32]',
+     'a_pinv = bilinear_matrix().T / 4  # [8, 32]', [T_DIG]),
 ]
 
 

@@ -91,7 +91,8 @@ def test_reference_configs_say_how_to_prepare_missing_data(tmp_path):
 
 def test_latent_config_needs_its_file():
   _, config = _config('dit', 'S/8')
-  with pytest.raises(run_config.ConfigError, match=r"config.data.path: data.name='npy' needs"):
+  with pytest.raises(run_config.ConfigError,
+                     match=r"config.data.path: data.name='latents' needs the directory"):
     run_config.build(config)
 
 

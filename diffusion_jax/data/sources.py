@@ -7,7 +7,9 @@ process's rows of global batch `step`, a pure function of its arguments (shuffle
 would, and P processes together read exactly what one process would.
 
   digits      the embedded 8x8 scikit-learn digits (no download)
-  npy         an array file `[N, H, W, C]` (e.g. VAE latents), optional labels file `[N]`
+  npy         an array file `[N, H, W, C]`, optional labels file `[N]`
+  latents     a directory of autoencoder latents (`data.path`; `data/latents.py`), scaled by the
+              factor stored with them
   <preset>    a TFDS dataset by index (`tfds_images.PRESETS`: mnist, cifar10, celeb_a, ...)
   tfds        any other TFDS image dataset: `tfds_name`, `image_size` and its keys
   toy2d       2-D points drawn on the fly (`data.toy`: a `toy2d.TOYS` name), `[B, 2]`
@@ -34,7 +36,7 @@ class DataConfig:
   image_size: int = 0           # 0: the data's own; digits: 8, 16 (pixels repeated 2 x 2) or
                                 # 32 (bilinear x 4)
   data_dir: str = ''            # TFDS data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
-  path: str = ''                # npy: the images / latents file
+  path: str = ''                # npy: the images file; latents: the latents directory
   labels_path: str = ''         # npy: optional labels file
   flip: bool | None = None      # TFDS: random horizontal flips (None = the preset's default)
   dequantize: bool = False      # TFDS: uniform dequantization (for likelihoods)
@@ -48,7 +50,7 @@ class DataConfig:
   toy: str = 'eight_gaussians'  # name='toy2d': which of toy2d.TOYS
 
 
-DATASETS = ('digits', 'npy', 'tfds', 'toy2d', *tfds_images.PRESETS)
+DATASETS = ('digits', 'npy', 'latents', 'tfds', 'toy2d', *tfds_images.PRESETS)
 
 
 def process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
@@ -79,7 +81,11 @@ class ArraySource:
   def batch(self, seed: int, step: int, global_batch: int, process_index: int = 0,
             process_count: int = 1) -> dict:
     rows = process_rows(global_batch, process_index, process_count)
-    idx = data_sampler.batch_indices(seed, step, global_batch, len(self))[rows]
+    return self.examples(data_sampler.batch_indices(seed, step, global_batch, len(self))[rows])
+
+  def examples(self, indices) -> dict:
+    """The examples at `indices` (in order), as `batch` returns them."""
+    idx = np.asarray(indices)
     out = {'image': np.asarray(self.images[idx], np.float32)}
     if self.labels is not None:
       out['label'] = np.asarray(self.labels[idx], np.int32)
@@ -135,6 +141,12 @@ def make_source(cfg: DataConfig):
     return ArraySource(x, y, digits.NUM_CLASSES)
   if cfg.name == 'npy':
     return _npy_source(cfg)
+  if cfg.name == 'latents':
+    from diffusion_jax.data import latents  # pylint: disable=g-import-not-at-top (a cycle)
+    if not cfg.path:
+      raise ValueError("config.data.path: data.name='latents' needs the directory that "
+                       'experiments.encode_latents wrote')
+    return latents.load_latents(cfg.path)[0]
   if cfg.name == 'toy2d':
     return ToySource(cfg.toy)
   if cfg.name in tfds_images.PRESETS or cfg.name == 'tfds':

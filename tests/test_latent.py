@@ -1,0 +1,335 @@
+"""Latent diffusion end to end: autoencoders trained by the loop, latents on disk, decoding.
+
+The losses' terms are checked against closed forms in test_autoencoder_losses.py and the
+quantizer in test_vq.py; here, what the loop adds: the EMA codebook update of a VQ step, exact
+resume and checkpoint round trips of autoencoder states, the latents and scale factor the
+encode stage writes, decoding before the evaluation, and the one-line refusals.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import autoencoder_digits
+from configs import latent_digits
+from diffusion_jax import checkpointing
+from diffusion_jax import latent
+from diffusion_jax import latent_pipeline
+from diffusion_jax import train_loop
+from diffusion_jax import training
+from diffusion_jax.configuration import ConfigError
+from diffusion_jax.data import digits
+from diffusion_jax.data import latents as latents_lib
+from diffusion_jax.data import sources
+
+
+def _tiny_ae_config(variant='smoke,vq', **train):
+  """The smoke autoencoder on 8x8 digits (f = 4: 2x2 latents), a few steps."""
+  c = autoencoder_digits.get_config(variant)
+  c.data.image_size = 8
+  c.train.update(num_steps=4, batch_size=8, log_every=2, checkpoint_every=2, **train)
+  c.eval.num_samples = 20
+  return c
+
+
+def test_vq_step_updates_the_ema_codebook_as_written_by_hand():
+  """One train step of the VQ autoencoder: the codebook in `model_state` is the EMA update of
+  VQ-VAE App. A.1 (then dead-code restarts) of the batch's encoder outputs, computed here from
+  the model's own encoder and `quantize`, with the key the step derives for it."""
+  c = _tiny_ae_config()
+  c.objective.update(codebook_decay=0.5, restart_threshold=0.6)
+  setup = latent.build_autoencoder(c)
+  optimizer, ema_fn = training.make_optimizer(setup.optim, 4), training.ema(0.9)
+  state = latent.init_fn(setup, optimizer, ema_fn)(jax.random.key(1))
+  step = training.make_loss_train_step(latent.loss_fn(setup), optimizer, ema_fn)
+  batch = {'image': jnp.asarray(setup.source.examples(np.arange(8))['image'])}
+  new, metrics = jax.jit(step)(state, batch)
+
+  variables = {'params': state.params, **state.model_state}
+  z = setup.model.apply(variables, batch['image'], method='encode')
+  _, indices, _ = setup.model.apply(variables, z, method='quantize')
+  old = state.model_state['vq_ema']['quantizer']
+  k, d = old['codebook'].shape
+  zf = np.asarray(z, np.float64).reshape(-1, d)
+  idx = np.asarray(indices).reshape(-1)
+  counts = np.bincount(idx, minlength=k)
+  sums = np.zeros((k, d))
+  np.add.at(sums, idx, zf)
+  cluster = 0.5 * np.asarray(old['cluster_size']) + 0.5 * counts        # N_i
+  embed = 0.5 * np.asarray(old['embed_sum']) + 0.5 * sums               # m_i
+  n = cluster.sum()
+  codebook = embed / (((cluster + 1e-5) / (n + k * 1e-5) * n)[:, None])  # m_i / smoothed N_i
+  got = new.model_state['vq_ema']['quantizer']
+  live = cluster >= 0.6  # unused codes: 0.5 * 1 + 0.5 * 0
+  assert live.any() and (~live).any(), 'the batch should leave some codes dead'
+  np.testing.assert_allclose(np.asarray(got['cluster_size'])[live], cluster[live], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(got['codebook'])[live], codebook[live], rtol=2e-5,
+                             atol=1e-6)
+  # Dead codes restarted onto encoder outputs of this batch, with count 1.
+  np.testing.assert_array_equal(np.asarray(got['cluster_size'])[~live], 1.0)
+  for row in np.asarray(got['codebook'])[~live]:
+    assert np.min(np.abs(zf - row).max(axis=1)) < 1e-5
+  assert {'reconstruction', 'commitment', 'perplexity', 'usage', 'psnr'} <= set(metrics)
+  assert 1.0 <= float(metrics['perplexity']) <= k
+
+
+def test_kl_step_metrics_are_the_loss_terms():
+  """The KL autoencoder's step reports the loss = reconstruction + kl_weight * KL."""
+  c = _tiny_ae_config('smoke')
+  c.objective.kl_weight = 0.5
+  setup = latent.build_autoencoder(c)
+  optimizer, ema_fn = training.make_optimizer(setup.optim, 4), training.ema(0.9)
+  state = latent.init_fn(setup, optimizer, ema_fn)(jax.random.key(0))
+  step = training.make_loss_train_step(latent.loss_fn(setup), optimizer, ema_fn)
+  _, m = jax.jit(step)(state, {'image': jnp.asarray(setup.source.examples(np.arange(8))['image'])})
+  np.testing.assert_allclose(m['loss'], m['reconstruction'] + 0.5 * m['kl'], rtol=1e-5)
+  assert m['kl'] > 0 and state.model_state == {}
+
+
+def _leaves(state):
+  return jax.tree_util.tree_leaves_with_path(jax.tree.map(np.asarray, state))
+
+
+def test_vq_autoencoder_resume_is_exact_and_checkpoints_round_trip(tmp_path):
+  """4 steps in one run == 2 steps, a restart, 2 more: parameters, EMA parameters, optimizer
+  state and the EMA codebook agree bit for bit (the codebook lives in `model_state`)."""
+  straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+  c = _tiny_ae_config()
+  c.eval.enabled = False
+  train_loop.train_and_evaluate(c, straight)
+  first = _tiny_ae_config()
+  first.train.num_steps = 2
+  first.eval.enabled = False
+  train_loop.train_and_evaluate(first, split)
+  train_loop.train_and_evaluate(c, split)
+  _, a, step_a = train_loop.load_checkpoint(c, straight)
+  _, b, step_b = train_loop.load_checkpoint(c, split)
+  assert step_a == step_b == 4
+  assert a.model_state['vq_ema']['quantizer']['codebook'].shape == (128, 2)
+  for (path, x), (_, y) in zip(_leaves(a), _leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  # A checkpoint holds exactly the state saved.
+  with checkpointing.Checkpointer(str(tmp_path / 'again')) as ckpt:
+    ckpt.save(4, a)
+    ckpt.wait()
+    back = ckpt.restore(4, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), a))
+  for (path, x), (_, y) in zip(_leaves(a), _leaves(back), strict=True):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope='module')
+def pipeline(tmp_path_factory, subprocess_cache):
+  """The smoke latent diffusion run, three stages, in one work dir (the digits classifier
+  shared with the rest of the suite)."""
+  workdir = str(tmp_path_factory.mktemp('latent'))
+  config = latent_digits.get_config('smoke')
+  config.eval.cache_dir = subprocess_cache
+  result = train_loop.train_and_evaluate(config, workdir)
+  return config, workdir, result
+
+
+def test_latents_are_the_posterior_means_scaled_by_one_over_their_std(pipeline):
+  config, workdir, _ = pipeline
+  ae_config = latent_pipeline.autoencoder_config(config)
+  setup, state, step = train_loop.load_checkpoint(ae_config, os.path.join(workdir,
+                                                                          'autoencoder'))
+  stored = np.load(os.path.join(workdir, 'latents', 'latents.npy'))
+  x, y = digits.load_digits('train', 32)
+  assert stored.shape == (len(x), 8, 8, 2)
+  posterior = setup.model.apply({'params': state.ema_params}, jnp.asarray(x[:64]),
+                                method='encode')
+  np.testing.assert_allclose(stored[:64], posterior.mean, rtol=1e-5, atol=1e-5)
+  info = json.load(open(os.path.join(workdir, 'latents', 'latents.json'), encoding='utf-8'))
+  assert info['autoencoder']['step'] == step
+  np.testing.assert_allclose(info['scale_factor'], 1.0 / np.std(stored.astype(np.float64)),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(np.load(os.path.join(workdir, 'latents', 'labels.npy')), y)
+  source, _ = latents_lib.load_latents(os.path.join(workdir, 'latents'))
+  batch = source.batch(0, 3, 16)
+  idx = sources.data_sampler.batch_indices(0, 3, 16, len(x))
+  np.testing.assert_allclose(batch['image'], info['scale_factor'] * stored[idx], rtol=1e-6)
+
+
+def test_samples_are_decoded_before_the_grid_and_the_evaluation(pipeline):
+  config, workdir, result = pipeline
+  samples = np.load(os.path.join(workdir, 'samples.npy'))
+  assert samples.shape == (config.sample.grid_size, 32, 32, 1)
+  assert {'fd', 'fd_floor', 'autoencoder/reconstruction_psnr', 'scale_factor'} <= set(result)
+  ae_eval = json.load(open(os.path.join(workdir, 'autoencoder', 'eval.json'), encoding='utf-8'))
+  assert ae_eval['reconstruction_psnr'] == result['autoencoder/reconstruction_psnr']
+  # The decoder the evaluation used: decode(z / scale) of the autoencoder at the encoded step.
+  ae_config = latent_pipeline.autoencoder_config(config)
+  ae_dir = os.path.join(workdir, 'autoencoder')
+  info = latents_lib.read_info(os.path.join(workdir, 'latents'))
+  decode = latent_pipeline.latent_decoder(ae_config, ae_dir, info)
+  setup, state, _ = train_loop.load_checkpoint(ae_config, ae_dir)
+  z = jax.random.normal(jax.random.key(0), (3, 8, 8, 2))
+  np.testing.assert_allclose(
+      decode(z), setup.model.apply({'params': state.ema_params}, z / info['scale_factor'],
+                                   method='decode'), rtol=1e-5, atol=1e-5)
+
+
+def test_a_rerun_resumes_every_stage_without_retraining(pipeline):
+  config, workdir, result = pipeline
+  before = os.path.getmtime(os.path.join(workdir, 'latents', 'latents.npy'))
+  again = train_loop.train_and_evaluate(config, workdir)
+  assert again['fd'] == result['fd']
+  assert os.path.getmtime(os.path.join(workdir, 'latents', 'latents.npy')) == before
+
+
+def test_mismatched_autoencoder_checkpoint_and_latents_are_refused(pipeline, tmp_path):
+  config, workdir, _ = pipeline
+  ae_config = latent_pipeline.autoencoder_config(config)
+  ae_config.model.latent_channels = 3
+  with pytest.raises(checkpointing.CheckpointMismatch) as e:
+    train_loop.load_checkpoint(ae_config, os.path.join(workdir, 'autoencoder'))
+  assert '\n' not in str(e.value)
+  changed = latent_digits.get_config('smoke')
+  changed.latent.autoencoder.model.latent_channels = 3
+  with pytest.raises(ConfigError, match='latent.autoencoder.model.latent_channels'):
+    train_loop.train_and_evaluate(changed, workdir)
+  # Latents written by another autoencoder step are not silently reused.
+  copy = tmp_path / 'latents'
+  copy.mkdir()
+  info = latents_lib.read_info(os.path.join(workdir, 'latents'))
+  info['autoencoder']['step'] = 7
+  latents_lib.write_info(str(copy), info)
+  with pytest.raises(ConfigError, match='step 7'):
+    latent_pipeline.encode_dataset(latent_pipeline.autoencoder_config(config),
+                                   os.path.join(workdir, 'autoencoder'), str(copy))
+
+
+def test_latents_without_a_scale_factor_are_refused(tmp_path):
+  np.save(tmp_path / 'latents.npy', np.zeros((4, 2, 2, 1), np.float32))
+  cfg = sources.DataConfig(name='latents', path=str(tmp_path))
+  with pytest.raises(ValueError, match='no latents.json'):
+    sources.make_source(cfg)
+  (tmp_path / 'latents.json').write_text(json.dumps({'latent_shape': [2, 2, 1]}))
+  with pytest.raises(ValueError, match='scale_factor=None'):
+    sources.make_source(cfg)
+  (tmp_path / 'latents.json').write_text(json.dumps({'latent_shape': [2, 2, 1],
+                                                     'scale_factor': 2.0}))
+  np.testing.assert_array_equal(sources.make_source(cfg).batch(0, 0, 4)['image'], 0.0)
+
+
+@pytest.mark.parametrize('edit, words', [
+    (lambda c: c.model.update(block_out_channels=(8, 8, 8, 8, 8, 8)),
+     ['model.block_out_channels', 'f=32', '8x8']),
+    (lambda c: c.model.update(in_channels=3), ['model.in_channels=3', '1 channels']),
+    (lambda c: c.objective.update(reconstruction='l3'), ['objective.reconstruction']),
+    (lambda c: c.objective.update(codebook_decay=1.0), ['objective.codebook_decay']),
+    (lambda c: c.model.update(name='unet'), ['model.name']),
+])
+def test_bad_autoencoder_configs_are_one_line_errors(edit, words):
+  c = _tiny_ae_config()
+  edit(c)
+  with pytest.raises(ConfigError) as e:
+    latent.build_autoencoder(c)
+  assert '\n' not in str(e.value)
+  for w in words:
+    assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.parametrize('edit, words', [
+    (lambda c: c.sample.update(clip_x0=1.0), ['sample.clip_x0=1.0']),
+    (lambda c: c.latent.update(encode_batch_size=0), ['latent.encode_batch_size']),
+    (lambda c: c.latent.update(scale=1.0), ['config.latent.scale']),
+])
+def test_bad_latent_configs_fail_before_any_stage(edit, words, tmp_path):
+  c = latent_digits.get_config('smoke')
+  edit(c)
+  with pytest.raises(ConfigError) as e:
+    train_loop.train_and_evaluate(c, str(tmp_path))
+  for w in words:
+    assert w in str(e.value), (w, str(e.value))
+  assert not os.path.exists(tmp_path / 'autoencoder')
+
+
+def test_scale_factor_is_one_over_the_std():
+  z = np.random.default_rng(0).normal(0.3, 2.5, 10_000)
+  got = latent.measure_scale_factor(z.size, z.sum(), np.square(z).sum())
+  np.testing.assert_allclose(got, 1.0 / z.std(), rtol=1e-12)
+  with pytest.raises(ValueError, match='variance'):
+    latent.measure_scale_factor(4, 4.0, 4.0)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, 'tests', 'fixtures', 'sd_vae')
+
+
+def _encode_cli(cache_dir, *args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', DIFFUSION_JAX_CACHE=cache_dir)
+  return subprocess.run([sys.executable, '-m', 'experiments.encode_latents', *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_encode_latents_with_pretrained_sd_vae_weights(tmp_path, subprocess_cache):
+  """The command that encodes a user's data with Stable Diffusion's VAE, here with the tiny
+  reference fixture: the latents are the posterior means of the loaded model, the scale factor
+  the published 0.18215 (the measured 1 / std stored beside it)."""
+  images = np.random.default_rng(0).uniform(-1, 1, (6, 16, 16, 3)).astype(np.float32)
+  np.save(tmp_path / 'x.npy', images)
+  out = tmp_path / 'latents'
+  args = ['--config=configs/digits.py', '--config.data.name=npy',
+          f'--config.data.path={tmp_path / "x.npy"}',
+          f'--weights={FIXTURE}/ldm.safetensors', f'--vae_config={FIXTURE}/config.json',
+          f'--out={out}', '--batch_size=4']
+  proc = _encode_cli(subprocess_cache, *args)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  source, info = latents_lib.load_latents(str(out))
+  assert info['scale_factor'] == 0.18215 and info['latent_shape'] == [4, 4, 4]
+  from diffusion_jax import weights  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.models import AutoencoderKL  # pylint: disable=g-import-not-at-top
+  vae_config = json.load(open(f'{FIXTURE}/config.json', encoding='utf-8'))
+  variables = weights.load_autoencoder_kl(f'{FIXTURE}/diffusers.safetensors', vae_config)
+  mean = AutoencoderKL(**vae_config).apply(variables, jnp.asarray(images), method='encode').mean
+  np.testing.assert_allclose(source.examples(np.arange(6))['image'], 0.18215 * np.asarray(mean),
+                             rtol=1e-5, atol=1e-6)
+  stored = np.load(out / 'latents.npy').astype(np.float64)
+  np.testing.assert_allclose(info['measured_scale_factor'], 1 / stored.std(), rtol=1e-6)
+  # A second encode into the same directory is refused; so is a file whose tensors do not
+  # match the configuration (here SD's, the default, against the tiny file).
+  again = _encode_cli(subprocess_cache, *args)
+  assert again.returncode == 2 and 'already holds latents' in again.stderr
+  bad = _encode_cli(subprocess_cache, *args[:3], f'--weights={FIXTURE}/ldm.safetensors',
+                    f'--out={tmp_path}/o2')
+  assert bad.returncode == 2, bad.stderr[-500:]
+  assert len(bad.stderr.strip().splitlines()) == 1 and '--weights' in bad.stderr, bad.stderr
+
+
+def test_mask_downsampling_keeps_a_latent_known_only_if_its_whole_block_is():
+  mask = np.ones((1, 8, 8, 1), bool)
+  mask[0, :, 4:] = False                        # right half unknown
+  mask[0, 1, 1] = False                         # one unknown pixel in the top-left block
+  got = np.asarray(latent.downsample_mask(mask, 4))
+  np.testing.assert_array_equal(got[0, :, :, 0], [[False, False], [True, False]])
+  assert got.shape == (1, 2, 2, 1)
+  with pytest.raises(ValueError, match='f=3'):
+    latent.downsample_mask(mask, 3)
+
+
+def test_inpainting_in_latent_space_with_the_trained_model(pipeline):
+  """The latent run's own denoiser, any sampler, `inpainting.inpaint_sample`, and a pixel mask
+  downsampled by f: the known latents come back exactly, the rest is sampled."""
+  from diffusion_jax import generation  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import inpainting  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import samplers  # pylint: disable=g-import-not-at-top
+  config, workdir, _ = pipeline
+  source, _ = latents_lib.load_latents(os.path.join(workdir, 'latents'))
+  setup, state, _ = train_loop.load_checkpoint(config, workdir, source=source)
+  known = jnp.asarray(source.examples(np.arange(2))['image'])      # [2, 8, 8, 2], scaled
+  pixels = np.zeros((2, 32, 32, 1), bool)
+  pixels[:, :, :16] = True                                          # left half known
+  mask = latent.downsample_mask(pixels, 4)
+  den = generation.make_model_denoiser(setup, state.ema_params)
+  x_T = jax.random.normal(jax.random.key(1), known.shape)
+  out, _ = inpainting.inpaint_sample(samplers.SAMPLERS['ddim'], den, setup.process, x_T,
+                                     jax.random.key(2), known, mask, steps=5)
+  np.testing.assert_array_equal(np.asarray(out)[:, :, :4], np.asarray(known)[:, :, :4])
+  assert np.all(np.isfinite(out)) and not np.allclose(out[:, :, 4:], known[:, :, 4:])
