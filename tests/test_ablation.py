@@ -54,6 +54,7 @@ def test_unknown_run_is_a_one_line_error():
     lib.make_runs(config)
 
 
+@pytest.mark.slow
 def test_driver_end_to_end_and_skips_what_is_done(tmp_path):
   config = _tiny()
   runs = lib.make_runs(config)

@@ -4,17 +4,22 @@ every CLI case as a subprocess; docs/bad_inputs.txt); here they run in-process, 
 
 import dataclasses
 
+import ml_collections
 import pytest
 
 from configs import ablation_digits
 from configs import ablation_toy2d
 from configs import adm_imagenet64
+from configs import autoencoder_digits
 from configs import ddpm_cifar10
 from configs import digits as digits_config
 from configs import dit as dit_config
+from configs import latent_digits
+from diffusion_jax import latent
 from diffusion_jax import run_config
 from diffusion_jax import training
 from diffusion_jax.data import sources
+from diffusion_jax.models import AUTOENCODERS
 from diffusion_jax.models import MODELS
 
 import bad_input_check
@@ -38,6 +43,9 @@ CONFIGS = {
     'ddpm_cifar10': ddpm_cifar10.get_config, 'adm_imagenet64': adm_imagenet64.get_config,
     'dit': dit_config.get_config, 'ablation_digits': ablation_digits.get_config,
     'ablation_toy2d': ablation_toy2d.get_config,
+    'autoencoder_digits': autoencoder_digits.get_config,
+    'autoencoder_digits:vq': lambda: autoencoder_digits.get_config('vq'),
+    'latent_digits': latent_digits.get_config,
 }
 
 
@@ -48,15 +56,21 @@ def test_every_typed_key_can_be_overridden_in_every_config(name):
   (e.g. `--config.train.grad_accum_steps=4` and `--config.model.num_classes=10` used to fail as
   unknown keys)."""
   config = CONFIGS[name]()
-  sections = {'data': sources.DataConfig, 'train': run_config.TrainConfig,
-              'optim': training.OptimConfig, 'eval': run_config.EvalConfig,
-              'model': MODELS[config.model.name]}
-  for section, cls in sections.items():
-    fields = {f.name for f in dataclasses.fields(cls) if f.init} - {'parent'}
-    if section == 'model':
-      fields -= {'name'}
-    missing = fields - set(config[section])
-    assert not missing, (name, section, sorted(missing))
+  stages = [config]
+  if 'latent' in config:   # a latent diffusion run's autoencoder stage, too
+    stages.append(ml_collections.ConfigDict({'data': config.data, **config.latent.autoencoder}))
+  for c in stages:
+    sections = {'data': sources.DataConfig, 'train': run_config.TrainConfig,
+                'optim': training.OptimConfig, 'eval': run_config.EvalConfig,
+                'model': MODELS.get(c.model.name) or AUTOENCODERS[c.model.name]}
+    if latent.is_autoencoder_config(c):
+      sections['objective'] = latent.AutoencoderObjective
+    for section, cls in sections.items():
+      fields = {f.name for f in dataclasses.fields(cls) if f.init} - {'parent'}
+      if section == 'model':
+        fields -= {'name'}
+      missing = fields - set(c[section])
+      assert not missing, (name, section, sorted(missing))
 
 
 def test_tfds_data_dir_that_does_not_exist_is_named():

@@ -388,6 +388,7 @@ def test_matches_torch_when_torch_is_importable(variables, tmp_path):
       np.testing.assert_array_equal(got[name], value)
 
 
+@pytest.mark.slow
 def test_streamed_inception_metrics_of_the_reference_images_themselves(variables):
   """`evaluation.InceptionMetrics` over two batches of the very images the reference statistics
   and features come from: FID ~ 0 (float64 statistics; the sqrtm of a rank-deficient

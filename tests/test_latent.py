@@ -79,6 +79,7 @@ def test_vq_step_updates_the_ema_codebook_as_written_by_hand():
   assert 1.0 <= float(metrics['perplexity']) <= k
 
 
+@pytest.mark.slow
 def test_kl_step_metrics_are_the_loss_terms():
   """The KL autoencoder's step reports the loss = reconstruction + kl_weight * KL."""
   c = _tiny_ae_config('smoke')
@@ -96,6 +97,23 @@ def _leaves(state):
   return jax.tree_util.tree_leaves_with_path(jax.tree.map(np.asarray, state))
 
 
+def test_autoencoder_state_round_trips_through_a_checkpoint(tmp_path):
+  """A VQ autoencoder's train state (parameters, optimizer state, and the EMA codebook in
+  `model_state`) comes back from an orbax checkpoint on disk bit for bit."""
+  setup = latent.build_autoencoder(_tiny_ae_config())
+  optimizer, ema_fn = training.make_optimizer(setup.optim, 4), training.ema(0.9)
+  state = jax.jit(latent.init_fn(setup, optimizer, ema_fn))(jax.random.key(3))
+  assert set(state.model_state['vq_ema']['quantizer']) == {'cluster_size', 'embed_sum',
+                                                            'codebook'}
+  with checkpointing.Checkpointer(str(tmp_path / 'ckpt')) as ckpt:
+    ckpt.save(0, state)
+    ckpt.wait()
+    back = ckpt.restore(0, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+  for (path, x), (_, y) in zip(_leaves(state), _leaves(back), strict=True):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
 def test_vq_autoencoder_resume_is_exact_and_checkpoints_round_trip(tmp_path):
   """4 steps in one run == 2 steps, a restart, 2 more: parameters, EMA parameters, optimizer
   state and the EMA codebook agree bit for bit (the codebook lives in `model_state`)."""
@@ -128,7 +146,9 @@ def pipeline(tmp_path_factory, subprocess_cache):
   """The smoke latent diffusion run, three stages, in one work dir (the digits classifier
   shared with the rest of the suite)."""
   workdir = str(tmp_path_factory.mktemp('latent'))
-  config = latent_digits.get_config('smoke')
+  # The MLP denoiser: the pipeline's outputs do not depend on the network, and the U-Net's
+  # compile would cost half a minute of CI (test_train_loop_models trains every family).
+  config = latent_digits.get_config('smoke,mlp')
   config.eval.cache_dir = subprocess_cache
   result = train_loop.train_and_evaluate(config, workdir)
   return config, workdir, result
@@ -190,7 +210,7 @@ def test_mismatched_autoencoder_checkpoint_and_latents_are_refused(pipeline, tmp
   with pytest.raises(checkpointing.CheckpointMismatch) as e:
     train_loop.load_checkpoint(ae_config, os.path.join(workdir, 'autoencoder'))
   assert '\n' not in str(e.value)
-  changed = latent_digits.get_config('smoke')
+  changed = latent_digits.get_config('smoke,mlp')
   changed.latent.autoencoder.model.latent_channels = 3
   with pytest.raises(ConfigError, match='latent.autoencoder.model.latent_channels'):
     train_loop.train_and_evaluate(changed, workdir)

@@ -107,7 +107,8 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, env, un
   _assert_bit_identical(state, uninterrupted)
 
 
-@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize('sig', [signal.SIGTERM,
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_sigterm_checkpoints_the_current_step_and_asks_for_a_requeue(tmp_path, env,
                                                                       uninterrupted, sig):
   workdir = tmp_path / 'preempted'

@@ -90,7 +90,7 @@ def test_ddpm_ancestral_reproduces_gaussian_data(variance):
 
   (1) The compiled sampler matches its exact output law (every step is affine in x plus
   Gaussian noise, so the law is Gaussian with moments from a float64 recursion) within
-  6 standard errors on 40,000 samples. (2) That law has the data mean to 1e-4 and the data
+  6 standard errors on 10,000 samples. (2) That law has the data mean to 1e-4 and the data
   variance up to the documented discretisation bias `_VARIANCE_BIAS`.
   """
   proc = processes.DiscreteVP.from_name('linear', 1000)
@@ -98,7 +98,7 @@ def test_ddpm_ancestral_reproduces_gaussian_data(variance):
   np.testing.assert_allclose(m_exact, MU, atol=1e-4)
   np.testing.assert_allclose(v_exact, S2, rtol=_VARIANCE_BIAS[variance])
 
-  num = 40_000
+  num = 10_000
   den = analytic.gaussian_denoiser(jnp.asarray(MU, jnp.float32), jnp.asarray(S2, jnp.float32),
                                    proc)
   k_prior, k_sample = jax.random.split(jax.random.key(3))
