@@ -80,6 +80,7 @@ def test_decode_quantizes_first(ema):
   assert float(jnp.max(jnp.abs(unquantized - decoded))) > 1e-3
 
 
+@pytest.mark.slow  # covered by faster tests; kept for -m slow
 def test_call_is_decode_of_encode(ema):
   model, variables, x = ema
   x_hat, aux = model.apply(variables, x)
@@ -113,6 +114,7 @@ def test_straight_through_gradient_with_the_ema_codebook(ema):
   np.testing.assert_array_equal(grads['vq_ema']['quantizer']['codebook'], 0.0)
 
 
+@pytest.mark.slow  # covered by faster tests; kept for -m slow
 def test_parameter_codebook(param):
   model, variables, x = param
   assert 'vq_ema' not in variables
@@ -133,6 +135,7 @@ def test_parameter_codebook(param):
   np.testing.assert_array_equal(total['quantizer']['codebook'], 1.0)
 
 
+@pytest.mark.slow  # covered by faster tests; kept for -m slow
 def test_ema_collection_is_init_ema_state(ema):
   _, variables, _ = ema
   assert 'quantizer' not in variables['params']

@@ -30,9 +30,10 @@ from diffusion_jax.data import sources
 
 
 def _tiny_ae_config(variant='smoke,vq', **train):
-  """The smoke autoencoder on 8x8 digits (f = 4: 2x2 latents), a few steps."""
+  """The smoke autoencoder, two levels (f = 2: 4x4 latents) on 8x8 digits, a few steps."""
   c = autoencoder_digits.get_config(variant)
   c.data.image_size = 8
+  c.model.block_out_channels = (8, 16)
   c.train.update(num_steps=4, batch_size=8, log_every=2, checkpoint_every=2, **train)
   c.eval.num_samples = 20
   return c
@@ -52,8 +53,12 @@ def test_vq_step_updates_the_ema_codebook_as_written_by_hand():
   new, metrics = jax.jit(step)(state, batch)
 
   variables = {'params': state.params, **state.model_state}
-  z = setup.model.apply(variables, batch['image'], method='encode')
-  _, indices, _ = setup.model.apply(variables, z, method='quantize')
+
+  @jax.jit
+  def assign(variables, x):
+    z = setup.model.apply(variables, x, method='encode')
+    return z, setup.model.apply(variables, z, method='quantize')[1]
+  z, indices = assign(variables, batch['image'])
   old = state.model_state['vq_ema']['quantizer']
   k, d = old['codebook'].shape
   zf = np.asarray(z, np.float64).reshape(-1, d)
@@ -195,6 +200,7 @@ def test_samples_are_decoded_before_the_grid_and_the_evaluation(pipeline):
                                    method='decode'), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_rerun_resumes_every_stage_without_retraining(pipeline):
   config, workdir, result = pipeline
   before = os.path.getmtime(os.path.join(workdir, 'latents', 'latents.npy'))
@@ -313,6 +319,19 @@ def test_encode_latents_with_pretrained_sd_vae_weights(tmp_path, subprocess_cach
                              rtol=1e-5, atol=1e-6)
   stored = np.load(out / 'latents.npy').astype(np.float64)
   np.testing.assert_allclose(info['measured_scale_factor'], 1 / stored.std(), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_encode_latents_refuses_an_existing_output_and_a_mismatched_file(tmp_path,
+                                                                           subprocess_cache):
+  images = np.random.default_rng(0).uniform(-1, 1, (6, 16, 16, 3)).astype(np.float32)
+  np.save(tmp_path / 'x.npy', images)
+  out = tmp_path / 'latents'
+  args = ['--config=configs/digits.py', '--config.data.name=npy',
+          f'--config.data.path={tmp_path / "x.npy"}',
+          f'--weights={FIXTURE}/ldm.safetensors', f'--vae_config={FIXTURE}/config.json',
+          f'--out={out}', '--batch_size=4']
+  assert _encode_cli(subprocess_cache, *args).returncode == 0
   # A second encode into the same directory is refused; so is a file whose tensors do not
   # match the configuration (here SD's, the default, against the tiny file).
   again = _encode_cli(subprocess_cache, *args)
@@ -353,3 +372,24 @@ def test_inpainting_in_latent_space_with_the_trained_model(pipeline):
                                      jax.random.key(2), known, mask, steps=5)
   np.testing.assert_array_equal(np.asarray(out)[:, :, :4], np.asarray(known)[:, :, :4])
   assert np.all(np.isfinite(out)) and not np.allclose(out[:, :, 4:], known[:, :, 4:])
+
+
+@pytest.mark.parametrize('sampler', ['ddim'] + [pytest.param(s, marks=pytest.mark.slow) for s in
+                                                ('heun', 'dpm_solver_pp_2m', 'unipc_bh2', 'ddpm')])
+def test_guided_latent_config_builds_and_traces_every_sampler(pipeline, sampler):
+  """A class-conditional latent run (`:cond`, guidance 2) on the latents, traced abstractly
+  with a few samplers: the sampler, guidance and latent shape fit together without a change."""
+  from diffusion_jax import generation  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  _, workdir, _ = pipeline
+  source, _ = latents_lib.load_latents(os.path.join(workdir, 'latents'))
+  config = latent_digits.get_config('smoke,cond,mlp')
+  config.sample.sampler = sampler
+  setup = run_config.build(config, source=source)
+  assert setup.image_shape == (8, 8, 2) and setup.sample.guidance_scale == 2.0
+  params = jax.eval_shape(lambda: setup.model.init(
+      jax.random.key(0), jnp.zeros((1, 8, 8, 2)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)))
+  fn = generation.make_sample_fn(setup)
+  out = jax.eval_shape(fn, params['params'], jax.ShapeDtypeStruct((4, 8, 8, 2), jnp.float32),
+                       jax.random.key(0), jax.ShapeDtypeStruct((4,), jnp.int32))
+  assert out.shape == (4, 8, 8, 2)
