@@ -20,6 +20,7 @@ from ml_collections import config_dict
 from diffusion_jax.data.sources import DataConfig
 from diffusion_jax.models import MODELS
 from diffusion_jax.run_config import EvalConfig
+from diffusion_jax.run_config import ProfileConfig
 from diffusion_jax.run_config import TrainConfig
 from diffusion_jax.training import OptimConfig
 from diffusion_jax.samplers import SAMPLER_OPTIONS
@@ -50,6 +51,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
                   guidance_scale=1.0,
                   options={k: config_dict.placeholder(t) for k, t in SAMPLER_OPTIONS.items()})
   c.eval = typed_section(EvalConfig, 'eval', num_samples=1000, cache_dir='', enabled=True)
+  # --config.profile.steps=(100,105): a jax.profiler trace of 5 steps in <workdir>/profile.
+  c.profile = typed_section(ProfileConfig, 'profile')
 
   variants = [v for v in (variant or '').split(',') if v]
   for v in variants:

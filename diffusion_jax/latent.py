@@ -37,7 +37,7 @@ from diffusion_jax.models import vq
 from diffusion_jax.models.autoencoder import AUTOENCODERS
 
 OBJECTIVE = 'autoencoder'
-SECTIONS = ('seed', 'data', 'objective', 'model', 'optim', 'train', 'eval')
+SECTIONS = ('seed', 'data', 'objective', 'model', 'optim', 'train', 'eval', 'profile')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,7 @@ class AutoencoderSetup:
   data: sources.DataConfig
   image_shape: tuple
   source: Any = None
+  profile: run_config.ProfileConfig = run_config.ProfileConfig()
 
   @property
   def latent_shape(self) -> tuple:
@@ -109,7 +110,8 @@ def build_autoencoder(config: ml_collections.ConfigDict, *, source=None) -> Auto
   return AutoencoderSetup(train=run_config.build_train(config.train),
                           optim=run_config.build_optim(config.optim), eval=ev,
                           objective=objective, model=model, kind=kind, data=data,
-                          image_shape=image_shape, source=source)
+                          image_shape=image_shape, source=source,
+                          profile=run_config.build_profile(config.get('profile', {})))
 
 
 def check_image_shape(model, image_shape, where: str, data_name: str) -> None:

@@ -31,7 +31,7 @@ from diffusion_jax.models.autoencoder import AUTOENCODERS
 
 # `latent`: a latent diffusion run's autoencoder stage (`latent_pipeline`); `build` ignores it.
 SECTIONS = ('seed', 'data', 'process', 'objective', 'model', 'optim', 'train', 'sample',
-            'eval', 'latent')
+            'eval', 'latent', 'profile')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +84,13 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+  # (start, stop): a `jax.profiler` trace of train steps start .. stop - 1 (counted from 0) in
+  # `<workdir>/profile` (TensorBoard's profile plugin reads it); () = no trace.
+  steps: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Setup:
   """Everything built from a validated config; no side effects on disk."""
   train: TrainConfig
@@ -97,6 +104,7 @@ class Setup:
   data: sources.DataConfig = sources.DataConfig()
   image_shape: tuple = ()
   source: Any = None             # the training data (None when built for a given image_shape)
+  profile: ProfileConfig = ProfileConfig()
 
   @property
   def num_classes(self) -> int:
@@ -108,7 +116,7 @@ def section_defaults(model_name: str | None = None) -> dict:
   train, optim, eval, and the fields of model `model_name`) means when a config leaves it out,
   as `config.json` stores it (tuples as lists)."""
   sections = [('data', sources.DataConfig), ('train', TrainConfig),
-              ('optim', training.OptimConfig), ('eval', EvalConfig)]
+              ('optim', training.OptimConfig), ('eval', EvalConfig), ('profile', ProfileConfig)]
   if model_name in MODELS or model_name in AUTOENCODERS:
     sections.append(('model', MODELS.get(model_name) or AUTOENCODERS[model_name]))
   out = {}
@@ -166,7 +174,17 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
                       f'2-D toys (data.name={data.name!r}); set --config.eval.enabled=False')
   return Setup(train=train, sample=sample, eval=ev, optim=optim, process=process,
                objective=objective, model=model, conditional=conditional,
-               data=data, image_shape=image_shape, source=source)
+               data=data, image_shape=image_shape, source=source,
+               profile=build_profile(config.get('profile', {})))
+
+
+def build_profile(section) -> ProfileConfig:
+  profile = configuration.from_section(ProfileConfig, 'profile', section)
+  steps = profile.steps
+  if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
+    raise ConfigError(f'config.profile.steps={list(steps)}: expected (start, stop) with '
+                      f'0 <= start < stop, or () for no trace')
+  return profile
 
 
 def _check_sections(config) -> None:

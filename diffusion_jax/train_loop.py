@@ -12,6 +12,8 @@ is in `workdir` (written by process 0; every process takes part in checkpointing
 
   run.lock          while a run is going: its pid and host (a second run refuses)
   config.json       the resolved config, written once when the run starts
+  run.json          one record per start or resume: command line, git commit and dirty flag,
+                    package versions, Python, host, devices and processes
   checkpoints/      orbax checkpoints (keep-N and keep-every-K, async), each with its `meta`
   metrics.jsonl     per interval: loss, grad_norm, lr, skipped, steps_per_sec, examples_per_sec;
                     then the final evaluation
@@ -260,6 +262,7 @@ def _resume_and_run(config, setup: Setup, mesh, workdir, ckpt, lock, init, targe
     state, restored_step = ckpt.restore_latest(target)   # onto this run's shardings
   if is_main:
     workdir_lib.write_config(config, workdir)   # a fresh run's (an existing one is kept)
+    workdir_lib.append_run_record(workdir, workdir_lib.run_record(mesh))  # code, versions, host
   if state is None:
     state = jax.jit(init, out_shardings=state_sh)(k_init)
   else:
@@ -357,13 +360,16 @@ def _train(run: _Run, state, train_step, load, start: int):
   interval_start = time.perf_counter()
   schedule = training.learning_rate_schedule(setup.optim, num_steps)
   batches = _batches(load, start, num_steps, train.prefetch)
+  trace = _Trace(setup.profile.steps, os.path.join(run.workdir, 'profile'))
   try:
     for step, batch in batches:
       ckpt.poll()                 # a failed background save stops the run now
+      trace.before(step)
       state, metrics = train_step(state, batch)
       # Wait for the step: the progress bar's rate and ETA then measure compute, not dispatch.
       m = parallel.local_value(metrics)
       done = step + 1
+      trace.after(done)
       if m['skipped']:
         log.warning('step %d: non-finite loss or gradient (loss=%s); update skipped', done,
                     m['loss'])
@@ -403,6 +409,7 @@ def _train(run: _Run, state, train_step, load, start: int):
             f'{watcher.signal_name} received: checkpoint saved at step {done} in '
             f'{ckpt.directory}; rerun (or requeue) to resume', step=done)
   finally:
+    trace.close()
     batches.close()
     bar.close()
   ckpt.wait()
@@ -411,6 +418,31 @@ def _train(run: _Run, state, train_step, load, start: int):
     print(f'Trained steps {start}..{num_steps} in {seconds:.1f} s '
           f'({(num_steps - start) / max(seconds, 1e-9):.2f} steps/s)', flush=True)
   return state
+
+
+class _Trace:
+  """A `jax.profiler` trace of train steps `[start, stop)` into `directory` (each process
+  writes its own host's file under `plugins/profile/<time>/`, as TensorBoard reads them)."""
+
+  def __init__(self, steps, directory: str):
+    self.window = tuple(steps) if steps else None
+    self.directory = directory
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.window and step == self.window[0]:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, done: int) -> None:
+    if self.active and done >= self.window[1]:   # `done` waited for the step's results
+      self.close()
+      log.info('profile of steps %d..%d written to %s', *self.window, self.directory)
+
+  def close(self) -> None:
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
 
 
 def _batches(load, start, stop, depth):

@@ -11,10 +11,14 @@
   `eval.*` (a finished run re-samples and re-evaluates).
 """
 
+import datetime
+import importlib.metadata
 import json
 import logging
 import os
+import platform
 import socket
+import subprocess
 import sys
 
 import ml_collections
@@ -26,7 +30,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = 'run.lock'
 CONFIG_NAME = 'config.json'
 # Keys (dotted prefixes) a resumed run may change: they do not change the trained state.
-MAY_DIFFER = ('train.num_steps', 'sample', 'eval')
+MAY_DIFFER = ('train.num_steps', 'sample', 'eval', 'profile')
 
 
 class WorkdirBusy(ConfigError):
@@ -210,3 +214,66 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     pass
   finally:
     os.remove(tmp)
+
+
+RUN_RECORD_NAME = 'run.json'
+_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'ml-collections',
+             'tensorflow-datasets', 'safetensors', 'diffrax')
+
+
+def _git(*args) -> str | None:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    done = subprocess.run(['git', '-C', root, *args], capture_output=True, text=True, timeout=10,
+                          check=False)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return done.stdout if done.returncode == 0 else None
+
+
+def run_record(mesh=None) -> dict:
+  """What reproduces this start of a run beside its config: the time, the command line, the
+  code version (git commit of the checkout `diffusion_jax` is imported from, and whether it had
+  uncommitted changes; None outside a git checkout), package versions, Python, host, devices
+  and processes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  commit = _git('rev-parse', 'HEAD')
+  status = _git('status', '--porcelain', '--untracked-files=no') if commit else None
+  versions = {}
+  for name in _PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  devices = mesh.devices.flatten().tolist() if mesh is not None else jax.devices()
+  return {
+      'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'argv': list(sys.argv), 'cwd': os.getcwd(),
+      'git': None if commit is None else {'commit': commit.strip(),
+                                          'dirty': bool((status or '').strip())},
+      'packages': versions, 'python': platform.python_version(), 'host': socket.gethostname(),
+      'devices': {'platform': devices[0].platform, 'kind': devices[0].device_kind,
+                  'count': len(devices), 'local_count': jax.local_device_count(),
+                  'process_count': jax.process_count()},
+  }
+
+
+def append_run_record(workdir: str, record: dict) -> None:
+  """Appends `record` to the work dir's `run.json` (a list: one entry per start or resume),
+  atomically; an unreadable `run.json` is kept aside as `run.json.unreadable`, not lost."""
+  path = os.path.join(workdir, RUN_RECORD_NAME)
+  records = []
+  if os.path.exists(path):
+    try:
+      with open(path, encoding='utf-8') as f:
+        records = json.load(f)
+      if not isinstance(records, list):
+        raise ValueError('not a list')
+    except (OSError, ValueError):
+      os.replace(path, path + '.unreadable')
+      records = []
+  records.append(record)
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(records, f, indent=2)
+  os.replace(tmp, path)

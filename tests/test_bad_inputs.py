@@ -77,3 +77,10 @@ def test_tfds_data_dir_that_does_not_exist_is_named():
   cfg = sources.DataConfig(name='cifar10', data_dir='/nonexistent/tfds')
   with pytest.raises(ValueError, match=r'^config.data.data_dir=/nonexistent/tfds: no such '):
     sources.make_source(cfg)
+
+
+@pytest.mark.parametrize('steps', [(5,), (3, 3), (-1, 2), (1, 2, 3)])
+def test_profile_window_must_be_start_before_stop(steps):
+  with pytest.raises(run_config.ConfigError) as e:
+    run_config.build_profile({'steps': steps})
+  assert 'config.profile.steps' in str(e.value) and '\n' not in str(e.value)

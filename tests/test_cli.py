@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ SMOKE = 'configs/digits.py:smoke'
 # the network, and the U-Net's compile would cost a minute of CI; test_train_loop_models
 # trains and samples every model family.
 RUN = 'configs/digits.py:smoke,mlp'
+PROFILE = '--config.profile.steps=(2,5)'    # a 3-step jax.profiler trace of the finished run
 
 
 @pytest.fixture(scope='module')
@@ -48,7 +50,7 @@ def _error_line(proc):
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory, cache_dir):
   workdir = tmp_path_factory.mktemp('run')
-  proc = _train(workdir, cache_dir=cache_dir, config=RUN)
+  proc = _train(workdir, PROFILE, cache_dir=cache_dir, config=RUN)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
 
@@ -84,6 +86,20 @@ def test_short_run_leaves_all_outputs(finished_run):
   # The smoke config warms up for 100 steps of a 20-step run: allowed, but said.
   assert ('Note: optim.warmup_steps=100 > train.num_steps=20: the learning rate peaks at '
           '0.0004, 20% of optim.lr') in proc.stdout, proc.stdout
+  # run.json: one record of this start, with the command line, the code version this checkout
+  # is at (the suite runs in a git clone), the installed JAX and the devices.
+  record = json.loads((workdir / 'run.json').read_text())[0]   # this start's
+  assert record['argv'][1:] == [f'--config={RUN}', f'--workdir={workdir}', PROFILE]
+  head = subprocess.run(['git', '-C', ROOT, 'rev-parse', 'HEAD'], capture_output=True,
+                        text=True, check=False).stdout.strip()
+  if head:
+    assert record['git']['commit'] == head and isinstance(record['git']['dirty'], bool)
+  assert record['packages']['jax'] == jax.__version__
+  assert record['devices']['platform'] == 'cpu' and record['devices']['process_count'] == 1
+  # The profiler window: one TensorBoard-readable trace (plugins/profile/<time>/<host>.xplane.pb).
+  traces = list((workdir / 'profile' / 'plugins' / 'profile').glob('*/*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0, traces
+  assert json.loads((workdir / 'config.json').read_text())['profile']['steps'] == [2, 5]
 
 
 @pytest.mark.slow  # the resume path is also run by test_reliability.py's SIGKILL and SIGTERM tests
@@ -211,6 +227,7 @@ def test_old_config_json_moves_flat_sampler_options_into_options(tmp_path):
   assert dict(run_config.build(config).sample.options) == {'eta': 0.5}
 
 
+@pytest.mark.slow  # suite time
 def test_evaluate_an_old_config_json(finished_run, tmp_path, cache_dir):
   """A run's old-style config.json still evaluates (and gives the run's own samples)."""
   workdir, _ = finished_run
@@ -340,6 +357,7 @@ def test_a_second_run_in_a_busy_work_dir_is_refused(tmp_path, cache_dir):
   assert lock.read_bytes() == before and sorted(os.listdir(workdir)) == ['run.lock']
 
 
+@pytest.mark.slow  # suite time; test_workdir.py takes over stale locks in-process
 def test_a_stale_lock_is_taken_over_and_released_at_the_end(tmp_path, cache_dir):
   workdir = tmp_path / 'stale'
   workdir.mkdir()

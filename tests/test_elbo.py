@@ -142,6 +142,7 @@ def _learned_model(proc, v_fn):
       [eps_model(x, t, c), jnp.broadcast_to(2.0 * v_fn(t)[:, None] - 1.0, x.shape)], axis=-1)
 
 
+@pytest.mark.slow  # suite time; test_samplers_sde.py checks the same interpolation in the sampler
 def test_learned_variance_interpolates_the_fixed_ones():
   """v = 1 gives 'large' exactly; v = 0 gives 'small' exactly for n >= 2 (Nichol & Dhariwal
   2021, Eq. 15), per example, for the same draw."""

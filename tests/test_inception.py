@@ -93,6 +93,7 @@ def test_output_shapes(shape):
   assert [o.shape for o in out] == [(shape[0], 2048), (shape[0], 1008)]
 
 
+@pytest.mark.slow  # suite time; the network is checked at 299 by the other tests
 def test_features_for_several_input_sizes_one_network_compile(variables):
   rng = np.random.default_rng(2)
   for shape in [(8, 8, 1), (32, 32, 3), (299, 299, 3)]:
@@ -105,6 +106,7 @@ def test_features_for_several_input_sizes_one_network_compile(variables):
   assert empty[0].shape == (0, 2048) and empty[1].shape == (0, 1008)
 
 
+@pytest.mark.slow  # suite time
 def test_grayscale_is_repeated_to_rgb_and_chunking_does_not_matter(variables):
   gray = np.random.default_rng(3).uniform(-1.0, 1.0, (3, 16, 16, 1)).astype(np.float32)
   f1, l1 = inception.inception_features(variables, gray, batch_size=2)

@@ -295,6 +295,7 @@ def _encode_cli(cache_dir, *args):
                         env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # suite time: a subprocess; encode_source runs in the pipeline test
 def test_encode_latents_with_pretrained_sd_vae_weights(tmp_path, subprocess_cache):
   """The command that encodes a user's data with Stable Diffusion's VAE, here with the tiny
   reference fixture: the latents are the posterior means of the loaded model, the scale factor

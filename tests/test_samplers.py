@@ -84,7 +84,7 @@ def _ddpm_exact_moments(proc, mu, s2, variance):
 _VARIANCE_BIAS = {'small': 4e-2, 'large': 1e-2}
 
 
-@pytest.mark.parametrize('variance', ['small', 'large'])
+@pytest.mark.parametrize('variance', [pytest.param('small', marks=pytest.mark.slow), 'large'])
 def test_ddpm_ancestral_reproduces_gaussian_data(variance):
   """DDPM with the exact denoiser on all T steps reproduces N(mu, diag(s2)).
 

@@ -64,7 +64,8 @@ def test_every_fixed_step_sampler_has_a_stage_count():
   assert set(STAGES) == set(NAMES) - {'adaptive'}
 
 
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', [n if n != 'adaptive' else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in NAMES])
 @pytest.mark.parametrize('steps', [4, pytest.param(7, marks=pytest.mark.slow)])
 def test_nfe_is_exact(name, steps):
   """`info['nfe']` is the method's evaluation count and the calls that really executed."""

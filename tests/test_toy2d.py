@@ -75,6 +75,7 @@ def test_diffused_score_matches_the_optimal_denoiser():
                              np.asarray(-eps / sigma), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # suite time
 def test_the_training_loop_trains_on_toy_data_and_measures_sliced_wasserstein(tmp_path):
   """`data.name='toy2d'` through the loop: batches keyed by (seed, step), a scatter PNG, and
   sliced Wasserstein beside its exact-vs-exact floor (a few steps: the numbers exist and are

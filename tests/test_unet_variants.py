@@ -142,6 +142,7 @@ def test_context_mask_hides_masked_tokens(all_switches):
   assert np.abs(out_visible - out).max() > 1e-4
 
 
+@pytest.mark.slow  # suite time; test_dit.py checks the shared label dropout
 def test_label_dropout_rate_is_honoured():
   """With train=True each label is replaced by the null label independently w.p. `rate`.
 

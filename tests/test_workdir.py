@@ -151,3 +151,17 @@ def test_a_run_from_before_every_model_and_train_key_was_listed_resumes(tmp_path
   with pytest.raises(workdir_lib.ConfigMismatch, match=r'config\.model\.num_classes is 10 here '
                      r'but 0'):
     workdir_lib.check_config(now, str(tmp_path), defaults)
+
+
+def test_run_record_appends_one_entry_per_start_and_keeps_an_unreadable_file(tmp_path):
+  from diffusion_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  record = workdir_lib.run_record()
+  assert record['packages']['jax'] and record['devices']['count'] >= 1
+  assert record['git'] is None or len(record['git']['commit']) == 40
+  workdir_lib.append_run_record(str(tmp_path), {'n': 1})
+  workdir_lib.append_run_record(str(tmp_path), {'n': 2})
+  assert json.loads((tmp_path / 'run.json').read_text()) == [{'n': 1}, {'n': 2}]
+  (tmp_path / 'run.json').write_text('{not json')
+  workdir_lib.append_run_record(str(tmp_path), {'n': 3})
+  assert json.loads((tmp_path / 'run.json').read_text()) == [{'n': 3}]
+  assert (tmp_path / 'run.json.unreadable').read_text() == '{not json'
