@@ -360,6 +360,10 @@ MUTATIONS = [
      "  return lambda z: setup.model.apply(variables, z, quantize=False, method='decode') "
      "if setup.kind == 'vq' else setup.model.apply(variables, 2 * z, method='decode')",
      [T_LAT]),
+    ('diffusion_jax/training.py',
+     'return state.replace(params=params, opt_state=opt_state, model_state=model_state,',
+     'return state.replace(params=params, opt_state=opt_state,',
+     [f'{T_LAT}::test_vq_step_updates_the_ema_codebook_as_written_by_hand']),
     (DIG, 'src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1)',
      'src = np.clip(np.arange(n_out) * (n_in - 1) / (n_out - 1), 0.0, n_in - 1)', [T_DIG]),
     (DIG, 'a_pinv = np.linalg.pinv(bilinear_matrix())  # [8, 32]',
