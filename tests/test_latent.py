@@ -295,11 +295,8 @@ def _encode_cli(cache_dir, *args):
                         env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.slow  # suite time: a subprocess; encode_source runs in the pipeline test
-def test_encode_latents_with_pretrained_sd_vae_weights(tmp_path, subprocess_cache):
-  """The command that encodes a user's data with Stable Diffusion's VAE, here with the tiny
-  reference fixture: the latents are the posterior means of the loaded model, the scale factor
-  the published 0.18215 (the measured 1 / std stored beside it)."""
+def _encode_args(tmp_path):
+  """Six random 16x16 RGB images as npy data, and the encode_latents flags for the fixture."""
   images = np.random.default_rng(0).uniform(-1, 1, (6, 16, 16, 3)).astype(np.float32)
   np.save(tmp_path / 'x.npy', images)
   out = tmp_path / 'latents'
@@ -307,6 +304,15 @@ def test_encode_latents_with_pretrained_sd_vae_weights(tmp_path, subprocess_cach
           f'--config.data.path={tmp_path / "x.npy"}',
           f'--weights={FIXTURE}/ldm.safetensors', f'--vae_config={FIXTURE}/config.json',
           f'--out={out}', '--batch_size=4']
+  return images, out, args
+
+
+@pytest.mark.slow  # suite time: a subprocess; encode_source runs in the pipeline test
+def test_encode_latents_with_pretrained_sd_vae_weights(tmp_path, subprocess_cache):
+  """The command that encodes a user's data with Stable Diffusion's VAE, here with the tiny
+  reference fixture: the latents are the posterior means of the loaded model, the scale factor
+  the published 0.18215 (the measured 1 / std stored beside it)."""
+  images, out, args = _encode_args(tmp_path)
   proc = _encode_cli(subprocess_cache, *args)
   assert proc.returncode == 0, proc.stderr[-2000:]
   source, info = latents_lib.load_latents(str(out))
@@ -325,13 +331,7 @@ def test_encode_latents_with_pretrained_sd_vae_weights(tmp_path, subprocess_cach
 @pytest.mark.slow
 def test_encode_latents_refuses_an_existing_output_and_a_mismatched_file(tmp_path,
                                                                            subprocess_cache):
-  images = np.random.default_rng(0).uniform(-1, 1, (6, 16, 16, 3)).astype(np.float32)
-  np.save(tmp_path / 'x.npy', images)
-  out = tmp_path / 'latents'
-  args = ['--config=configs/digits.py', '--config.data.name=npy',
-          f'--config.data.path={tmp_path / "x.npy"}',
-          f'--weights={FIXTURE}/ldm.safetensors', f'--vae_config={FIXTURE}/config.json',
-          f'--out={out}', '--batch_size=4']
+  _, _, args = _encode_args(tmp_path)
   assert _encode_cli(subprocess_cache, *args).returncode == 0
   # A second encode into the same directory is refused; so is a file whose tensors do not
   # match the configuration (here SD's, the default, against the tiny file).
