@@ -14,7 +14,9 @@ digits classifier's features against the test digits (FD with its floor, KID, pr
 recall; class accuracy for conditional models) and, with `--nll_examples=N`, by the NLL of N
 test digits in bits/dim through the probability-flow ODE. Other data is measured by FID / IS
 with the FID InceptionV3: `--inception_weights=fid_inception.npz --reference_stats=ref.npz`
-(see docs/fid_inception.md). Writes `eval_<sampler>_<steps>[_<tag>].json` and a grid `.png`.
+(see docs/fid_inception.md). A latent diffusion run's samples are decoded by its autoencoder
+(`<workdir>/autoencoder`, at the step that encoded its latents) before they are measured.
+Writes `eval_<sampler>_<steps>[_<tag>].json` and a grid `.png`.
 """
 
 import json
@@ -84,9 +86,10 @@ def main(argv):
   from diffusion_jax.metrics import frechet
   from diffusion_jax.metrics import inception
   # pylint: enable=g-import-not-at-top
-  if 'latent' in config:   # its samples must be decoded first: the run's own evaluation does
-    cli.fail('evaluate: a latent diffusion run is evaluated (its samples decoded) by rerunning '
-             'experiments.train with its work dir (and e.g. --config.eval.num_samples=N)')
+  is_latent = 'latent' in config      # samples are decoded by its autoencoder before the metrics
+  if is_latent and _NLL.value:
+    cli.fail('--nll_examples: a latent diffusion run has a likelihood of latents, not of the '
+             'images; the held-out NLL is for pixel-space runs')
   if latent_config(config):
     cli.fail('evaluate: an autoencoder run is evaluated by rerunning experiments.train with its '
              'work dir (held-out reconstruction PSNR)')
@@ -104,6 +107,7 @@ def main(argv):
       cli.fail(f'--{flag.name}={flag.value}: no such file')
   with cli.user_errors():
     setup, state, step = train_loop.load_checkpoint(config, workdir)
+    decode = _latent_decoder(config, workdir) if is_latent else None
   params = state.ema_params if _PARAMS.value == 'ema' else state.params
   s = setup.sample
   num = setup.eval.num_samples if _NUM.value is None else _NUM.value
@@ -128,6 +132,8 @@ def main(argv):
   bar = tqdm.tqdm(total=num, desc='sample', unit='img', dynamic_ncols=True, mininterval=1.0)
   for _, x in generation.generate_batches(generation.make_sample_fn(setup), params, key, num,
                                           s.batch_size, setup.image_shape, labels):
+    if decode is not None:
+      x = decode(x)
     if inception_metrics is not None:
       inception_metrics.update(x)        # streamed: the samples are not kept
     else:
@@ -162,6 +168,22 @@ def main(argv):
       images_lib.save_png(os.path.join(workdir, f'eval_{name}.png'),
                           images_lib.make_grid(np.concatenate(grid), ncol=10))
     print(format_result(result), flush=True)
+
+
+def _latent_decoder(config, workdir):
+  """`decode(scaled latents) -> images` (numpy, batches split over every device) with the
+  autoencoder of the latent diffusion run in `workdir`."""
+  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import latent_pipeline
+  from diffusion_jax import parallel
+  from diffusion_jax.data import latents as latents_lib
+  # pylint: enable=g-import-not-at-top
+  info = latents_lib.read_info(os.path.join(workdir, latent_pipeline.LATENTS_DIR))
+  decode = latent_pipeline.latent_decoder(latent_pipeline.autoencoder_config(config),
+                                          os.path.join(workdir, latent_pipeline.AUTOENCODER_DIR),
+                                          info)
+  mesh = parallel.make_mesh()
+  return lambda z: parallel.map_batches(decode, z, len(z), mesh)
 
 
 def format_result(result: dict) -> str:

@@ -394,3 +394,21 @@ def test_guided_latent_config_builds_and_traces_every_sampler(pipeline, sampler)
   out = jax.eval_shape(fn, params['params'], jax.ShapeDtypeStruct((4, 8, 8, 2), jnp.float32),
                        jax.random.key(0), jax.ShapeDtypeStruct((4,), jnp.int32))
   assert out.shape == (4, 8, 8, 2)
+
+
+@pytest.mark.slow  # a subprocess
+def test_evaluate_decodes_a_latent_run_and_reproduces_its_fd(pipeline, subprocess_cache):
+  """`experiments.evaluate` of the latent run (its own config.json): the same checkpoint and key
+  as the loop's evaluation, decoded by the same autoencoder, give the same FD."""
+  _, workdir, result = pipeline
+  env = dict(os.environ, DIFFUSION_JAX_CACHE=subprocess_cache, PYTHONUNBUFFERED='1')
+  done = subprocess.run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={workdir}',
+                         '--tag=check'], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  got = json.load(open(os.path.join(workdir, 'eval_ddpm_10_check.json'), encoding='utf-8'))
+  np.testing.assert_allclose(got['fd'], result['fd'], rtol=1e-4)
+  nll = subprocess.run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={workdir}',
+                        '--nll_examples=8'], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert nll.returncode == 2 and 'latent' in nll.stderr, nll.stderr[-500:]
