@@ -102,6 +102,21 @@ def _leaves(state):
   return jax.tree_util.tree_leaves_with_path(jax.tree.map(np.asarray, state))
 
 
+def _assert_identical(a, b):
+  for (path, x), (_, y) in zip(_leaves(a), _leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def _assert_round_trips(state, directory: str, step: int):
+  """`state` saved to an orbax checkpoint in `directory` and restored is `state`, bit for bit."""
+  with checkpointing.Checkpointer(directory) as ckpt:
+    ckpt.save(step, state)
+    ckpt.wait()
+    back = ckpt.restore(step, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                           state))
+  _assert_identical(state, back)
+
+
 def test_autoencoder_state_round_trips_through_a_checkpoint(tmp_path):
   """A VQ autoencoder's train state (parameters, optimizer state, and the EMA codebook in
   `model_state`) comes back from an orbax checkpoint on disk bit for bit."""
@@ -110,12 +125,7 @@ def test_autoencoder_state_round_trips_through_a_checkpoint(tmp_path):
   state = jax.jit(latent.init_fn(setup, optimizer, ema_fn))(jax.random.key(3))
   assert set(state.model_state['vq_ema']['quantizer']) == {'cluster_size', 'embed_sum',
                                                             'codebook'}
-  with checkpointing.Checkpointer(str(tmp_path / 'ckpt')) as ckpt:
-    ckpt.save(0, state)
-    ckpt.wait()
-    back = ckpt.restore(0, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
-  for (path, x), (_, y) in zip(_leaves(state), _leaves(back), strict=True):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  _assert_round_trips(state, str(tmp_path / 'ckpt'), 0)
 
 
 @pytest.mark.slow
@@ -135,15 +145,8 @@ def test_vq_autoencoder_resume_is_exact_and_checkpoints_round_trip(tmp_path):
   _, b, step_b = train_loop.load_checkpoint(c, split)
   assert step_a == step_b == 4
   assert a.model_state['vq_ema']['quantizer']['codebook'].shape == (128, 2)
-  for (path, x), (_, y) in zip(_leaves(a), _leaves(b), strict=True):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
-  # A checkpoint holds exactly the state saved.
-  with checkpointing.Checkpointer(str(tmp_path / 'again')) as ckpt:
-    ckpt.save(4, a)
-    ckpt.wait()
-    back = ckpt.restore(4, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), a))
-  for (path, x), (_, y) in zip(_leaves(a), _leaves(back), strict=True):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  _assert_identical(a, b)
+  _assert_round_trips(a, str(tmp_path / 'again'), 4)   # a checkpoint holds exactly the state
 
 
 @pytest.fixture(scope='module')
