@@ -264,7 +264,9 @@ def test_ct_draws_intervals_from_the_lognormal_law():
   assert int(aux['num_timesteps']) == 11
   grid = np.asarray(increasing_grid(11))
   idx = np.argmin(np.abs(np.asarray(aux['sigma'])[:, None] - grid[None, :]), axis=1) - 1
-  np.testing.assert_allclose(np.asarray(aux['sigma']), grid[idx + 1], rtol=1e-6)
+  # float32: the grid is sigma^(1/rho) interpolated then raised to rho = 7, which multiplies
+  # the relative rounding of the base by rho (7 x a few eps32 ~ 2e-6, jit fusion decides which).
+  np.testing.assert_allclose(np.asarray(aux['sigma']), grid[idx + 1], rtol=1e-5)
   probs = np.asarray(cm.lognormal_step_probs(jnp.asarray(grid), 11), np.float64)
   counts = np.bincount(idx, minlength=10)
   assert stats.chisquare(counts, probs / probs.sum() * counts.sum()).pvalue > 1e-4

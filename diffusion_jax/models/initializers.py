@@ -120,10 +120,19 @@ def variance_scaling(scale: float, mode: str, distribution: str, in_axis: Axes =
       stddev = jnp.sqrt(variance) / jnp.array(.87962566103423978, dtype)
       return jax.random.truncated_normal(key, -2, 2, flat, dtype).reshape(shape) * stddev
     if distribution == 'normal':
-      return jax.random.normal(key, flat, dtype).reshape(shape) * jnp.sqrt(variance)
+      # JAX's own scaled-normal draw, on the flat shape: its arithmetic changed in jax 0.11
+      # (one fused scale of erf_inv(u) instead of normal() * scale), so delegating keeps the
+      # values bit-identical to the original's on every JAX version.
+      return _flat_normal(key, flat, dtype, jnp.sqrt(variance)).reshape(shape)
     return jax.random.uniform(key, flat, dtype, -1).reshape(shape) * jnp.sqrt(3 * variance)
 
   return init
+
+
+def _flat_normal(key, flat, dtype, stddev):
+  """`N(0, stddev^2)` on the 1-D shape `flat`, drawn by `jax.nn.initializers.normal` itself
+  (the same arithmetic as the originals' scaled-normal draw, whatever the JAX version)."""
+  return jax.nn.initializers.normal(stddev, dtype)(key, flat, dtype)
 
 
 def lecun_normal(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = (),
@@ -156,6 +165,6 @@ def normal(stddev: float = 1e-2, dtype=None) -> Initializer:
     if not _flat or not jnp.issubdtype(dtype, jnp.floating):
       return reference(key, shape, dtype)
     shape, flat = _flat_shape(shape)
-    return jax.random.normal(key, flat, dtype).reshape(shape) * jnp.array(stddev, dtype)
+    return _flat_normal(key, flat, dtype, jnp.array(stddev, dtype)).reshape(shape)
 
   return init
