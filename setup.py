@@ -23,7 +23,12 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # JAX's CUDA 12 wheels (plugin + pip-installed CUDA libraries), for GPU clusters.
     'cuda': ['jax[cuda12]>=0.10.0,<0.11'],
+    # Metric writers (`config.log.writers`): TensorBoard event files without TensorFlow, and W&B.
+    'tb': ['tensorboardX>=2.6,<3'],
+    'wandb': ['wandb>=0.17,<1'],
     'dev': [
+        'tensorboardX>=2.6,<3',     # the tests read the real writers' files back
+        'wandb>=0.17,<1',
         'pytest>=8,<10',
         'pytest-xdist>=3.5,<4',
         'ruff>=0.6',

@@ -13,6 +13,7 @@ from configs import digits
 from diffusion_jax.latent import AutoencoderObjective
 from diffusion_jax.models.autoencoder import AUTOENCODERS
 from diffusion_jax.run_config import EvalConfig
+from diffusion_jax.run_config import LogConfig
 from diffusion_jax.run_config import ProfileConfig
 from diffusion_jax.run_config import TrainConfig
 from diffusion_jax.training import OptimConfig
@@ -35,6 +36,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.data = digits.data_section(name='digits', image_size=32)
   c.profile = digits.typed_section(ProfileConfig, 'profile')
+  c.log = digits.typed_section(LogConfig, 'log')
   c.update(stage(vq='vq' in variants))
   if 'smoke' in variants:
     c.model.update(block_out_channels=(8, 16, 16), norm_num_groups=4)

@@ -20,6 +20,7 @@ from ml_collections import config_dict
 from diffusion_jax.data.sources import DataConfig
 from diffusion_jax.models import MODELS
 from diffusion_jax.run_config import EvalConfig
+from diffusion_jax.run_config import LogConfig
 from diffusion_jax.run_config import ProfileConfig
 from diffusion_jax.run_config import TrainConfig
 from diffusion_jax.training import OptimConfig
@@ -50,7 +51,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.sample = dict(sampler='ddpm', steps=100, clip_x0=1.0, batch_size=500, grid_size=100,
                   guidance_scale=1.0,
                   options={k: config_dict.placeholder(t) for k, t in SAMPLER_OPTIONS.items()})
+  # --config.eval.every=500: FD of eval.every_num_samples samples every 500 steps, and the best
+  # step's checkpoint kept in <workdir>/checkpoints_best.
   c.eval = typed_section(EvalConfig, 'eval', num_samples=1000, cache_dir='', enabled=True)
+  # --config.log.writers=jsonl,tensorboard --config.log.sample_every=500: TensorBoard scalars
+  # and a sample grid (fixed noise) every 500 steps.
+  c.log = typed_section(LogConfig, 'log')
   # --config.profile.steps=(100,105): a jax.profiler trace of 5 steps in <workdir>/profile.
   c.profile = typed_section(ProfileConfig, 'profile')
 

@@ -119,19 +119,32 @@ def os_error_text(e: BaseException) -> str:
 
 class Checkpointer:
   """Keep-N async checkpoints of a pytree under `directory/<step>`; with `keep_every=K`, steps
-  that are multiples of K are kept as well, forever."""
+  that are multiples of K are kept as well, forever.
+
+  With `best_metric`, the N kept are instead the best by that metric (orbax's `best_fn`;
+  `best_mode` 'min' or 'max'), each saved with `save(..., metrics={best_metric: value})`: the
+  training loop keeps its best evaluated step so in a directory of its own, beside the keep-N
+  one. A non-finite value ranks last."""
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
-               keep_every: int | None = None, async_save: bool = True, read_only: bool = False):
+               keep_every: int | None = None, async_save: bool = True, read_only: bool = False,
+               best_metric: str | None = None, best_mode: str = 'min'):
     """`read_only` (evaluation): never writes, and an unreadable step is skipped, not moved."""
     self.directory = os.path.abspath(os.fspath(directory))
     self.read_only = read_only
+    self.best_metric, self.best_mode = best_metric, best_mode
     _quiet_orbax_errors()
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f'no checkpoint directory {self.directory}')
+    best = {}
+    if best_metric is not None:
+      if best_mode not in ('min', 'max'):
+        raise ValueError(f"best_mode={best_mode!r}: choose 'min' or 'max'")
+      best = dict(best_fn=lambda metrics: float(metrics[best_metric]), best_mode=best_mode,
+                  keep_checkpoints_without_metrics=False)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_every or None,
                                            create=not read_only,
-                                           enable_async_checkpointing=async_save)
+                                           enable_async_checkpointing=async_save, **best)
     # Named items (not the default one) let orbax read a step without inferring handlers
     # from the folder's contents, which fails for every step once any step folder is empty.
     self._manager = ocp.CheckpointManager(
@@ -142,17 +155,24 @@ class Checkpointer:
     self._pending = None          # the step of the save in flight, if any
     self._failed = None           # the CheckpointSaveError raised, once a save failed
 
-  def save(self, step: int, state: Any, meta: dict | None = None) -> None:
+  def save(self, step: int, state: Any, meta: dict | None = None,
+           metrics: dict | None = None) -> None:
     """Starts an (async) save of `state` (and the JSON-able `meta`) at `step`; returns before
-    the write finishes. Every process calls it (orbax writes each process's shards). Raises
+    the write finishes. Every process calls it (orbax writes each process's shards), with the
+    same `metrics` (which rank the steps of a `best_metric` checkpointer). Raises
     `CheckpointSaveError` if this save, or the one before, failed."""
     self.wait()
     items = {'state': ocp.args.StandardSave(state)}
     if meta is not None:
       items['meta'] = ocp.args.JsonSave(meta)
+    if self.best_metric is not None:
+      value = float((metrics or {})[self.best_metric])
+      if not np.isfinite(value):
+        value = float('inf') if self.best_mode == 'min' else float('-inf')
+      metrics = {**metrics, self.best_metric: value}
     self._pending = int(step)
     try:
-      self._manager.save(int(step), args=ocp.args.Composite(**items))
+      self._manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics)
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_failed(e) from None
 

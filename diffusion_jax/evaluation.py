@@ -112,8 +112,9 @@ class InceptionMetrics:
 
   def __init__(self, variables, reference_stats: tuple[np.ndarray, np.ndarray],
                reference_features: np.ndarray | None = None, batch_size: int = 50,
-               keep_features: int = 10_000):
+               keep_features: int = 10_000, mesh=None):
     self.variables = variables
+    self.mesh = mesh   # split each batch over its devices
     self.reference_stats = reference_stats
     self.reference_features = reference_features
     self.batch_size = batch_size
@@ -125,7 +126,7 @@ class InceptionMetrics:
     # The reference numbers are computed on 8-bit images: quantise as a saved PNG would be.
     x = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0
     features, logits = inception.inception_features(self.variables, x.astype(np.float32),
-                                                    batch_size=self.batch_size)
+                                                    batch_size=self.batch_size, mesh=self.mesh)
     self.stats.update(features)
     self._logits.append(logits)
     kept = sum(len(f) for f in self._features)
@@ -187,3 +188,107 @@ def heldout_bits_per_dim(denoiser, process, key, images: np.ndarray, *, num_bins
           'bits_per_dim_sem': float(values.std(ddof=1) / math.sqrt(len(values))),
           'nll_examples': int(len(values)), 'nll_nfe_mean': float(np.mean(nfes)),
           'nll_trace': trace}
+
+
+# --------------------------------------------------------------------------------------------
+# Reference statistics of a data source, and the one number the training loop tracks.
+
+
+def digits_feature_name(classifier_params) -> str:
+  """The digits classifier's feature space, as reference statistics record it."""
+  return f'digits_classifier:{digits_classifier.params_digest(classifier_params)[:16]}'
+
+
+def reference_stats(source, features, *, batch_size: int = 500, limit: int = 0,
+                    progress=None) -> frechet.FeatureStats:
+  """Feature statistics (float64 mean and covariance) of a data source's examples, in index
+  order, streamed in batches of `batch_size`: `features(images) -> [B, D]` (e.g. Inception
+  pool3 over the mesh). `limit` > 0 takes the first `limit` examples. `progress(n)` is called
+  with each batch's size."""
+  n = len(source) if not limit else min(limit, len(source))
+  stats = frechet.FeatureStats()
+  for start in range(0, n, batch_size):
+    images = source.examples(np.arange(start, min(start + batch_size, n)))['image']
+    stats.update(features(images))
+    if progress is not None:
+      progress(len(images))
+  return stats
+
+
+def check_reference(path: str, feature: str) -> tuple[np.ndarray, np.ndarray]:
+  """`(mu, sigma)` of the statistics file `path`, refused (one line) if it records another
+  feature space than `feature` (other weights, or the other network)."""
+  mu, sigma = frechet.load_stats(path)
+  saved = frechet.load_stats_info(path).get('feature')
+  if saved is not None and saved != feature:
+    raise ValueError(f'{path}: statistics of features {saved!r}, but this evaluation measures '
+                     f'{feature!r}; recompute them with experiments.fid_stats')
+  return mu, sigma
+
+
+def metric_name(data_name: str) -> str:
+  """The number `SampleMetric` tracks for this data (lower is better): 'fd', 'sw' or 'fid'."""
+  return {'digits': 'fd', 'toy2d': 'sw'}.get(data_name, 'fid')
+
+
+class SampleMetric:
+  """The sample metric of the training loop's evaluations (in-loop and final).
+
+  `SampleMetric(data_name, source, cache_dir, reference_stats='', inception_weights='',
+  mesh=None)`; `metric(samples, labels) -> dict`. `name` is the tracked number and `mode`
+  whether lower ('min') or higher ('max') is better:
+
+    digits   'fd': Fréchet distance in the digits classifier's features against the test digits
+             (or `reference_stats` written by `experiments.fid_stats`), with `fd_floor` (real
+             training digits, as many as generated) and `fd_ratio`; `class_accuracy` if labels.
+    toy2d    'sw': sliced Wasserstein against exact draws, with its floor.
+    other    'fid': FID against `reference_stats` with the Inception network of
+             `inception_weights` (split over `mesh`), and the Inception Score.
+
+  The classifier, the reference statistics and the floors are computed once.
+  """
+
+  def __init__(self, data_name: str, source, cache_dir: str, *, reference_stats: str = '',
+               inception_weights: str = '', mesh=None):
+    self.data_name = data_name
+    self.source = source
+    self.name = metric_name(data_name)
+    self.mode = 'min'
+    self._floors = {}
+    if data_name == 'toy2d':
+      pass
+    elif data_name == 'digits':
+      self.classifier, self.info = digits_classifier.load_or_train_digits_classifier(
+          cache_dir, seed=0)
+      if reference_stats:
+        mu, sigma = check_reference(reference_stats, digits_feature_name(self.classifier))
+        count = int(frechet.load_stats_info(reference_stats).get('count', 2))
+        self.reference = frechet.FeatureStats.from_moments(mu, sigma, max(count, 2))
+      else:
+        self.reference = digits_classifier.digits_reference_stats(self.classifier)
+    else:
+      if not (reference_stats and inception_weights):
+        raise ValueError(f'data {data_name!r}: FID needs reference statistics and Inception '
+                         f'weights (config.eval.reference_stats, config.eval.inception_weights)')
+      self.variables = inception.load_inception_params(inception_weights)
+      self.reference = check_reference(reference_stats, inception.feature_name(self.variables))
+      self.mesh = mesh
+
+  def __call__(self, samples: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    if self.name == 'sw':
+      return toy_metrics(self.source, samples)
+    if self.name == 'fd':
+      x = digits.to_native(samples)
+      out = {'fd': digits_classifier.digits_fd(self.classifier, x, reference=self.reference),
+             'num_generated': len(x)}
+      if len(x) not in self._floors:
+        self._floors[len(x)] = digits_classifier.digits_fd_floor(
+            self.classifier, len(x), reference=self.reference)[0]
+      out['fd_floor'] = self._floors[len(x)]
+      out['fd_ratio'] = out['fd'] / out['fd_floor']
+      if labels is not None:
+        out['class_accuracy'] = digits_classifier.classifier_accuracy(self.classifier, x, labels)
+      return out
+    metrics = InceptionMetrics(self.variables, self.reference, mesh=self.mesh)
+    metrics.update(samples)
+    return metrics.result()

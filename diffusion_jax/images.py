@@ -36,6 +36,14 @@ def save_png(path: str | os.PathLike, grid: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
+def read_png(path: str | os.PathLike) -> np.ndarray:
+  """A PNG as a uint8 `[H, W, C]` array (C = 1, 3 or 4 as stored)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as img:
+    x = np.asarray(img)
+  return x[..., None] if x.ndim == 2 else x
+
+
 def save_scatter_png(path: str | os.PathLike, points, reference=None, title: str = '') -> None:
   """2-D samples `[N, 2]` as a scatter plot PNG (over `reference` points in grey, if given)."""
   import matplotlib  # pylint: disable=g-import-not-at-top

@@ -37,7 +37,7 @@ from diffusion_jax.models import vq
 from diffusion_jax.models.autoencoder import AUTOENCODERS
 
 OBJECTIVE = 'autoencoder'
-SECTIONS = ('seed', 'data', 'objective', 'model', 'optim', 'train', 'eval', 'profile')
+SECTIONS = ('seed', 'data', 'objective', 'model', 'optim', 'train', 'eval', 'profile', 'log')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +64,7 @@ class AutoencoderSetup:
   image_shape: tuple
   source: Any = None
   profile: run_config.ProfileConfig = run_config.ProfileConfig()
+  log: run_config.LogConfig = run_config.LogConfig()
 
   @property
   def latent_shape(self) -> tuple:
@@ -105,13 +106,13 @@ def build_autoencoder(config: ml_collections.ConfigDict, *, source=None) -> Auto
   kind = configuration.choice('model.name', model_values.pop('name', None), AUTOENCODERS)
   model = configuration.from_section(AUTOENCODERS[kind], 'model', model_values)
   check_image_shape(model, image_shape, 'config.model', data.name)
-  ev = configuration.from_section(run_config.EvalConfig, 'eval', config.eval)
-  configuration.positive('eval.num_samples', ev.num_samples)
+  ev = run_config.build_eval(config.eval)
   return AutoencoderSetup(train=run_config.build_train(config.train),
                           optim=run_config.build_optim(config.optim), eval=ev,
                           objective=objective, model=model, kind=kind, data=data,
                           image_shape=image_shape, source=source,
-                          profile=run_config.build_profile(config.get('profile', {})))
+                          profile=run_config.build_profile(config.get('profile', {})),
+                          log=run_config.build_log(config.get('log', {})))
 
 
 def check_image_shape(model, image_shape, where: str, data_name: str) -> None:

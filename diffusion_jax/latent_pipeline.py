@@ -57,6 +57,8 @@ def autoencoder_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
       raise ConfigError(f'config.latent.autoencoder.{k}: the autoencoder uses the run\'s own '
                         f'config.{k}')
     out[k] = v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
+  if 'log' in config and 'log' not in out:    # the run's writers log the first stage too
+    out['log'] = config.log.to_dict()
   if not latent.is_autoencoder_config(out):
     raise ConfigError(f"config.latent.autoencoder.objective.name must be '{latent.OBJECTIVE}'")
   return out

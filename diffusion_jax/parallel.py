@@ -131,20 +131,24 @@ def from_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def map_batches(fn, x: np.ndarray, batch_size: int, mesh: Mesh) -> np.ndarray:
+def map_batches(fn, x: np.ndarray, batch_size: int, mesh: Mesh) -> Any:
   """`fn` (jitted here) over the rows of host array `x` in batches of `batch_size`, each batch
-  split over the mesh's `data` axis (padded to a multiple of its devices; the padding is
-  dropped); the result as numpy on every process. Every process passes the same `x`."""
+  split over the mesh's `data` axis; the result (an array, or a pytree of arrays with rows) as
+  numpy on every process. Every chunk is zero-padded to one shape (`batch_size` rounded up to a
+  multiple of the devices), so `fn` compiles once; the padding rows are dropped. Every process
+  passes the same `x`."""
   rows = batch_sharding(mesh)
   width = mesh.devices.size
+  size = -(-min(batch_size, max(len(x), 1)) // width) * width
   jitted = jax.jit(fn, in_shardings=rows, out_shardings=rows)
   out = []
   for start in range(0, len(x), batch_size):
     chunk = np.asarray(x[start:start + batch_size], np.float32)
-    pad = -len(chunk) % width
-    padded = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    out.append(to_host(jitted(from_host(padded, rows)))[:len(chunk)])
-  return np.concatenate(out)
+    padded = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:],
+                                             chunk.dtype)])
+    n = len(chunk)
+    out.append(jax.tree.map(lambda a, n=n: a[:n], to_host(jitted(from_host(padded, rows)))))
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *out)
 
 
 def local_value(x: Any) -> Any:

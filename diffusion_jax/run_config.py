@@ -9,6 +9,7 @@ combination fails in seconds.
 import dataclasses
 import inspect
 import json
+import os
 import types
 from typing import Any, Mapping
 
@@ -18,6 +19,7 @@ import ml_collections
 
 from diffusion_jax import configuration
 from diffusion_jax import evaluation
+from diffusion_jax import metric_writer
 from diffusion_jax import objectives
 from diffusion_jax import parameterization
 from diffusion_jax import parallel
@@ -31,7 +33,7 @@ from diffusion_jax.models.autoencoder import AUTOENCODERS
 
 # `latent`: a latent diffusion run's autoencoder stage (`latent_pipeline`); `build` ignores it.
 SECTIONS = ('seed', 'data', 'process', 'objective', 'model', 'optim', 'train', 'sample',
-            'eval', 'latent', 'profile')
+            'eval', 'latent', 'profile', 'log')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +80,34 @@ class SampleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  num_samples: int = 1000       # generated digits for the Fréchet distance
+  num_samples: int = 1000       # generated samples for the final evaluation (digits: FD)
   cache_dir: str = ''           # where the feature classifier is cached ('' = workdir/cache)
   enabled: bool = True
+  # In-loop evaluation every this many steps (0: only at the end): `every_num_samples` samples
+  # (0: num_samples) from the EMA parameters with one fixed key, the metric (digits FD, toy SW,
+  # FID, autoencoder PSNR) logged as `in_loop/<metric>` and, with `keep_best`, the best step's
+  # checkpoint kept in <workdir>/checkpoints_best (beside the keep-N ones).
+  every: int = 0
+  every_num_samples: int = 0
+  keep_best: bool = True
+  # FID on image data other than digits and toys: statistics from `experiments.fid_stats` and
+  # the converted Inception weights (docs/fid_inception.md).
+  reference_stats: str = ''
+  inception_weights: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  # Comma-separated writers: 'jsonl' (metrics.jsonl, always written), 'tensorboard'
+  # (<workdir>/tensorboard; the [tb] extra), 'wandb' (<workdir>/wandb; the [wandb] extra).
+  writers: str = 'jsonl'
+  # Every this many steps (0: never), `grid_size` samples from the EMA parameters with one fixed
+  # key (the same noise each time, so grids compare across steps) to the writers and
+  # <workdir>/grids/step_<N>.png; an autoencoder shows reconstructions of fixed held-out images.
+  sample_every: int = 0
+  grid_size: int = 36
+  wandb_project: str = 'diffusion_jax'
+  wandb_mode: str = 'offline'   # 'offline' (no network: `wandb sync` later) or 'online'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +132,7 @@ class Setup:
   image_shape: tuple = ()
   source: Any = None             # the training data (None when built for a given image_shape)
   profile: ProfileConfig = ProfileConfig()
+  log: LogConfig = LogConfig()
 
   @property
   def num_classes(self) -> int:
@@ -116,7 +144,8 @@ def section_defaults(model_name: str | None = None) -> dict:
   train, optim, eval, and the fields of model `model_name`) means when a config leaves it out,
   as `config.json` stores it (tuples as lists)."""
   sections = [('data', sources.DataConfig), ('train', TrainConfig),
-              ('optim', training.OptimConfig), ('eval', EvalConfig), ('profile', ProfileConfig)]
+              ('optim', training.OptimConfig), ('eval', EvalConfig), ('profile', ProfileConfig),
+              ('log', LogConfig)]
   if model_name in MODELS or model_name in AUTOENCODERS:
     sections.append(('model', MODELS.get(model_name) or AUTOENCODERS[model_name]))
   out = {}
@@ -168,14 +197,29 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
   if sample.guidance_scale != 1.0 and not conditional:
     raise ConfigError(f'config.sample.guidance_scale={sample.guidance_scale}: guidance needs a '
                       f'class-conditional model (set config.model.num_classes)')
-  ev = _build_eval(config.eval)
-  if ev.enabled and source is not None and data.name not in evaluation.EVALUATED:
-    raise ConfigError(f'config.eval.enabled=True: the in-loop evaluation measures digits and '
-                      f'2-D toys (data.name={data.name!r}); set --config.eval.enabled=False')
+  ev = build_eval(config.eval)
+  if ev.enabled and source is not None and data.name not in evaluation.EVALUATED and not (
+      ev.reference_stats and ev.inception_weights):
+    raise ConfigError(f'config.eval.enabled=True: data.name={data.name!r} is measured by FID: '
+                      f'set eval.reference_stats (experiments.fid_stats) and '
+                      f'eval.inception_weights, or --config.eval.enabled=False')
   return Setup(train=train, sample=sample, eval=ev, optim=optim, process=process,
                objective=objective, model=model, conditional=conditional,
                data=data, image_shape=image_shape, source=source,
-               profile=build_profile(config.get('profile', {})))
+               profile=build_profile(config.get('profile', {})),
+               log=build_log(config.get('log', {})))
+
+
+def build_log(section) -> LogConfig:
+  log = configuration.from_section(LogConfig, 'log', section)
+  try:
+    metric_writer.parse_writers(log.writers)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  configuration.positive('log.sample_every', log.sample_every, allow_zero=True)
+  configuration.positive('log.grid_size', log.grid_size)
+  configuration.choice('log.wandb_mode', log.wandb_mode, ('offline', 'online'))
+  return log
 
 
 def build_profile(section) -> ProfileConfig:
@@ -270,9 +314,21 @@ def _build_sample(section) -> SampleConfig:
   return sample
 
 
-def _build_eval(section) -> EvalConfig:
+def build_eval(section) -> EvalConfig:
   ev = configuration.from_section(EvalConfig, 'eval', section)
   configuration.positive('eval.num_samples', ev.num_samples)
+  configuration.positive('eval.every', ev.every, allow_zero=True)
+  configuration.positive('eval.every_num_samples', ev.every_num_samples, allow_zero=True)
+  if ev.every and not ev.enabled:
+    raise ConfigError(f'config.eval.every={ev.every}: in-loop evaluation needs '
+                      f'eval.enabled=True')
+  for k in ('reference_stats', 'inception_weights'):
+    path = getattr(ev, k)
+    if path and not os.path.isfile(os.path.expanduser(path)):
+      raise ConfigError(f'config.eval.{k}={path!r}: no such file')
+  if bool(ev.reference_stats) != bool(ev.inception_weights):
+    raise ConfigError('config.eval: FID needs both eval.reference_stats and '
+                      'eval.inception_weights')
   return ev
 
 

@@ -1,11 +1,13 @@
 """The real CLI end to end: a short run, resume, and one-line errors for user mistakes."""
 
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import digits as digits_config
 from diffusion_jax import run_config
@@ -24,6 +27,10 @@ SMOKE = 'configs/digits.py:smoke'
 # trains and samples every model family.
 RUN = 'configs/digits.py:smoke,mlp'
 PROFILE = '--config.profile.steps=(2,5)'    # a 3-step jax.profiler trace of the finished run
+# The research cockpit on the finished run: TensorBoard and (offline) W&B beside the JSONL, a
+# sample grid every 5 steps, an in-loop FD of 100 samples every 10 steps and the best checkpoint.
+COCKPIT = ('--config.log.writers=jsonl,tensorboard,wandb', '--config.log.sample_every=5',
+           '--config.eval.every=10', '--config.eval.every_num_samples=100')
 
 
 @pytest.fixture(scope='module')
@@ -50,7 +57,7 @@ def _error_line(proc):
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory, cache_dir):
   workdir = tmp_path_factory.mktemp('run')
-  proc = _train(workdir, PROFILE, cache_dir=cache_dir, config=RUN)
+  proc = _train(workdir, PROFILE, *COCKPIT, cache_dir=cache_dir, config=RUN)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
 
@@ -89,7 +96,7 @@ def test_short_run_leaves_all_outputs(finished_run):
   # run.json: one record of this start, with the command line, the code version this checkout
   # is at (the suite runs in a git clone), the installed JAX and the devices.
   record = json.loads((workdir / 'run.json').read_text())[0]   # this start's
-  assert record['argv'][1:] == [f'--config={RUN}', f'--workdir={workdir}', PROFILE]
+  assert record['argv'][1:] == [f'--config={RUN}', f'--workdir={workdir}', PROFILE, *COCKPIT]
   head = subprocess.run(['git', '-C', ROOT, 'rev-parse', 'HEAD'], capture_output=True,
                         text=True, check=False).stdout.strip()
   if head:
@@ -100,6 +107,71 @@ def test_short_run_leaves_all_outputs(finished_run):
   traces = list((workdir / 'profile' / 'plugins' / 'profile').glob('*/*.xplane.pb'))
   assert len(traces) == 1 and traces[0].stat().st_size > 0, traces
   assert json.loads((workdir / 'config.json').read_text())['profile']['steps'] == [2, 5]
+
+
+def _tensorboard_events(directory):
+  """`[(step, tag, value)]` of every summary value in the event files under `directory`, read
+  from the TFRecord framing (u64 length, u32 CRC, payload, u32 CRC) with tensorboardX's protos:
+  scalars as floats, images as decoded uint8 arrays."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  out = []
+  for path in sorted(directory.glob('events.out.tfevents.*')):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack('<Q', data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for v in event.summary.value:
+        if v.HasField('image'):
+          out.append((event.step, v.tag, np.asarray(Image.open(io.BytesIO(
+              v.image.encoded_image_string)))))
+        else:
+          out.append((event.step, v.tag, v.simple_value))
+  return out
+
+
+def test_writers_grids_in_loop_evaluation_and_best_checkpoint(finished_run):
+  workdir, proc = finished_run
+  records = [json.loads(ln) for ln in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  events = _tensorboard_events(workdir / 'tensorboard')
+  scalars = {(step, tag): v for step, tag, v in events if not isinstance(v, np.ndarray)}
+  # Every JSONL scalar of the training intervals is in the event file, at its step (float32).
+  for r in records:
+    if 'loss' in r:
+      for tag in ('loss', 'lr', 'grad_norm', 'skipped', 'steps_per_sec', 'examples_per_sec'):
+        assert scalars[(r['step'], tag)] == pytest.approx(r[tag], rel=1e-6), (r['step'], tag)
+  # Two in-loop FD evaluations (steps 10 and 20, 100 samples each) in both writers.
+  evals = {r['step']: r for r in records if 'in_loop/fd' in r}
+  assert sorted(evals) == [10, 20]
+  for step, r in evals.items():
+    assert r['in_loop/num_generated'] == 100 and r['in_loop/fd'] > 0 and r['in_loop/fd_floor'] > 0
+    assert scalars[(step, 'in_loop/fd')] == pytest.approx(r['in_loop/fd'], rel=1e-6)
+  # The best checkpoint is the step with the lower FD (orbax best_fn keeps one).
+  best = min(evals, key=lambda s: evals[s]['in_loop/fd'])
+  assert os.listdir(workdir / 'checkpoints_best') == [str(best)]
+  assert json.loads((workdir / 'eval.json').read_text())['best_step'] == best
+  # Four sample grids (steps 5, 10, 15, 20): PNG files, and the same pixels in TensorBoard.
+  images = [(step, v) for step, tag, v in events if tag == 'samples']
+  assert [s for s, _ in images] == [5, 10, 15, 20]
+  for step, image in images:
+    png = np.asarray(Image.open(workdir / 'grids' / f'step_{step:07d}.png'))   # grey
+    grey = image if image.ndim == 2 else image[..., 0]   # TensorBoard may store it as RGB
+    np.testing.assert_array_equal(grey, png)
+    if image.ndim == 3:
+      assert (image[..., :3] == grey[..., None]).all()
+  # 36 digits of 8x8 (upscaled x4, 1-pixel borders) in a 6 x 6 grid.
+  assert images[0][1].shape[:2] == (6 * 33 + 1, 6 * 33 + 1)
+  # W&B, offline: the run's record holds the scalars, and its media the four grids.
+  runs = list((workdir / 'wandb').glob('offline-run-*'))
+  assert len(runs) == 1, runs
+  record = next(runs[0].glob('run-*.wandb')).read_bytes()
+  for tag in (b'loss', b'lr', b'steps_per_sec', b'in_loop/fd', b'eval/fd'):
+    assert tag in record, tag
+  assert len(list((runs[0] / 'files' / 'media' / 'images').glob('samples_*.png'))) == 4
+  # The cost of the in-loop work is reported, apart from the training time.
+  assert re.search(r'in-loop grids and evaluations took [0-9.]+ s, [0-9.]+% of the training',
+                   proc.stdout), proc.stdout
 
 
 @pytest.mark.slow  # the resume path is also run by test_reliability.py's SIGKILL and SIGTERM tests

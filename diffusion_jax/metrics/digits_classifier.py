@@ -243,6 +243,13 @@ def _recipe_hash(recipe: Mapping[str, Any]) -> str:
   return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def params_digest(params) -> str:
+  """SHA-256 of classifier parameters (a pytree or its flat dict): the identity of its feature
+  space, which reference statistics record."""
+  flat = traverse_util.flatten_dict(jax.device_get(params), sep='/')
+  return _params_digest({k: np.asarray(v) for k, v in flat.items()})
+
+
 def _params_digest(flat: Mapping[str, np.ndarray]) -> str:
   h = hashlib.sha256()
   for k in sorted(flat):

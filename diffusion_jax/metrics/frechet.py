@@ -7,6 +7,7 @@ subtracts numbers of similar size, so float32 statistics lose most of a small di
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -86,6 +87,16 @@ class FeatureStats:
     self._m2 = self._m2 + other._m2 + np.outer(delta, delta) * (n_a * n_b / n)
     self._count = n
     return self
+
+  @classmethod
+  def from_moments(cls, mean, cov, count: int) -> FeatureStats:
+    """Statistics with this mean, (unbiased) covariance and count, e.g. read from a file."""
+    mean, cov = _check_stats(mean, cov, ' (FeatureStats.from_moments)')
+    if count < 2:
+      raise ValueError(f'FeatureStats.from_moments: count={count}; needs at least 2')
+    stats = cls(len(mean))
+    stats._mean, stats._m2, stats._count = mean.copy(), cov * (count - 1), int(count)
+    return stats
 
   @classmethod
   def from_features(cls, features, batch_size: int | None = None) -> FeatureStats:
@@ -189,12 +200,29 @@ def frechet_distance_from_features(features1, features2, eps: float = 1e-6) -> f
                                      FeatureStats.from_features(f2), eps=eps)
 
 
-def save_stats(path: str, mu, sigma) -> None:
+def save_stats(path: str, mu, sigma, **info) -> None:
   """Writes reference statistics as `.npz` with arrays `mu` [D] and `sigma` [D, D] (float64),
-  the layout FID tools commonly distribute (e.g. the TTUR / pytorch-fid `.npz` files)."""
+  the layout FID tools commonly distribute (e.g. the TTUR / pytorch-fid `.npz` files). `info`
+  (strings and numbers: the feature space, the data, the count) is stored beside them as 0-d
+  arrays, which FID tools ignore; `load_stats_info` reads it back."""
   mu, sigma = _check_stats(mu, sigma, ' (save_stats)')
-  with open(path, 'wb') as f:  # a file object: np.savez would append '.npz' to a bare name
-    np.savez(f, mu=mu, sigma=sigma)
+  bad = [k for k in info if k in ('mu', 'sigma')]
+  if bad:
+    raise ValueError(f'save_stats: {bad[0]!r} is the name of a statistic, not of an info field')
+  tmp = f'{path}.tmp'
+  with open(tmp, 'wb') as f:  # a file object: np.savez would append '.npz' to a bare name
+    np.savez(f, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in info.items()})
+  os.replace(tmp, path)
+
+
+def load_stats_info(path: str) -> dict:
+  """The info fields `save_stats` stored beside `mu` and `sigma` (`{}` for a FID tool's file)."""
+  try:
+    with np.load(path) as data:
+      return {k: data[k].item() for k in data.files if k not in ('mu', 'sigma')
+              and data[k].ndim == 0}
+  except (OSError, EOFError, ValueError) as e:
+    raise ValueError(f'load_stats: cannot read {path}: {e}') from None
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:

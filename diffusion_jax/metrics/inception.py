@@ -21,6 +21,7 @@ converted without torch (`diffusion_jax.weights.fid_inception`) to an `.npz` tha
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -275,15 +276,35 @@ def _apply(variables, x, logits_bias: bool):
   return InceptionV3(logits_bias=logits_bias).apply(variables, x)
 
 
+def weights_digest(variables) -> str:
+  """SHA-256 of the network's variables (names, shapes and float32 values, in name order): the
+  identity of a weights file, whatever container holds it. Reference statistics record it
+  (`experiments.fid_stats`), so FID is never taken between features of two different networks."""
+  flat = traverse_util.flatten_dict(jax.device_get(variables), sep='/')
+  h = hashlib.sha256()
+  for k in sorted(flat):
+    a = np.ascontiguousarray(np.asarray(flat[k], np.float32))
+    h.update(f'{k}|{a.shape}|'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def feature_name(variables) -> str:
+  """The feature space of these weights, as reference statistics record it."""
+  return f'inception_pool3:{weights_digest(variables)[:16]}'
+
+
 def inception_features(variables, images, *, batch_size: int = 50,
-                       logits_bias: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                       logits_bias: bool = False, mesh=None) -> tuple[np.ndarray, np.ndarray]:
   """pool3 features `[N, 2048]` and logits `[N, 1008]` (float32) of images `[N, H, W, C]`.
 
   Images are float in [-1, 1] (clip and, to match reference numbers, quantise samples to 8 bits
   first), C = 1 or 3. They go through in chunks of `batch_size`, the last one padded, so memory
   is bounded and the network compiles once per batch size (the resize once per input shape).
   The features feed `frechet.FeatureStats` (which accumulates in float64), the logits
-  `classifier_scores.inception_score`; `logits_bias` as in `InceptionV3`.
+  `classifier_scores.inception_score`; `logits_bias` as in `InceptionV3`. With `mesh`, each
+  chunk is split over the mesh's devices (`parallel.map_batches`; every process passes the
+  same images and gets all the features).
   """
   if not hasattr(images, 'dtype'):
     images = np.asarray(images)  # numpy and jax arrays (and memmaps) are sliced per chunk as-is
@@ -295,6 +316,13 @@ def inception_features(variables, images, *, batch_size: int = 50,
                      f'shape {images.shape}')
   if batch_size < 1:
     raise ValueError(f'inception_features: batch_size must be >= 1, got {batch_size}')
+  if mesh is not None:
+    from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
+    variables = jax.device_put(variables, parallel.replicated(mesh))
+    apply = lambda x: _apply(variables, _prepare(x), logits_bias)
+    if len(images) == 0:
+      return np.zeros((0, FEATURE_DIM), np.float32), np.zeros((0, NUM_CLASSES), np.float32)
+    return parallel.map_batches(apply, images, batch_size, mesh)
   variables = jax.device_put(variables)  # once, not per chunk
   features, logits = [], []
   for start in range(0, len(images), batch_size):
