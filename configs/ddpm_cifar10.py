@@ -9,8 +9,13 @@
 
 Data: TFDS `cifar10` by index, prepared once with `tfds build cifar10 --file_format=array_record`
 (`--config.data.data_dir=...`; a missing dataset is a one-line error saying how to prepare it).
-The in-loop evaluation measures digits only, so it is off. Model, process, objective and
-sampler are checked by `tests/test_reference_configs.py`.
+Compute in bfloat16 (`model.dtype`), parameters, optimizer state and EMA in float32: the
+mixed precision these U-Nets train in on GPUs and TPUs (`--config.model.dtype=float32` for full
+precision). Evaluation (FID) needs reference statistics and the Inception weights, so it is off:
+`python -m experiments.fid_stats --config=configs/ddpm_cifar10.py --out=cifar10_train.npz
+--inception_weights=fid_inception.npz`, then `--config.eval.enabled=True --config.eval.every=50000
+--config.eval.reference_stats=cifar10_train.npz --config.eval.inception_weights=...`. Model,
+process, objective and sampler are checked by `tests/test_reference_configs.py`.
 """
 
 import ml_collections
@@ -26,7 +31,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.process = dict(name='vp_discrete', schedule='linear', num_steps=1000)
   c.objective = dict(name='ddpm_eps')
   c.model = digits.model_section(name='unet', ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                                 attn_resolutions=(16,), num_heads=1, dropout=0.1, num_groups=32)
+                                 attn_resolutions=(16,), num_heads=1, dropout=0.1, num_groups=32,
+                                 dtype='bfloat16')
   c.optim.update(lr=2e-4, warmup_steps=5000, schedule='constant', grad_clip=1.0)
   c.train.update(num_steps=800_000, batch_size=128, ema_decay=0.9999, log_every=100,
                  checkpoint_every=10_000)

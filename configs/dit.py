@@ -7,9 +7,10 @@ T = 1000, L_simple plus the VLB term for the learned variances (`ddpm_hybrid`), 
 without weight decay or warm-up, batch 256, EMA 0.9999, 10 % label dropout for guidance;
 sampling with 250 DDPM steps. Data: the SD VAE's latents `[N, 32, 32, 4]` of 256x256 images, as
 `experiments.encode_latents --weights=...` writes them (scaled by the stored 0.18215 when read):
-`--config.data.path=latents/imagenet256` (README, "Latent diffusion"). The in-loop evaluation
-measures digits only, so it is off; model, process and objective are checked by
-`tests/test_reference_configs.py`.
+`--config.data.path=latents/imagenet256` (README, "Latent diffusion"). Compute in bfloat16,
+parameters, optimizer state and EMA in float32. FID needs the decoded images, reference
+statistics and the Inception weights, so evaluation is off; model, process and objective are
+checked by `tests/test_reference_configs.py`.
 """
 
 import ml_collections
@@ -34,7 +35,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.objective = dict(name='ddpm_hybrid')
   c.model = digits.model_section(name='dit', patch_size=int(patch), hidden_size=hidden,
                                  depth=depth, num_heads=heads, num_classes=1000,
-                                 label_dropout=0.1, out_channels=8)
+                                 label_dropout=0.1, out_channels=8, dtype='bfloat16')
   c.optim.update(lr=1e-4, warmup_steps=1, schedule='constant', weight_decay=0.0, grad_clip=0.0)
   c.train.update(num_steps=400_000, batch_size=256, ema_decay=0.9999, log_every=100,
                  checkpoint_every=10_000)

@@ -77,6 +77,10 @@ def test_reference_config_is_valid_whole(name, variant):
   h, w, ch = module.IMAGE_SHAPE
   assert out.shape == (2, h, w, 2 * ch if setup.objective.learned_variance else ch)
   assert out.dtype == jnp.float32
+  # Mixed precision on accelerators: bfloat16 compute, float32 parameters (so float32 optimizer
+  # state and EMA, which are built from them).
+  assert setup.model.dtype == 'bfloat16'
+  assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
 
 
 def test_reference_configs_say_how_to_prepare_missing_data(tmp_path):
