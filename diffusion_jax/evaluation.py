@@ -243,13 +243,14 @@ class SampleMetric:
              training digits, as many as generated) and `fd_ratio`; `class_accuracy` if labels.
     toy2d    'sw': sliced Wasserstein against exact draws, with its floor.
     other    'fid': FID against `reference_stats` with the Inception network of
-             `inception_weights` (split over `mesh`), and the Inception Score.
+             `inception_weights` (split over `mesh`; refused unless its digest is
+             `inception_sha256`, when given), and the Inception Score.
 
   The classifier, the reference statistics and the floors are computed once.
   """
 
   def __init__(self, data_name: str, source, cache_dir: str, *, reference_stats: str = '',
-               inception_weights: str = '', mesh=None):
+               inception_weights: str = '', inception_sha256: str = '', mesh=None):
     self.data_name = data_name
     self.source = source
     self.name = metric_name(data_name)
@@ -271,6 +272,7 @@ class SampleMetric:
         raise ValueError(f'data {data_name!r}: FID needs reference statistics and Inception '
                          f'weights (config.eval.reference_stats, config.eval.inception_weights)')
       self.variables = inception.load_inception_params(inception_weights)
+      inception.check_digest(self.variables, inception_sha256, inception_weights)
       self.reference = check_reference(reference_stats, inception.feature_name(self.variables))
       self.mesh = mesh
 

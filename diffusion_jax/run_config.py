@@ -94,6 +94,9 @@ class EvalConfig:
   # the converted Inception weights (docs/fid_inception.md).
   reference_stats: str = ''
   inception_weights: str = ''
+  # The SHA-256 of the converted weights (`inception.weights_digest`, printed by
+  # experiments.convert_inception): other weights are refused. '' = not pinned.
+  inception_sha256: str = ''
 
 
 @dataclasses.dataclass(frozen=True)

@@ -524,7 +524,7 @@ class _Monitor:
       self._metric = evaluation.SampleMetric(
           setup.data.name, setup.source, ev.cache_dir or os.path.join(self.run.workdir, 'cache'),
           reference_stats=ev.reference_stats, inception_weights=ev.inception_weights,
-          mesh=self.run.mesh)
+          inception_sha256=ev.inception_sha256, mesh=self.run.mesh)
     return self._metric
 
   def due(self, done: int) -> bool:

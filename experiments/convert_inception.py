@@ -49,6 +49,9 @@ def main(argv):
   print(f'wrote {_OUT.value} ({os.path.getsize(_OUT.value) / 2**20:.1f} MiB): '
         f'{sizes["params"]:,} parameters (expected 23,850,960) and '
         f'{sizes["batch_stats"]:,} BatchNorm statistics')
+  from diffusion_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+  print(f'weights digest (pin it: --config.eval.inception_sha256=...): '
+        f'{inception.weights_digest(variables)}')
 
 
 if __name__ == '__main__':

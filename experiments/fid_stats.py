@@ -34,6 +34,8 @@ _INCEPTION = flags.DEFINE_string('inception_weights', '', 'Converted FID Incepti
                                  'data; digits use the digits classifier).')
 _SPLIT = flags.DEFINE_string('split', None, 'The split (default: config.data.split).')
 _LIMIT = flags.DEFINE_integer('limit', 0, 'Use the first N examples (0: all).', lower_bound=0)
+_SHA = flags.DEFINE_string('inception_sha256', '', 'Refuse Inception weights of another digest '
+                           '(what experiments.convert_inception printed).')
 _BATCH = flags.DEFINE_integer('batch_size', 500, 'Examples per batch.', lower_bound=1)
 _CACHE = flags.DEFINE_string('cache_dir', '', 'Where the digits classifier is cached (default: '
                              'config.eval.cache_dir, else the user cache).')
@@ -77,6 +79,7 @@ def main(argv):
                f'FID Inception weights; docs/fid_inception.md)')
     with cli.user_errors():
       variables = inception.load_inception_params(_INCEPTION.value)
+      inception.check_digest(variables, _SHA.value, _INCEPTION.value)
     feature = inception.feature_name(variables)
     features = lambda x: inception.inception_features(variables, x, batch_size=_BATCH.value,
                                                       mesh=mesh)[0]

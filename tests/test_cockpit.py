@@ -197,3 +197,90 @@ def test_fid_stats_command_writes_digits_statistics_and_refuses_bad_flags(tmp_pa
   assert proc.stderr.strip().splitlines()[-1] == (
       "error: config.data.name='npy': --inception_weights is required (the converted FID "
       'Inception weights; docs/fid_inception.md)')
+
+
+@pytest.fixture(scope='module')
+def inception_file(tmp_path_factory):
+  """Random FID-Inception weights (test_inception's), saved as a converted `.npz` would be."""
+  from test_inception import _random_variables  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp('inception') / 'fid_inception.npz')
+  inception.save_inception_params(path, _random_variables())
+  return path
+
+
+def test_fid_metric_refuses_other_weights_and_other_feature_spaces(inception_file, tmp_path):
+  from diffusion_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+  variables = inception.load_inception_params(inception_file)
+  ref = str(tmp_path / 'ref.npz')
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(4, 4))
+  frechet.save_stats(ref, rng.normal(size=4), a @ a.T, feature=inception.feature_name(variables))
+  digest = inception.weights_digest(variables)
+  metric = evaluation.SampleMetric('npy', None, '', reference_stats=ref,
+                                   inception_weights=inception_file, inception_sha256=digest)
+  assert metric.name == 'fid' and metric.mode == 'min'
+  with pytest.raises(ValueError, match=f'is not the pinned {"0" * 64}') as e:
+    evaluation.SampleMetric('npy', None, '', reference_stats=ref,
+                            inception_weights=inception_file, inception_sha256='0' * 64)
+  assert '\n' not in str(e.value)
+  # Digits-classifier statistics cannot feed FID.
+  frechet.save_stats(ref, rng.normal(size=4), a @ a.T, feature='digits_classifier:0123')
+  with pytest.raises(ValueError, match=r"statistics of features 'digits_classifier:0123'"):
+    evaluation.SampleMetric('npy', None, '', reference_stats=ref,
+                            inception_weights=inception_file)
+
+
+@pytest.mark.slow   # ~50 s: two Inception compiles at 299 x 299 on the CPU
+def test_fid_of_the_reference_images_against_their_own_statistics_is_zero(inception_file,
+                                                                         tmp_path):
+  from diffusion_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+  variables = inception.load_inception_params(inception_file)
+  images = np.random.default_rng(0).uniform(-1, 1, (12, 16, 16, 3)).astype(np.float32)
+  images = np.round((images + 1) * 127.5) / 127.5 - 1    # 8-bit, as the metric quantises
+  features = lambda x: inception.inception_features(variables, x, batch_size=12)[0]
+  stats = evaluation.reference_stats(_Source(images), features, batch_size=12)
+  ref = str(tmp_path / 'ref.npz')
+  frechet.save_stats(ref, stats.mean, stats.cov, feature=inception.feature_name(variables),
+                     count=stats.count)
+  metric = evaluation.SampleMetric('npy', None, '', reference_stats=ref,
+                                   inception_weights=inception_file)
+  # Same images, same features up to the batch padding's float32 rounding: FID ~ 0 against a
+  # trace of the covariance of order 1e2.
+  assert metric(images)['fid'] < 1e-6 * np.trace(stats.cov)
+
+
+@pytest.mark.slow   # ~1 min: fid_stats and a run on 2 devices with two in-loop FIDs
+def test_fid_in_the_loop_on_image_data_over_two_devices(inception_file, tmp_path,
+                                                        subprocess_cache):
+  """Non-digit images: reference statistics from experiments.fid_stats, then a run whose
+  in-loop FID (Inception over both devices) keeps the best step; the FID of the reference
+  images against their own statistics is ~0 from the same command path."""
+  images = np.random.default_rng(1).uniform(-1, 1, (32, 16, 16, 3)).astype(np.float32)
+  data = tmp_path / 'images.npy'
+  np.save(data, images)
+  env = dict(os.environ, DIFFUSION_JAX_CACHE=subprocess_cache,
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  ref = tmp_path / 'ref.npz'
+  common = ['--config=configs/digits.py:smoke', '--config.data.name=npy',
+            f'--config.data.path={data}', '--config.model.attn_resolutions=(8,)']
+  proc = subprocess.run([sys.executable, '-m', 'experiments.fid_stats', *common, f'--out={ref}',
+                         f'--inception_weights={inception_file}', '--batch_size=8'], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert '2 device(s)' in proc.stdout and frechet.load_stats_info(str(ref))['count'] == 32
+  workdir = tmp_path / 'run'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.train', *common, f'--workdir={workdir}',
+       '--config.train.num_steps=10', '--config.eval.every=5', '--config.eval.num_samples=16',
+       '--config.sample.grid_size=8', f'--config.eval.reference_stats={ref}',
+       f'--config.eval.inception_weights={inception_file}'], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(ln) for ln in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  fids = {r['step']: r['in_loop/fid'] for r in records if 'in_loop/fid' in r}
+  assert sorted(fids) == [5, 10] and all(v > 0 for v in fids.values())
+  best = min(fids, key=fids.get)
+  assert os.listdir(workdir / 'checkpoints_best') == [str(best)]
+  result = json.loads((workdir / 'eval.json').read_text())
+  assert result['fid'] > 0 and result['num_generated'] == 16

@@ -289,6 +289,15 @@ def weights_digest(variables) -> str:
   return h.hexdigest()
 
 
+def check_digest(variables, expected: str, where: str) -> None:
+  """Refuses weights whose `weights_digest` is not `expected` (one line naming `where`), so a
+  run pinned to one Inception conversion never measures with another."""
+  digest = weights_digest(variables)
+  if expected and digest != expected.strip().lower():
+    raise ValueError(f'{where}: Inception weights digest {digest} is not the pinned '
+                     f'{expected.strip().lower()} (config.eval.inception_sha256)')
+
+
 def feature_name(variables) -> str:
   """The feature space of these weights, as reference statistics record it."""
   return f'inception_pool3:{weights_digest(variables)[:16]}'
