@@ -3,7 +3,9 @@
 import setuptools
 
 INSTALL_REQUIRES = [
-    'jax>=0.10.0,<0.11',
+    # jax 0.11 and later need Python >= 3.12; on 3.10 / 3.11 pip takes 0.10.x, the floor that
+    # `make test-floor` (CI) still checks.
+    'jax>=0.10.0,<0.13',
     'flax>=0.12.0,<0.13',
     'optax>=0.2.4,<0.3',
     'orbax-checkpoint>=0.12.0,<0.13',
@@ -21,8 +23,12 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    # JAX's CUDA 12 wheels (plugin + pip-installed CUDA libraries), for GPU clusters.
-    'cuda': ['jax[cuda12]>=0.10.0,<0.11'],
+    # Accelerators: JAX's CUDA plugin with pip-installed CUDA libraries (the NVIDIA driver each
+    # needs is in JAX's installation guide), or libtpu. `cuda` is the old name of `cuda12`.
+    'cuda12': ['jax[cuda12]>=0.10.0,<0.13'],
+    'cuda13': ['jax[cuda13]>=0.10.0,<0.13'],
+    'cuda': ['jax[cuda12]>=0.10.0,<0.13'],
+    'tpu': ['jax[tpu]>=0.10.0,<0.13'],
     # Metric writers (`config.log.writers`): TensorBoard event files without TensorFlow, and W&B.
     'tb': ['tensorboardX>=2.6,<3'],
     'wandb': ['wandb>=0.17,<1'],
