@@ -239,6 +239,13 @@ def test_config_errors_are_one_line(tmp_path, cache_dir, override, expected):
     ('model', dict(ch_mult=('1', 'x')), "config.model.ch_mult=('1', 'x'): expected "
      'tuple[int, ...]'),
     ('model', dict(ch_mult=()), 'UNet: ch_mult=() must be one or more positive integers'),
+    ('log', dict(writers='jsonl,tb'), "config.log.writers='jsonl,tb': unknown writer 'tb'"),
+    ('log', dict(sample_every=-1), 'config.log.sample_every=-1: must be >= 0'),
+    ('log', dict(wandb_mode='cloud'), "config.log.wandb_mode='cloud'"),
+    ('eval', dict(every=10, enabled=False), 'config.eval.every=10: in-loop evaluation needs '
+     'eval.enabled=True'),
+    ('eval', dict(reference_stats='/no/ref.npz'), "config.eval.reference_stats='/no/ref.npz': "
+     'no such file'),
 ])
 def test_build_errors_name_the_key(section, values, expected):
   config = digits_config.get_config('smoke')
