@@ -44,6 +44,44 @@ PRESETS = {
 }
 
 
+def crop_and_resize(image, size: int, crop: int | None = None) -> np.ndarray:
+  """uint8 `[size, size, C]`: the centre square of `image` `[H, W, C]` (side `crop`, None = the
+  shorter side) resized to `size` (bicubic up, box-filtered down)."""
+  x = np.asarray(image, np.uint8)                                    # [H, W, C]
+  h, w = x.shape[:2]
+  side = min(h, w) if crop is None else min(crop, h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  x = x[top:top + side, left:left + side]
+  if side != size:
+    img = Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x)
+    img = img.resize((size, size), Image.BICUBIC if side < size else Image.BOX)
+    x = np.asarray(img).reshape(size, size, -1)
+  return x
+
+
+def to_model_range(image: np.ndarray, seed: int, position: int, flip: bool,
+                   dequantize: bool) -> np.ndarray:
+  """float32 `[H, W, C]` in [-1, 1] from uint8 pixels: `x / 127.5 - 1`, or with `dequantize`
+  `(x + u) / 128 - 1`, `u ~ U[0, 1)`; with `flip`, mirrored left-right with probability 1/2.
+  The coin and the noise are drawn from Philox keyed by (seed, position), in that order."""
+  x = np.asarray(image).astype(np.float32)
+  rng = np.random.Generator(np.random.Philox(key=[seed, int(position)]))
+  if flip and rng.random() < 0.5:
+    x = x[:, ::-1]
+  if dequantize:
+    return (x + rng.random(x.shape).astype(np.float32)) / 128.0 - 1.0
+  return x / 127.5 - 1.0
+
+
+def stack_examples(source, indices, seed: int = 0, positions=None) -> dict:
+  """`source.example(i, seed, position)` for each index, stacked into one batch (positions
+  default to the indices)."""
+  indices = np.asarray(indices)
+  positions = indices if positions is None else np.asarray(positions)
+  rows = [source.example(int(i), seed, int(p)) for i, p in zip(indices, positions, strict=True)]
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
 def _prepare_hint(name: str, data_dir: str | None) -> str:
   where = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
   # `tfds build` needs TensorFlow, which this project does not install: a separate env does.
@@ -86,43 +124,21 @@ class ImageSource:
   def __len__(self) -> int:
     return self._len
 
-  def _image(self, raw) -> np.ndarray:
-    x = np.asarray(raw, np.uint8)                                    # [H, W, C]
-    h, w = x.shape[:2]
-    side = min(h, w) if self.preset.crop is None else min(self.preset.crop, h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    x = x[top:top + side, left:left + side]
-    size = self.preset.image_size
-    if side != size:
-      img = Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x)
-      img = img.resize((size, size), Image.BICUBIC if side < size else Image.BOX)
-      x = np.asarray(img).reshape(size, size, -1)
-    return x
+  def example(self, index: int, seed: int = 0, position: int | None = None) -> dict:
+    """The preprocessed example at dataset `index`, from one read of the source (image and
+    label together); `position` (default: the index) keys its flip and dequantization noise."""
+    raw = self._source[int(index)]
+    x = crop_and_resize(raw[self.preset.image_key], self.preset.image_size, self.preset.crop)
+    out = {'image': to_model_range(x, seed, index if position is None else position,
+                                   self.flip, self.dequantize)}
+    if self.preset.label_key is not None:
+      out['label'] = np.int32(raw[self.preset.label_key])
+    return out
 
   def examples(self, indices, seed: int = 0, positions=None) -> dict:
-    """Preprocessed examples at dataset `indices`; `positions` (default: the indices) key the
-    per-example flip and dequantization noise."""
-    indices = np.asarray(indices)
-    positions = indices if positions is None else np.asarray(positions)
-    images = np.stack([self._image(self._source[int(i)][self.preset.image_key])
-                       for i in indices]).astype(np.float32)                 # [B, H, W, C]
-    noise = np.empty_like(images)
-    flips = np.zeros(len(indices), bool)
-    for j, pos in enumerate(positions):
-      rng = np.random.Generator(np.random.Philox(key=[seed, int(pos)]))
-      flips[j] = self.flip and rng.random() < 0.5
-      if self.dequantize:
-        noise[j] = rng.random(images.shape[1:])
-    images[flips] = images[flips][:, :, ::-1]
-    if self.dequantize:
-      images = (images + noise) / 128.0 - 1.0
-    else:
-      images = images / 127.5 - 1.0
-    out = {'image': images}
-    if self.preset.label_key is not None:
-      out['label'] = np.array([self._source[int(i)][self.preset.label_key] for i in indices],
-                              np.int32)
-    return out
+    """Preprocessed examples at dataset `indices`, stacked; `positions` (default: the indices)
+    key the per-example flip and dequantization noise."""
+    return stack_examples(self, indices, seed, positions)
 
   def batch(self, seed: int, step: int, global_batch: int, process_index: int = 0,
             process_count: int = 1) -> dict:
@@ -132,11 +148,6 @@ class ImageSource:
     epochs); process p takes rows `[p B/P, (p+1) B/P)`, so the processes' slices are disjoint
     and their union is the batch a single process would read.
     """
-    if global_batch % process_count:
-      raise ValueError(f'tfds_images: global batch {global_batch} is not divisible by '
-                       f'process_count={process_count}')
-    per = global_batch // process_count
-    rows = slice(process_index * per, (process_index + 1) * per)
-    idx = data_sampler.batch_indices(seed, step, global_batch, len(self))[rows]
-    positions = step * global_batch + np.arange(global_batch)[rows]
+    idx, positions = data_sampler.batch_rows(seed, step, global_batch, len(self),
+                                             process_index, process_count)
     return self.examples(idx, seed=seed, positions=positions)
