@@ -7,6 +7,7 @@ step counter and the skip counters (the data position still moves on, past the b
 """
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -30,6 +31,9 @@ class TrainState:
   consecutive_skips: jax.Array  # int32: skipped in a row up to now (0 after a good update)
   # Non-gradient model state the loss updates (a VQ autoencoder's EMA codebook); {} if none.
   model_state: Any = flax.struct.field(default_factory=dict)
+  # The power-function EMAs tracked for post-hoc EMA (`ema.power_ema_tracker`): a tuple of
+  # parameter trees, one per profile; () when off (no leaves: checkpoints are unchanged).
+  posthoc_ema: Any = flax.struct.field(default_factory=tuple)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +74,17 @@ def make_optimizer(cfg: OptimConfig, num_steps: int) -> optax.GradientTransforma
 class EMA(NamedTuple):
   """Exponential moving average of parameters as an `(init, update)` pair.
 
-  `update(ema, params, step)` uses decay `min(decay, (1 + step) / (10 + step))` when `warmup`
-  is on, so early averages are not dominated by the random initialisation.
+  `update(ema, params, step)` is called after each applied update with `step` the number of
+  updates before it (0 first). Kinds: `ema` (a fixed decay), `ema_halflife` (EDM's half-life
+  in images), `diffusion_jax.ema.power_ema` (EDM2's power function).
   """
   init: Callable[[Any], Any]
   update: Callable[[Any, Any, jax.Array], Any]
 
 
 def ema(decay: float, warmup: bool = True) -> EMA:
+  """Decay `min(decay, (1 + step) / (10 + step))` when `warmup` is on (so early averages are
+  not dominated by the random initialisation), else `decay`."""
   if not 0.0 <= decay < 1.0:
     raise ValueError(f'EMA decay={decay} must lie in [0, 1)')
 
@@ -94,18 +101,57 @@ def ema(decay: float, warmup: bool = True) -> EMA:
   return EMA(init, update)
 
 
+def ema_halflife(halflife_images: float, batch_size: int,
+                 rampup_ratio: float | None = None) -> EMA:
+  """EMA with a half-life in training images, so its length does not depend on the batch
+  size (Karras et al. 2022, EDM: half-life 500 kimg with ramp-up ratio 0.05 in the released
+  training loop).
+
+  Decay per update `beta = 0.5^(batch_size / h)`: after `n` more updates a parameter's weight
+  has shrunk by `0.5^(n batch_size / h)`, i.e. halved every `h` images. With `rampup_ratio`,
+  `h = min(halflife_images, rampup_ratio * images_seen)` where `images_seen = step *
+  batch_size` counts the images before this update (as EDM does): early in training the
+  average spans a fixed fraction of the run, and the first update copies the parameters.
+  """
+  if not halflife_images > 0:
+    raise ValueError(f'EMA halflife_images={halflife_images} must be > 0')
+  if not batch_size >= 1:
+    raise ValueError(f'EMA batch_size={batch_size} must be >= 1')
+  if rampup_ratio is not None and not rampup_ratio > 0:
+    raise ValueError(f'EMA rampup_ratio={rampup_ratio} must be > 0 (or None: no ramp-up)')
+
+  def init(params):
+    return jax.tree.map(jnp.array, params)
+
+  def update(ema_params, params, step):
+    halflife = jnp.asarray(halflife_images, jnp.float32)
+    if rampup_ratio is not None:
+      seen = jnp.asarray(step, jnp.float32) * batch_size
+      halflife = jnp.minimum(halflife, rampup_ratio * seen)
+    # log(beta); the floor keeps h = 0 (the first update of a ramp-up) finite: beta = 0.
+    log_beta = -math.log(2.0) * batch_size / jnp.maximum(halflife, 1e-8)
+    beta, one_minus_beta = jnp.exp(log_beta), -jnp.expm1(log_beta)
+    return jax.tree.map(lambda e, p: (beta * e + one_minus_beta * p).astype(e.dtype),
+                        ema_params, params)
+
+  return EMA(init, update)
+
+
 def init_train_state(params, optimizer: optax.GradientTransformation, ema_fn: EMA,
-                     key: jax.Array, model_state=None) -> TrainState:
+                     key: jax.Array, model_state=None, posthoc_fn=None) -> TrainState:
+  """The state before the first update; `posthoc_fn` (an `ema.power_ema_tracker`, or None)
+  fills `posthoc_ema`."""
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, ema_params=ema_fn.init(params),
                     opt_state=optimizer.init(params), key=jax.random.key_data(key),
                     skipped=zero, consecutive_skips=zero,
-                    model_state={} if model_state is None else model_state)
+                    model_state={} if model_state is None else model_state,
+                    posthoc_ema=() if posthoc_fn is None else posthoc_fn.init(params))
 
 
 def make_train_step(objective, apply_fn, optimizer: optax.GradientTransformation, ema_fn: EMA,
                     *, conditional: bool = False, grad_accum_steps: int = 1,
-                    batch_constraint=None):
+                    batch_constraint=None, posthoc_fn=None):
   """Builds the pure `train_step(state, batch) -> (state, metrics)` of a diffusion objective;
   jit it at the call site.
 
@@ -127,11 +173,11 @@ def make_train_step(objective, apply_fn, optimizer: optax.GradientTransformation
     return loss, ({}, model_state)
 
   return make_loss_train_step(loss_fn, optimizer, ema_fn, grad_accum_steps=grad_accum_steps,
-                              batch_constraint=batch_constraint)
+                              batch_constraint=batch_constraint, posthoc_fn=posthoc_fn)
 
 
 def make_loss_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_fn: EMA, *,
-                         grad_accum_steps: int = 1, batch_constraint=None):
+                         grad_accum_steps: int = 1, batch_constraint=None, posthoc_fn=None):
   """`train_step(state, batch) -> (state, metrics)` for any loss (diffusion objectives, the
   autoencoders of `diffusion_jax.latent`); jit it at the call site.
 
@@ -148,7 +194,10 @@ def make_loss_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_f
   Micro-batch a draws its randomness from `fold_in(key, a)`; the model state passes through
   the micro-batches in order.
 
-  An update whose loss or any gradient is not finite is skipped: parameters, EMA, optimizer
+  `posthoc_fn` (an `ema.power_ema_tracker`, or None) updates `state.posthoc_ema` after each
+  applied update, as `ema_fn` does `state.ema_params`.
+
+  An update whose loss or any gradient is not finite is skipped: parameters, EMAs, optimizer
   and model state stay as they were, `skipped` and `consecutive_skips` count it (metrics
   `skipped` = 1).
   """
@@ -206,8 +255,12 @@ def make_loss_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_f
     def apply(state):
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      return state.replace(params=params, opt_state=opt_state, model_state=model_state,
-                           ema_params=ema_fn.update(state.ema_params, params, state.step))
+      state = state.replace(params=params, opt_state=opt_state, model_state=model_state,
+                            ema_params=ema_fn.update(state.ema_params, params, state.step))
+      if posthoc_fn is not None:
+        state = state.replace(posthoc_ema=posthoc_fn.update(state.posthoc_ema, params,
+                                                            state.step))
+      return state
     # A conditional, not a select per leaf: one branch runs, and the program stays small.
     new_state = jax.lax.cond(finite, apply, lambda state: state, state)
     bad = (~finite).astype(jnp.int32)
