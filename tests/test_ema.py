@@ -8,6 +8,8 @@ same profile tracked directly along the same parameter sequence.
 
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,8 @@ import pytest
 
 from diffusion_jax import ema
 from diffusion_jax import training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_ema(ema_fn, sequence, init=None):
@@ -274,6 +278,28 @@ def test_snapshot_files_round_trip_and_reconstruct(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, want)
   with pytest.raises(ValueError, match='target_step=40'):
     ema.reconstruct_from_directory(directory, G08, target_step=40)
+
+
+def test_posthoc_ema_command_writes_the_reconstruction(tmp_path):
+  rng = np.random.default_rng(0)
+  directory = str(tmp_path / ema.SNAPSHOT_SUBDIR)
+  for step in (100, 200):
+    ema.save_snapshot(directory, step, (G05, G10), (_tiny_params(rng), _tiny_params(rng)))
+  out = str(tmp_path / 'ema.npz')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'DIFFUSION_JAX_CACHE': str(tmp_path / 'cache')}
+  cmd = [sys.executable, '-m', 'experiments.posthoc_ema', f'--workdir={tmp_path}',
+         '--sigma_rel=0.08', f'--out={out}']
+  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  assert 'sigma_rel 0.08 (gamma 9.45' in r.stdout and r.stdout.count('coefficient') == 4
+  want, _, _ = ema.reconstruct_from_directory(directory, G08)
+  jax.tree.map(np.testing.assert_array_equal, ema.read_params(out), want)
+  with np.load(out) as z:
+    assert int(z['__step__']) == 200 and float(z['__sigma_rel__']) == pytest.approx(0.08)
+  r = subprocess.run(cmd[:-1] + ['--step=300', f'--out={out}'], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and r.stderr.strip().count('\n') == 0, r.stderr
+  assert 'target_step=300' in r.stderr
 
 
 @pytest.mark.parametrize('call,match', [
