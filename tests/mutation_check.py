@@ -49,6 +49,7 @@ T_LAT, T_AEVQ, T_DIG = 'tests/test_latent.py', 'tests/test_autoencoder_vq.py', \
     'tests/test_digits_sizes.py'
 T_AE, T_VQ, T_AEL = 'tests/test_autoencoder.py', 'tests/test_vq.py', \
     'tests/test_autoencoder_losses.py'
+TR, EM, T_EMA = 'diffusion_jax/training.py', 'diffusion_jax/ema.py', 'tests/test_ema.py'
 T_VLB = T_ELBO + '::test_ddpm_vlb_terms_are_ho_et_al_eq_5_to_7_per_example'
 
 MUTATIONS = [
@@ -360,10 +361,35 @@ MUTATIONS = [
      "  return lambda z: setup.model.apply(variables, z, quantize=False, method='decode') "
      "if setup.kind == 'vq' else setup.model.apply(variables, 2 * z, method='decode')",
      [T_LAT]),
-    ('diffusion_jax/training.py',
-     'return state.replace(params=params, opt_state=opt_state, model_state=model_state,',
-     'return state.replace(params=params, opt_state=opt_state,',
+    (TR, 'state = state.replace(params=params, opt_state=opt_state, model_state=model_state,',
+     'state = state.replace(params=params, opt_state=opt_state,',
      [f'{T_LAT}::test_vq_step_updates_the_ema_codebook_as_written_by_hand']),
+    # --- EMA kinds: EDM half-life (training.py), power-function and post-hoc EMA (ema.py) ------
+    (TR, 'log_beta = -math.log(2.0) * batch_size / jnp.maximum(halflife, 1e-8)',
+     'log_beta = -math.log(2.0) / jnp.maximum(halflife, 1e-8)', [T_EMA]),
+    (TR, 'seen = jnp.asarray(step, jnp.float32) * batch_size',
+     'seen = (jnp.asarray(step, jnp.float32) + 1) * batch_size', [T_EMA]),
+    (TR, 'state = state.replace(posthoc_ema=posthoc_fn.update(state.posthoc_ema, params,',
+     'state = state.replace(posthoc_ema=posthoc_fn.update(state.posthoc_ema, state.ema_params,',
+     [T_EMA]),
+    (EM, 'return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))',
+     'return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 2)))', [T_EMA]),
+    (EM, 'roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])',
+     'roots = np.roots([1.0, 7.0, 16.0 + s, 12.0 - s])', [T_EMA]),
+    (EM, 'log_beta = (gamma + 1.0) * jnp.log1p(-1.0 / t)',
+     'log_beta = gamma * jnp.log1p(-1.0 / t)', [T_EMA]),
+    (EM, 't = jnp.asarray(step, jnp.float32) + 1.0', 't = jnp.asarray(step, jnp.float32) + 2.0',
+     [T_EMA]),
+    (EM, 'gamma_longer = np.where(t_a < t_b, gamma_b, gamma_a)',
+     'gamma_longer = np.where(t_a < t_b, gamma_a, gamma_b)', [T_EMA]),
+    (EM, '* ratio ** gamma_longer / longer)', '* ratio ** -gamma_longer / longer)', [T_EMA]),
+    (EM, 'return ((gamma_a + 1) * (gamma_b + 1) / (gamma_a + gamma_b + 1)',
+     'return ((gamma_a + 1) * (gamma_b + 1) / (gamma_a + gamma_b + 2)', [T_EMA]),
+    (EM, 'b = profile_inner_product(steps, gammas, float(target_step), float(target_gamma))',
+     'b = profile_inner_product(steps, gammas, steps.max(), float(target_gamma))', [T_EMA]),
+    (EM, 'return x / x.sum()', 'return x', [T_EMA]),
+    (EM, 'total = jax.tree.map(lambda s, x: s + c * np.asarray(x, np.float64), total, tree)',
+     'total = jax.tree.map(lambda s, x: s + np.asarray(x, np.float64), total, tree)', [T_EMA]),
     (DIG, 'src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1)',
      'src = np.clip(np.arange(n_out) * (n_in - 1) / (n_out - 1), 0.0, n_in - 1)', [T_DIG]),
     (DIG, 'a_pinv = np.linalg.pinv(bilinear_matrix())  # [8, 32]',
