@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     'tqdm>=4.66,<5',
     'diffrax>=0.7,<0.8',
     'safetensors>=0.4,<1',
+    'grain>=0.2.13,<0.3',         # data.loader; 0.2.13 is the newest for Python 3.10
 ]
 
 EXTRAS_REQUIRE = {

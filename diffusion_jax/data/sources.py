@@ -13,9 +13,15 @@ would, and P processes together read exactly what one process would.
   <preset>    a TFDS dataset by index (`tfds_images.PRESETS`: mnist, cifar10, celeb_a, ...)
   tfds        any other TFDS image dataset: `tfds_name`, `image_size` and its keys
   toy2d       2-D points drawn on the fly (`data.toy`: a `toy2d.TOYS` name), `[B, 2]`
+  folder      your own PNG / JPEG files under `data.path` (`data/folder.py`): one class per
+              sub-folder, or unlabelled if the files lie in `data.path` itself
+
+Sources of examples also have `example(index, seed, position)`: one example as a batch row, read
+once; `batch` stacks them, and `data.loader` reads them in grain worker processes.
 """
 
 import dataclasses
+import mmap
 import os
 import queue
 import threading
@@ -24,6 +30,7 @@ import jax
 import numpy as np
 
 from diffusion_jax.data import digits
+from diffusion_jax.data import folder
 from diffusion_jax.data import sampler as data_sampler
 from diffusion_jax.data import tfds_images
 from diffusion_jax.data import toy2d
@@ -34,32 +41,26 @@ class DataConfig:
   name: str = 'digits'
   split: str = 'train'
   image_size: int = 0           # 0: the data's own; digits: 8, 16 (pixels repeated 2 x 2) or
-                                # 32 (bilinear x 4)
+                                # 32 (bilinear x 4); tfds, folder: the side after crop + resize
   data_dir: str = ''            # TFDS data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
-  path: str = ''                # npy: the images file; latents: the latents directory
+  path: str = ''                # npy: the images file; latents, folder: the directory
   labels_path: str = ''         # npy: optional labels file
-  flip: bool | None = None      # TFDS: random horizontal flips (None = the preset's default)
-  dequantize: bool = False      # TFDS: uniform dequantization (for likelihoods)
+  flip: bool | None = None      # TFDS, folder: random horizontal flips (None = the preset's
+                                # default; folder: no flips)
+  dequantize: bool = False      # TFDS, folder: uniform dequantization (for likelihoods)
   # name='tfds': any TFDS image dataset (prepared as ArrayRecord), centre-cropped to a square
   # (of side `crop`, 0 = the shorter side) and resized to `image_size`.
   tfds_name: str = ''
   image_key: str = 'image'
   label_key: str = 'label'      # '' = unlabelled
   num_classes: int = 0
-  crop: int = 0
+  crop: int = 0                 # tfds, folder: centre square's side (0 = the shorter side)
   toy: str = 'eight_gaussians'  # name='toy2d': which of toy2d.TOYS
 
 
-DATASETS = ('digits', 'npy', 'latents', 'tfds', 'toy2d', *tfds_images.PRESETS)
+DATASETS = ('digits', 'npy', 'latents', 'tfds', 'folder', 'toy2d', *tfds_images.PRESETS)
 
-
-def process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
-  """Process p's rows `[p B / P, (p + 1) B / P)` of a global batch of B."""
-  if global_batch % process_count:
-    raise ValueError(f'data: global batch {global_batch} is not divisible by '
-                     f'process_count={process_count}')
-  per = global_batch // process_count
-  return slice(process_index * per, (process_index + 1) * per)
+process_rows = data_sampler.process_rows
 
 
 class ArraySource:
@@ -90,6 +91,44 @@ class ArraySource:
     if self.labels is not None:
       out['label'] = np.asarray(self.labels[idx], np.int32)
     return out
+
+  def example(self, index: int, seed: int = 0, position: int = 0) -> dict:
+    """The example at `index` as one row of `examples` (arrays have no per-example
+    randomness: `seed` and `position` are unused)."""
+    del seed, position
+    return {k: v[0] for k, v in self.examples([index]).items()}
+
+  # Worker processes receive the source pickled: a memory-mapped file travels as its name and
+  # layout and is mapped again there, not copied whole.
+  def __getstate__(self):
+    return {k: _MappedFile.of(v) for k, v in self.__dict__.items()}
+
+  def __setstate__(self, state):
+    self.__dict__.update({k: v.open() if isinstance(v, _MappedFile) else v
+                          for k, v in state.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class _MappedFile:
+  """How to map a read-only `np.memmap` again in another process."""
+  filename: str
+  dtype: np.dtype
+  shape: tuple
+  offset: int
+  order: str
+
+  @classmethod
+  def of(cls, value):
+    """`value` itself, or a `_MappedFile` if it is a whole memory-mapped file."""
+    # A slice of a map is a memmap too, with its parent's filename and offset: only a map whose
+    # base is the mmap itself describes its whole file.
+    if not isinstance(value, np.memmap) or not isinstance(value.base, mmap.mmap):
+      return value
+    order = 'C' if value.flags.c_contiguous else 'F'
+    return cls(value.filename, value.dtype, value.shape, value.offset, order)
+
+  def open(self) -> np.memmap:
+    return np.memmap(self.filename, self.dtype, 'r', self.offset, self.shape, self.order)
 
 
 class ToySource:
@@ -130,9 +169,9 @@ class ToySource:
 
 def make_source(cfg: DataConfig):
   """The source named by `cfg.name`; a one-line ValueError naming the file or data_dir."""
-  if cfg.image_size and cfg.name not in ('digits', 'tfds'):
+  if cfg.image_size and cfg.name not in ('digits', 'tfds', 'folder'):
     raise ValueError(f'config.data.image_size={cfg.image_size}: only digits and '
-                     f"data.name='tfds' are resized (a preset has its size)")
+                     f"data.name='tfds' or 'folder' are resized (a preset has its size)")
   if cfg.name == 'digits':
     try:
       x, y = digits.load_digits(cfg.split, cfg.image_size or digits.IMAGE_SHAPE[0])
@@ -149,6 +188,8 @@ def make_source(cfg: DataConfig):
     return latents.load_latents(cfg.path)[0]
   if cfg.name == 'toy2d':
     return ToySource(cfg.toy)
+  if cfg.name == 'folder':
+    return _folder_source(cfg)
   if cfg.name in tfds_images.PRESETS or cfg.name == 'tfds':
     if cfg.data_dir and not os.path.isdir(cfg.data_dir):
       raise ValueError(f'config.data.data_dir={cfg.data_dir}: no such directory (the folder that '
@@ -164,6 +205,20 @@ def make_source(cfg: DataConfig):
     source.num_classes = source.preset.num_classes
     return source
   raise ValueError(f'config.data.name={cfg.name!r}: unknown; choose from {sorted(DATASETS)}')
+
+
+def _folder_source(cfg: DataConfig) -> folder.FolderSource:
+  if not cfg.path:
+    raise ValueError("config.data.path: data.name='folder' needs the directory of your images")
+  if cfg.split != 'train':
+    raise ValueError(f"config.data.split={cfg.split!r}: data.name='folder' has one split, "
+                     f"'train' (point data.path at another folder for held-out images)")
+  for key in ('image_size', 'crop'):
+    if getattr(cfg, key) < 0:
+      raise ValueError(f'config.data.{key}={getattr(cfg, key)}: must be >= 0 (0 = the shorter '
+                       f'side of the image)')
+  return folder.FolderSource(cfg.path, cfg.image_size, cfg.crop, flip=bool(cfg.flip),
+                             dequantize=cfg.dequantize)
 
 
 def _npy_source(cfg: DataConfig) -> ArraySource:
