@@ -139,7 +139,7 @@ def check_image_shape(model, image_shape, where: str, data_name: str) -> None:
     raise ConfigError(f'{where}: {str(e).splitlines()[0]}') from None
 
 
-def init_fn(setup: AutoencoderSetup, optimizer, ema_fn):
+def init_fn(setup: AutoencoderSetup, optimizer, ema_fn, posthoc_fn=None):
   """`init(key) -> TrainState`: parameters, and for an EMA codebook its state in
   `model_state` (`{'vq_ema': ...}`)."""
   def init(key):
@@ -147,7 +147,8 @@ def init_fn(setup: AutoencoderSetup, optimizer, ema_fn):
     x = jnp.zeros((1,) + tuple(setup.image_shape), jnp.float32)
     variables = dict(setup.model.init({'params': k_params}, x))
     params = variables.pop('params')
-    return training.init_train_state(params, optimizer, ema_fn, k_state, model_state=variables)
+    return training.init_train_state(params, optimizer, ema_fn, k_state, model_state=variables,
+                                     posthoc_fn=posthoc_fn)
   return init
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import configuration
+from diffusion_jax import ema as ema_lib
 from diffusion_jax import evaluation
 from diffusion_jax import metric_writer
 from diffusion_jax import objectives
@@ -41,6 +42,15 @@ class TrainConfig:
   num_steps: int = 3000
   batch_size: int = 128
   ema_decay: float = 0.999
+  # EDM's EMA half-life in thousands of training images (batch-size invariant; > 0 replaces
+  # ema_decay), with its ramp-up ratio (0: none; EDM used 500 kimg and 0.05).
+  ema_halflife_kimg: float = 0.0
+  ema_rampup_ratio: float = 0.0
+  # Post-hoc EMA (Karras et al. 2024): power-function averages of these relative widths
+  # (EDM2: (0.05, 0.10)) are tracked and saved every `posthoc_every` steps to
+  # <workdir>/posthoc_ema/, from which experiments.posthoc_ema rebuilds any width; () = off.
+  posthoc_sigma_rels: tuple[float, ...] = ()
+  posthoc_every: int = 1000
   log_every: int = 50
   checkpoint_every: int = 500
   keep_checkpoints: int = 3      # the newest N checkpoints are kept ...
@@ -289,6 +299,19 @@ def build_train(section) -> TrainConfig:
   configuration.positive('train.prefetch', train.prefetch, allow_zero=True)
   if not 0 <= train.ema_decay < 1:
     raise ConfigError(f'config.train.ema_decay={train.ema_decay}: must lie in [0, 1)')
+  configuration.positive('train.ema_halflife_kimg', train.ema_halflife_kimg, allow_zero=True)
+  configuration.positive('train.ema_rampup_ratio', train.ema_rampup_ratio, allow_zero=True)
+  if train.ema_rampup_ratio and not train.ema_halflife_kimg:
+    raise ConfigError(f'config.train.ema_rampup_ratio={train.ema_rampup_ratio}: a ramp-up of '
+                      f'the half-life needs train.ema_halflife_kimg > 0')
+  configuration.positive('train.posthoc_every', train.posthoc_every)
+  if train.posthoc_sigma_rels:
+    try:
+      ema_lib.power_ema_tracker([ema_lib.sigma_rel_to_gamma(s)
+                                 for s in train.posthoc_sigma_rels])
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f'config.train.posthoc_sigma_rels={list(train.posthoc_sigma_rels)}: '
+                        f'{str(e).splitlines()[0]}') from None
   configuration.choice('train.param_sharding', train.param_sharding, parallel.PARAM_SHARDINGS)
   if train.batch_size % train.grad_accum_steps:
     raise ConfigError(f'config.train.batch_size={train.batch_size}: must be divisible by '

@@ -50,6 +50,7 @@ import numpy as np
 import tqdm
 
 from diffusion_jax import checkpointing
+from diffusion_jax import ema as ema_lib
 from diffusion_jax import evaluation
 from diffusion_jax import generation
 from diffusion_jax import images as images_lib
@@ -86,9 +87,11 @@ def prepare_workdir(workdir: str) -> str:
 
 
 def init_state_fn(setup: Setup, optimizer, ema_fn):
-  """`init(key) -> TrainState` for the setup's model (jit it, with the state's shardings)."""
+  """`init(key) -> TrainState` for the setup's model (jit it, with the state's shardings),
+  with the post-hoc EMA profiles of `train.posthoc_sigma_rels` if any."""
+  posthoc_fn = posthoc_tracker(setup)
   if isinstance(setup, latent.AutoencoderSetup):
-    return latent.init_fn(setup, optimizer, ema_fn)
+    return latent.init_fn(setup, optimizer, ema_fn, posthoc_fn=posthoc_fn)
 
   def init(key):
     k_params, k_state = jax.random.split(key)
@@ -96,8 +99,15 @@ def init_state_fn(setup: Setup, optimizer, ema_fn):
     t = jax.numpy.zeros((1,), jax.numpy.float32)
     cond = jax.numpy.zeros((1,), jax.numpy.int32) if setup.conditional else None
     params = setup.model.init({'params': k_params}, x, t, cond)['params']
-    return training.init_train_state(params, optimizer, ema_fn, k_state)
+    return training.init_train_state(params, optimizer, ema_fn, k_state, posthoc_fn=posthoc_fn)
   return init
+
+
+def posthoc_tracker(setup: Setup):
+  """The power-function EMA tracker of `train.posthoc_sigma_rels` (None when off)."""
+  rels = setup.train.posthoc_sigma_rels
+  return ema_lib.power_ema_tracker([ema_lib.sigma_rel_to_gamma(s) for s in rels]) if rels \
+      else None
 
 
 def build_setup(config: ml_collections.ConfigDict, *, source=None):
@@ -113,16 +123,22 @@ def _step_fn(setup, optimizer, ema_fn, micro):
   if isinstance(setup, latent.AutoencoderSetup):
     return training.make_loss_train_step(latent.loss_fn(setup), optimizer, ema_fn,
                                          grad_accum_steps=setup.train.grad_accum_steps,
-                                         batch_constraint=micro)
+                                         batch_constraint=micro,
+                                         posthoc_fn=posthoc_tracker(setup))
   return training.make_train_step(setup.objective, setup.model.apply, optimizer, ema_fn,
                                   conditional=setup.conditional,
                                   grad_accum_steps=setup.train.grad_accum_steps,
-                                  batch_constraint=micro)
+                                  batch_constraint=micro, posthoc_fn=posthoc_tracker(setup))
 
 
 def _optimizer_and_ema(setup: Setup):
-  return (training.make_optimizer(setup.optim, setup.train.num_steps),
-          training.ema(setup.train.ema_decay))
+  """AdamW, and the sampling EMA: EDM's half-life in images (`train.ema_halflife_kimg`, per
+  global batch) or a fixed decay (`train.ema_decay`)."""
+  t = setup.train
+  ema_fn = (training.ema_halflife(t.ema_halflife_kimg * 1000, t.batch_size,
+                                  rampup_ratio=t.ema_rampup_ratio or None)
+            if t.ema_halflife_kimg > 0 else training.ema(t.ema_decay))
+  return training.make_optimizer(setup.optim, setup.train.num_steps), ema_fn
 
 
 def _checkpointer(setup: Setup, workdir: str, **kwargs) -> checkpointing.Checkpointer:
@@ -419,6 +435,8 @@ def _train(run: _Run, state, train_step, load, start: int, monitor: '_Monitor'):
       if done % train.checkpoint_every == 0 or done == num_steps:
         ckpt.save(done, state, meta(done))
         last_saved = done
+      if train.posthoc_sigma_rels and (done % train.posthoc_every == 0 or done == num_steps):
+        _save_posthoc_snapshot(run, done, state)
       if monitor.due(done):
         line = monitor(done, state)
         if line and is_main:
@@ -445,6 +463,15 @@ def _train(run: _Run, state, train_step, load, start: int, monitor: '_Monitor'):
              f'{monitor.seconds / max(seconds - monitor.seconds, 1e-9):.1%} of the training '
              f'time' if monitor.seconds else ''), flush=True)
   return state
+
+
+def _save_posthoc_snapshot(run: _Run, step: int, state) -> None:
+  """The tracked power-function EMAs at `step`, one file per profile in
+  `<workdir>/posthoc_ema/` (a collective gather; process 0 writes)."""
+  tracked = parallel.to_host(state.posthoc_ema)
+  gammas = posthoc_tracker(run.setup).gammas
+  ema_lib.save_snapshot(os.path.join(run.workdir, ema_lib.SNAPSHOT_SUBDIR), step, gammas,
+                        tracked)
 
 
 class _Trace:

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from configs import digits as digits_config
+from diffusion_jax import ema as ema_lib
 from diffusion_jax import run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,9 +29,12 @@ SMOKE = 'configs/digits.py:smoke'
 RUN = 'configs/digits.py:smoke,mlp'
 PROFILE = '--config.profile.steps=(2,5)'    # a 3-step jax.profiler trace of the finished run
 # The research cockpit on the finished run: TensorBoard and (offline) W&B beside the JSONL, a
-# sample grid every 5 steps, an in-loop FD of 100 samples every 10 steps and the best checkpoint.
+# sample grid every 5 steps, an in-loop FD of 100 samples every 10 steps and the best checkpoint;
+# EDM's EMA half-life with ramp-up, and EDM2's post-hoc EMA profiles saved every 10 steps.
 COCKPIT = ('--config.log.writers=jsonl,tensorboard,wandb', '--config.log.sample_every=5',
-           '--config.eval.every=10', '--config.eval.every_num_samples=100')
+           '--config.eval.every=10', '--config.eval.every_num_samples=100',
+           '--config.train.ema_halflife_kimg=0.5', '--config.train.ema_rampup_ratio=0.05',
+           '--config.train.posthoc_sigma_rels=(0.05,0.1)', '--config.train.posthoc_every=10')
 
 
 @pytest.fixture(scope='module')
@@ -169,6 +173,10 @@ def test_writers_grids_in_loop_evaluation_and_best_checkpoint(finished_run):
   for tag in (b'loss', b'lr', b'steps_per_sec', b'in_loop/fd', b'eval/fd'):
     assert tag in record, tag
   assert len(list((runs[0] / 'files' / 'media' / 'images').glob('samples_*.png'))) == 4
+  # Post-hoc EMA: both profiles (gamma 16.97 and 6.94) saved at steps 10 and 20.
+  snapshots = ema_lib.load_snapshots(str(workdir / ema_lib.SNAPSHOT_SUBDIR))
+  assert sorted((s.step, round(s.gamma, 2)) for s in snapshots) == [
+      (10, 6.94), (10, 16.97), (20, 6.94), (20, 16.97)]
   # The cost of the in-loop work is reported, apart from the training time.
   assert re.search(r'in-loop grids and evaluations took [0-9.]+ s, [0-9.]+% of the training',
                    proc.stdout), proc.stdout
@@ -246,6 +254,10 @@ def test_config_errors_are_one_line(tmp_path, cache_dir, override, expected):
      'eval.enabled=True'),
     ('eval', dict(reference_stats='/no/ref.npz'), "config.eval.reference_stats='/no/ref.npz': "
      'no such file'),
+    ('train', dict(ema_rampup_ratio=0.05), 'config.train.ema_rampup_ratio=0.05: a ramp-up of '
+     'the half-life needs train.ema_halflife_kimg > 0'),
+    ('train', dict(posthoc_sigma_rels=(0.05,)), 'config.train.posthoc_sigma_rels=[0.05]: '),
+    ('train', dict(posthoc_sigma_rels=(0.5, 0.1)), 'sigma_rel=0.5: must lie in (0, 0.2887]'),
 ])
 def test_build_errors_name_the_key(section, values, expected):
   config = digits_config.get_config('smoke')
