@@ -62,6 +62,7 @@ from diffusion_jax import run_config
 from diffusion_jax import training
 from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.configuration import ConfigError
+from diffusion_jax.data import loader as data_loader
 from diffusion_jax.data import sources
 from diffusion_jax.generation import generate
 from diffusion_jax.generation import make_sample_fn
@@ -310,10 +311,17 @@ def _resume_and_run(config, setup: Setup, mesh, workdir, ckpt, lock, init, targe
                        out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
   keys = ('image', 'label') if getattr(setup, 'conditional', False) else ('image',)
 
-  def load(step):
-    local = setup.source.batch(config.seed, step, train.batch_size, jax.process_index(),
-                               jax.process_count())
+  def place(local):      # this process's rows -> the global batch on the mesh
     return parallel.global_batch({k: local[k] for k in keys}, rows, train.batch_size)
+
+  def load(start, stop):
+    """The batches of steps [start, stop), read by grain (`train.data_workers` processes, 0:
+    in this process) and placed on the devices on a background thread, `train.prefetch`
+    steps ahead; the same arrays as `source.batch(seed, step, ...)`."""
+    return data_loader.batches(setup.source, config.seed, train.batch_size, start, stop,
+                               jax.process_index(), jax.process_count(),
+                               num_workers=train.data_workers, prefetch=train.prefetch,
+                               finish=place)
 
   if is_main:
     print(f'Model: {type(setup.model).__name__}, {n_params / 1e6:.2f} M parameters; '
@@ -391,7 +399,7 @@ def _train(run: _Run, state, train_step, load, start: int, monitor: '_Monitor'):
   # 0.016 while the run did ~2 steps/s).
   interval_start = time.perf_counter()
   schedule = training.learning_rate_schedule(setup.optim, num_steps)
-  batches = _batches(load, start, num_steps, train.prefetch)
+  batches = load(start, num_steps)
   trace = _Trace(setup.profile.steps, os.path.join(run.workdir, 'profile'))
   try:
     for step, batch in batches:
@@ -648,23 +656,6 @@ class _Monitor:
   def close(self, timeout: float | None = None) -> None:
     if self.best is not None:
       self.best.close(timeout=timeout)
-
-
-def _batches(load, start, stop, depth):
-  if depth > 0:
-    return sources.Prefetcher(load, start, stop, depth)
-  return _Unbuffered(load, start, stop)
-
-
-class _Unbuffered:
-  def __init__(self, load, start, stop):
-    self._it = ((s, load(s)) for s in range(start, stop))
-
-  def __iter__(self):
-    return self._it
-
-  def close(self):
-    pass
 
 
 def _interval_scalars(running) -> dict:

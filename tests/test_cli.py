@@ -461,3 +461,16 @@ def test_a_stale_lock_is_taken_over_and_released_at_the_end(tmp_path, cache_dir)
   assert (f'Took over the lock of a run that is gone (pid {dead.pid} on '
           f'{socket.gethostname()})') in proc.stderr
   assert not (workdir / 'run.lock').exists()
+
+
+@pytest.mark.slow   # ~30 s: grain worker processes start in 2-3 s each
+def test_data_workers_train_on_the_same_batches(finished_run, cache_dir, tmp_path):
+  """Two grain worker processes decode the examples: the losses are those of the finished run
+  (in-process reads), step for step, bit for bit."""
+  workdir = tmp_path / 'workers'
+  proc = _train(workdir, PROFILE, *COCKPIT, '--config.train.data_workers=2',
+                cache_dir=cache_dir, config=RUN)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  losses = lambda w: [(r['step'], r['loss']) for r in map(
+      json.loads, (w / 'metrics.jsonl').read_text().splitlines()) if 'loss' in r]
+  assert losses(workdir) == losses(finished_run[0])
