@@ -32,10 +32,10 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 # The oldest JAX setup.py allows (0.10.0, on Python < 3.12), with a quick part of the suite: the
-# train step, the initializers' bit-exact draws, the reference updates, processes, samplers,
-# checkpoints and the cockpit's parts. CI runs it after `make test`.
+# train step, the initializers' bit-exact draws, the reference updates, processes, the work dir
+# and checkpoints, the EMAs. CI runs it after `make test`.
 FLOOR_TESTS = tests/test_training.py tests/test_initializers.py tests/test_reference_updates.py \
-	tests/test_cockpit.py tests/test_processes.py tests/test_samplers.py tests/test_workdir.py
+	tests/test_processes.py tests/test_workdir.py tests/test_ema.py
 
 $(FLOOR_VENV)/.installed: setup.py
 	@test -x $(FLOOR_VENV)/bin/python || $(FLOOR_PYTHON) -m venv $(FLOOR_VENV)

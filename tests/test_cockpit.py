@@ -170,6 +170,9 @@ def test_map_batches_returns_pytrees_and_compiles_one_shape():
   assert len(shapes) == 1       # 10 + 10 + 3 rows: the last chunk padded to 10
 
 
+# Suite time (~11 s of subprocesses): the statistics themselves are checked in-process above
+# (reference_stats vs numpy moments), and the command with Inception by the slow FID test.
+@pytest.mark.slow
 def test_fid_stats_command_writes_digits_statistics_and_refuses_bad_flags(tmp_path,
                                                                         subprocess_cache):
   env = dict(os.environ, DIFFUSION_JAX_CACHE=subprocess_cache)

@@ -180,6 +180,7 @@ def test_worker_processes_give_the_same_batches_and_raise_at_the_failing_step(tm
   assert folder_source.files[bad] in msg
 
 
+@pytest.mark.slow   # suite time (~4 s): workers are also run by the test above, on a folder
 def test_workers_read_mock_tfds_and_resume(cifar10):
   """Mock CIFAR-10 (flips, dequantization) in two workers from step 2998: the batches of an
   in-process loader and of `source.batch`."""
