@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = 'run.lock'
 CONFIG_NAME = 'config.json'
 # Keys (dotted prefixes) a resumed run may change: they do not change the trained state.
-MAY_DIFFER = ('train.num_steps', 'sample', 'eval', 'profile', 'log')
+MAY_DIFFER = ('train.num_steps', 'sample', 'eval', 'profile', 'log', 'latent.autoencoder.eval')
 
 
 class WorkdirBusy(ConfigError):

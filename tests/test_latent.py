@@ -19,6 +19,7 @@ import pytest
 from configs import autoencoder_digits
 from configs import latent_digits
 from diffusion_jax import checkpointing
+from diffusion_jax import images as images_lib
 from diffusion_jax import latent
 from diffusion_jax import latent_pipeline
 from diffusion_jax import train_loop
@@ -158,6 +159,11 @@ def pipeline(tmp_path_factory, subprocess_cache):
   # compile would cost half a minute of CI (test_train_loop_models trains every family).
   config = latent_digits.get_config('smoke,mlp')
   config.eval.cache_dir = subprocess_cache
+  # Grids every 10 steps in both stages; in-loop evaluation every 10: the autoencoder's held-out
+  # PSNR (best = highest), the latent model's FD of decoded samples (best = lowest).
+  config.log.sample_every = 10
+  config.latent.autoencoder.eval.update(every=10, every_num_samples=50)
+  config.eval.update(every=10, every_num_samples=100)
   result = train_loop.train_and_evaluate(config, workdir)
   return config, workdir, result
 
@@ -201,6 +207,24 @@ def test_samples_are_decoded_before_the_grid_and_the_evaluation(pipeline):
   np.testing.assert_allclose(
       decode(z), setup.model.apply({'params': state.ema_params}, z / info['scale_factor'],
                                    method='decode'), rtol=1e-5, atol=1e-5)
+
+
+def test_grids_and_in_loop_evaluations_of_both_stages(pipeline):
+  _, workdir, _ = pipeline
+  ae_dir = os.path.join(workdir, 'autoencoder')
+  for where, name, best_is in ((ae_dir, 'reconstruction_psnr', max), (workdir, 'fd', min)):
+    records = [json.loads(ln) for ln in open(os.path.join(where, 'metrics.jsonl'),
+                                              encoding='utf-8')]
+    values = {r['step']: r[f'in_loop/{name}'] for r in records if f'in_loop/{name}' in r}
+    assert sorted(values) == [10, 20], (where, values)
+    assert os.listdir(os.path.join(where, 'checkpoints_best')) == [
+        str(best_is(values, key=values.get))]
+    assert sorted(os.listdir(os.path.join(where, 'grids'))) == ['step_0000010.png',
+                                                                'step_0000020.png']
+  # The latent model's grid shows decoded 32x32 digits (6 x 6 tiles of 4x-upscaled pixels with
+  # 1-pixel borders), not 8x8x2 latents; the autoencoder's shows originals over reconstructions.
+  grid = images_lib.read_png(os.path.join(workdir, 'grids', 'step_0000020.png'))
+  assert grid.shape == (6 * 129 + 1, 6 * 129 + 1, 1)
 
 
 @pytest.mark.slow
