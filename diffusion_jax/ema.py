@@ -257,6 +257,36 @@ def read_params(path: str) -> dict:
     return unflatten({k: z[k] for k in z.files})
 
 
+def read_params_like(path: str, like: Any) -> Any:
+  """The parameters in the `.npz` `path` (`write_params`, `experiments.posthoc_ema`) as a tree of
+  `like`'s structure, shapes and dtypes; a one-line ValueError naming the file and the first
+  missing, extra or mis-shaped leaf (parameters of another model)."""
+  try:
+    flat = {k: v for k, v in flatten_npz(path).items() if not k.startswith('__')}
+  except (OSError, ValueError, EOFError) as e:
+    raise ValueError(f'{path}: cannot read a parameters .npz ({e})') from None
+  want = flatten(like)
+  for k in want:
+    if k not in flat:
+      raise ValueError(f'{path}: no parameter {k!r}: not a reconstruction of this model')
+    if tuple(flat[k].shape) != tuple(np.shape(want[k])):
+      raise ValueError(f'{path}: {k} is {tuple(flat[k].shape)} there, this model has '
+                       f'{tuple(np.shape(want[k]))}')
+  extra = sorted(set(flat) - set(want))
+  if extra:
+    raise ValueError(f'{path}: unexpected parameter {extra[0]!r}: not a reconstruction of this '
+                     f'model')
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+  return jax.tree_util.tree_unflatten(treedef, [
+      flat['/'.join(_key_name(e) for e in path)].astype(np.asarray(leaf).dtype)
+      for path, leaf in with_paths])
+
+
+def flatten_npz(path: str) -> dict:
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}
+
+
 def snapshot_filename(step: int, gamma: float) -> str:
   return f'{int(step):010d}_gamma{float(gamma):.6g}.npz'
 

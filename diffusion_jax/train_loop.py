@@ -141,8 +141,9 @@ def _optimizer_and_ema(setup: Setup):
   return training.make_optimizer(setup.optim, setup.train.num_steps), ema_fn
 
 
-def _checkpointer(setup: Setup, workdir: str, **kwargs) -> checkpointing.Checkpointer:
-  return checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+def _checkpointer(setup: Setup, workdir: str, subdir: str = 'checkpoints',
+                  **kwargs) -> checkpointing.Checkpointer:
+  return checkpointing.Checkpointer(os.path.join(workdir, subdir),
                                     max_to_keep=setup.train.keep_checkpoints,
                                     keep_every=setup.train.keep_every, **kwargs)
 
@@ -158,9 +159,10 @@ def abstract_state(setup: Setup, mesh, init, key):
 
 
 def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, source=None,
-                    step: int | None = None):
+                    step: int | None = None, best: bool = False):
   """`(setup, state, step)` from the newest readable checkpoint (or `step`) of a work dir, restored
-  onto `mesh` (default: every device of this process group). Read-only: a step that does not
+  onto `mesh` (default: every device of this process group); with `best`, from
+  `checkpoints_best/` (the in-loop evaluation's best step). Read-only: a step that does not
   match the config is skipped, never moved. Raises `CheckpointError` if none can be read.
   A latent diffusion run's setup is built on its latents (`<workdir>/latents`)."""
   if 'latent' in config and source is None:
@@ -175,7 +177,8 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, mesh=Non
   init = init_state_fn(setup, optimizer, ema_fn)
   target = abstract_state(setup, mesh, init, jax.random.key(0))
   workdir = os.path.abspath(workdir)
-  with _checkpointer(setup, workdir, read_only=True) as ckpt:
+  with _checkpointer(setup, workdir, read_only=True,
+                    subdir='checkpoints_best' if best else 'checkpoints') as ckpt:
     with _pointing_at_the_run_config(workdir):
       if step is not None:
         return setup, ckpt.restore(step, target), int(step)

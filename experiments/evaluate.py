@@ -7,13 +7,14 @@ r"""Evaluate a trained run: restore its checkpoint, sample, measure, write eval_
 The config is the run's own, `<workdir>/config.json` (`configs/json_config.py`; old ones, with
 flat `sample.eta` keys, too), with any overrides on top, sampler options included
 (`--config.sample.sampler=ddim --config.sample.options.eta=0.5`); `--config=...` names another
-file instead. The newest readable checkpoint of `--workdir` is restored read-only onto this
-machine's devices, whatever topology wrote it.
-Samples come from the EMA parameters unless `--params=raw`. Digits runs are measured in the
-digits classifier's features against the test digits (FD with its floor, KID, precision,
-recall; class accuracy for conditional models) and, with `--nll_examples=N`, by the NLL of N
-test digits in bits/dim through the probability-flow ODE. Other data is measured by FID / IS
-with the FID InceptionV3: `--inception_weights=fid_inception.npz --reference_stats=ref.npz`
+file instead. The newest readable checkpoint of `--workdir` (`--checkpoint=best`: the in-loop
+evaluation's best step; `--checkpoint=N`: step N) is restored read-only onto this machine's
+devices, whatever topology wrote it. Samples come from the EMA parameters unless `--params=raw`
+or `--params=ema_008.npz`, parameters rebuilt by `experiments.posthoc_ema`. Digits runs are
+measured in the digits classifier's features against the test digits (FD with its floor, KID,
+precision, recall; class accuracy for conditional models) and, with `--nll_examples=N`, by the
+NLL of N test digits in bits/dim through the probability-flow ODE. Other data is measured by
+FID / IS with the FID InceptionV3: `--inception_weights=fid_inception.npz --reference_stats=ref.npz`
 (see docs/fid_inception.md). A latent diffusion run's samples are decoded by its autoencoder
 (`<workdir>/autoencoder`, at the step that encoded its latents) before they are measured.
 Writes `eval_<sampler>_<steps>[_<tag>].json` and a grid `.png`.
@@ -38,7 +39,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run\'s work dir (its checkpoints/).')
 _NUM = flags.DEFINE_integer('num_samples', None, 'Samples to draw (default: eval.num_samples).',
                             lower_bound=1)
-_PARAMS = flags.DEFINE_enum('params', 'ema', ['ema', 'raw'], 'Which parameters sample.')
+_PARAMS = flags.DEFINE_string('params', 'ema', 'Which parameters sample: ema, raw, or an .npz '
+                               'of experiments.posthoc_ema (any EMA width, rebuilt).')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', 'latest', 'latest, best (the in-loop best of '
+                                  'eval.every, checkpoints_best/) or a step number.')
 _NLL = flags.DEFINE_integer('nll_examples', 0, 'Held-out examples for the NLL (0: no NLL).',
                             lower_bound=0)
 _TAG = flags.DEFINE_string('tag', '', 'Suffix of the output names.')
@@ -105,10 +109,21 @@ def main(argv):
   for flag in (_INCEPTION, _REFERENCE):
     if flag.value and not os.path.isfile(flag.value):
       cli.fail(f'--{flag.name}={flag.value}: no such file')
+  which = _CHECKPOINT.value
+  if which not in ('latest', 'best') and not which.isdigit():
+    cli.fail(f'--checkpoint={which}: expected latest, best or a step number')
   with cli.user_errors():
-    setup, state, step = train_loop.load_checkpoint(config, workdir)
+    setup, state, step = train_loop.load_checkpoint(
+        config, workdir, step=int(which) if which.isdigit() else None, best=which == 'best')
     decode = _latent_decoder(config, workdir) if is_latent else None
-  params = state.ema_params if _PARAMS.value == 'ema' else state.params
+  if _PARAMS.value in ('ema', 'raw'):
+    params = state.ema_params if _PARAMS.value == 'ema' else state.params
+  else:
+    from diffusion_jax import ema as ema_lib  # pylint: disable=g-import-not-at-top
+    if not os.path.isfile(_PARAMS.value):
+      cli.fail(f'--params={_PARAMS.value}: not ema, raw, or an existing .npz')
+    with cli.user_errors():
+      params = ema_lib.read_params_like(_PARAMS.value, state.params)
   s = setup.sample
   num = setup.eval.num_samples if _NUM.value is None else _NUM.value
   name = f'{s.sampler}_{s.steps}' + (f'_{_TAG.value}' if _TAG.value else '')

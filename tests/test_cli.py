@@ -474,3 +474,38 @@ def test_data_workers_train_on_the_same_batches(finished_run, cache_dir, tmp_pat
   losses = lambda w: [(r['step'], r['loss']) for r in map(
       json.loads, (w / 'metrics.jsonl').read_text().splitlines()) if 'loss' in r]
   assert losses(workdir) == losses(finished_run[0])
+
+
+def test_evaluate_the_best_checkpoint_with_a_post_hoc_ema(finished_run, cache_dir, tmp_path):
+  """`--checkpoint=best` restores the in-loop best step; `--params` samples with parameters
+  rebuilt by experiments.posthoc_ema (here sigma_rel 0.1 at step 20: the stored profile)."""
+  workdir, _ = finished_run
+  rebuilt = tmp_path / 'ema_010.npz'
+  env = dict(os.environ, DIFFUSION_JAX_CACHE=cache_dir)
+  proc = subprocess.run([sys.executable, '-m', 'experiments.posthoc_ema', f'--workdir={workdir}',
+                         '--sigma_rel=0.1', f'--out={rebuilt}'], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  done = _evaluate(workdir, '--checkpoint=best', f'--params={rebuilt}', '--tag=best',
+                   cache_dir=cache_dir, config=None)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads((workdir / 'eval_ddpm_10_best.json').read_text())
+  best = json.loads((workdir / 'eval.json').read_text())['best_step']
+  assert result['step'] == best and result['params'] == str(rebuilt) and result['fd'] > 0
+
+
+def test_post_hoc_parameters_of_another_model_are_refused_in_one_line(tmp_path):
+  like = {'Dense_0': {'kernel': np.zeros((3, 4), np.float32), 'bias': np.zeros(4, np.float32)}}
+  path = str(tmp_path / 'p.npz')
+  ema_lib.write_params(path, {'Dense_0': {'kernel': np.ones((3, 4)), 'bias': np.ones(4)}},
+                       step=5, gamma=6.94)
+  got = ema_lib.read_params_like(path, like)
+  assert got['Dense_0']['kernel'].dtype == np.float32 and got['Dense_0']['bias'].sum() == 4
+  ema_lib.write_params(path, {'Dense_0': {'kernel': np.ones((3, 5)), 'bias': np.ones(4)}},
+                       step=5, gamma=6.94)
+  with pytest.raises(ValueError, match=r'p.npz: Dense_0/kernel is \(3, 5\) there, this model '
+                                       r'has \(3, 4\)$'):
+    ema_lib.read_params_like(path, like)
+  ema_lib.write_params(path, {'Dense_1': {'bias': np.ones(4)}}, step=5, gamma=6.94)
+  with pytest.raises(ValueError, match=r"p.npz: no parameter 'Dense_0/(bias|kernel)'"):
+    ema_lib.read_params_like(path, like)
