@@ -1,13 +1,14 @@
 """What the training loop shows while it trains: sample grids, in-loop evaluations with the best
-checkpoint, device memory (`Monitor`, `memory_scalars`), and the autoencoder's held-out
-reconstructions (`reconstruct`, `reconstruction_grid`) that both the grids and the final
-evaluation use.
+checkpoint, device memory (`Monitor`, `memory_scalars`), a profiler window (`Trace`), and the
+autoencoder's held-out reconstructions (`reconstruct`, `reconstruction_grid`) that both the
+grids and the final evaluation use.
 
 `run` is the loop's `train_loop._Run`: the setup, mesh, work dir, writer (process 0), preemption
 watcher, checkpoint meta and the latent decoder.
 """
 
 import dataclasses
+import logging
 import os
 import time
 
@@ -25,6 +26,33 @@ from diffusion_jax.data import sources
 from diffusion_jax.generation import generate
 from diffusion_jax.generation import make_sample_fn
 from diffusion_jax.generation import sample_labels
+
+log = logging.getLogger(__name__)
+
+
+class Trace:
+  """A `jax.profiler` trace of train steps `[start, stop)` into `directory` (each process
+  writes its own host's file under `plugins/profile/<time>/`, as TensorBoard reads them)."""
+
+  def __init__(self, steps, directory: str):
+    self.window = tuple(steps) if steps else None
+    self.directory = directory
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.window and step == self.window[0]:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, done: int) -> None:
+    if self.active and done >= self.window[1]:   # `done` waited for the step's results
+      self.close()
+      log.info('profile of steps %d..%d written to %s', *self.window, self.directory)
+
+  def close(self) -> None:
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
 
 
 def memory_scalars() -> dict:

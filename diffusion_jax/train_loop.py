@@ -402,7 +402,7 @@ def _train(run: _Run, state, train_step, load, start: int, monitor: monitor_lib.
   interval_start = time.perf_counter()
   schedule = training.learning_rate_schedule(setup.optim, num_steps)
   batches = load(start, num_steps)
-  trace = _Trace(setup.profile.steps, os.path.join(run.workdir, 'profile'))
+  trace = monitor_lib.Trace(setup.profile.steps, os.path.join(run.workdir, 'profile'))
   try:
     for step, batch in batches:
       ckpt.poll()                 # a failed background save stops the run now
@@ -482,31 +482,6 @@ def _save_posthoc_snapshot(run: _Run, step: int, state) -> None:
   gammas = posthoc_tracker(run.setup).gammas
   ema_lib.save_snapshot(os.path.join(run.workdir, ema_lib.SNAPSHOT_SUBDIR), step, gammas,
                         tracked)
-
-
-class _Trace:
-  """A `jax.profiler` trace of train steps `[start, stop)` into `directory` (each process
-  writes its own host's file under `plugins/profile/<time>/`, as TensorBoard reads them)."""
-
-  def __init__(self, steps, directory: str):
-    self.window = tuple(steps) if steps else None
-    self.directory = directory
-    self.active = False
-
-  def before(self, step: int) -> None:
-    if self.window and step == self.window[0]:
-      jax.profiler.start_trace(self.directory)
-      self.active = True
-
-  def after(self, done: int) -> None:
-    if self.active and done >= self.window[1]:   # `done` waited for the step's results
-      self.close()
-      log.info('profile of steps %d..%d written to %s', *self.window, self.directory)
-
-  def close(self) -> None:
-    if self.active:
-      self.active = False
-      jax.profiler.stop_trace()
 
 
 def _interval_scalars(running) -> dict:
