@@ -33,6 +33,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from experiments import cli
+
 _EXAMPLES = flags.DEFINE_integer('examples', 5000, 'Images per data set.')
 _BATCH = flags.DEFINE_integer('batch', 128, 'Global batch size.')
 _STEPS = flags.DEFINE_integer('steps', 40, 'Timed batches per run.', lower_bound=1)
@@ -49,13 +51,7 @@ SEED = 0
 
 
 def machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return f'{cpu}, {os.cpu_count()} CPU cores, Python {platform.python_version()}'
+  return f'{cli.cpu_name()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}'
 
 
 def _png_folder(root: str, n: int) -> str:

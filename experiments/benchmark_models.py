@@ -17,7 +17,6 @@ description to --out.
 
 import importlib
 import os
-import platform
 import statistics
 import time
 
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 
 from diffusion_jax import run_config
 from diffusion_jax import training
+from experiments import cli
 
 DEFAULT_MODELS = ('digits', 'digits:dit', 'ddpm_cifar10', 'ddpm_cifar10:ddpmpp',
                   'adm_imagenet64', 'dit:S/2', 'dit:B/2', 'dit:L/2', 'dit:XL/2')
@@ -129,13 +129,7 @@ def peak_memory_bytes(compiled) -> float:
 
 def machine() -> str:
   dev = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return (f'{cpu}, {os.cpu_count()} cores, '
+  return (f'{cli.cpu_name()}, {os.cpu_count()} cores, '
           f'jax {jax.__version__} on {dev.platform} ({dev.device_kind})')
 
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import platform
 import re
 import sys
 
@@ -111,6 +112,17 @@ def start_processes(coordinator_address, num_processes, process_id):
     # hung in 3 of 4 tries with a warm cache, never with a cold one; jax 0.10 did not). CPU
     # multi-process runs are the localhost test path, so they compile afresh.
     jax.config.update('jax_enable_compilation_cache', False)
+
+
+def cpu_name() -> str:
+  """The CPU model from /proc/cpuinfo (else what `platform` knows), for benchmark tables."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  return cpu
 
 
 def default_cache_dir() -> str:
