@@ -90,7 +90,6 @@ class Monitor:
     self.autoencoder = isinstance(setup, latent.AutoencoderSetup)
     self._metric = None
     self._sample_fn = None
-    self._held_out = None
     self.best = None
     if self.eval_every and setup.eval.keep_best:
       name, mode = (('reconstruction_psnr', 'max') if self.autoencoder
@@ -109,6 +108,14 @@ class Monitor:
           reference_stats=ev.reference_stats, inception_weights=ev.inception_weights,
           inception_sha256=ev.inception_sha256, mesh=self.run.mesh)
     return self._metric
+
+  @property
+  def sample_fn(self):
+    """The configured sampler, compiled once for the grids, the evaluations and the final
+    samples (`generation.make_sample_fn`)."""
+    if self._sample_fn is None:
+      self._sample_fn = make_sample_fn(self.run.setup)
+    return self._sample_fn
 
   def due(self, done: int) -> bool:
     return bool((self.grid_every and done % self.grid_every == 0)
@@ -130,10 +137,8 @@ class Monitor:
 
   def _samples(self, state, key, num: int):
     setup = self.run.setup
-    if self._sample_fn is None:
-      self._sample_fn = make_sample_fn(setup)
     labels = sample_labels(num, setup.num_classes)
-    x = generate(self._sample_fn, state.ema_params, key, num, min(setup.sample.batch_size, num),
+    x = generate(self.sample_fn, state.ema_params, key, num, min(setup.sample.batch_size, num),
                  setup.image_shape, labels, mesh=self.run.mesh,
                  interrupt=self.run.watcher.should_stop)
     if self.run.decode is not None:

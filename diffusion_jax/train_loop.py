@@ -65,7 +65,6 @@ from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.configuration import ConfigError
 from diffusion_jax.data import loader as data_loader
 from diffusion_jax.generation import generate
-from diffusion_jax.generation import make_sample_fn
 from diffusion_jax.generation import sample_labels
 from diffusion_jax.run_config import Setup
 from diffusion_jax.run_config import build
@@ -507,7 +506,7 @@ def _sample_and_evaluate(run: _Run, state, k_sample, n_params,
   if num == 0:
     return result
   t1 = time.time()
-  sample_fn = make_sample_fn(setup)
+  sample_fn = monitor.sample_fn   # compiled once, shared with the in-loop grids and evaluations
   labels = sample_labels(num, setup.num_classes)
   try:
     samples = generate(sample_fn, state.ema_params, k_sample, num, s.batch_size,
