@@ -1,0 +1,1 @@
+"""Text for conditioning: tokenizers, the `text` config section and prompt handling."""
