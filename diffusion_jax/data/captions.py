@@ -92,24 +92,28 @@ TEMPLATES = {'train': TRAIN_TEMPLATES, 'heldout': HELDOUT_TEMPLATES}
 _NUM_NAMED = (0, 1, 2, 2)
 # evaluation_prompts asks only for (class, values) that at least this many train digits have.
 MIN_SUPPORT = 3
+_MIN_MASS = 1e-3
 
 
 def attribute_moments(images) -> dict[str, np.ndarray]:
   """The moment behind each attribute, `{name: [N] float64}`, of `[N, S, S, 1]` digits at any
   size of `digits.SIZES` (mapped to 8x8 by `digits.to_native`, clipped to [-1, 1]). A blank
-  image has mass 0 and NaN for the rest; a single-row image has NaN slant."""
+  image (M < `_MIN_MASS`, far below one pixel's ink) has NaN for all but the mass; a single-row
+  image has NaN slant."""
   x = np.clip(digits.to_native(np.asarray(images, np.float64)), -1.0, 1.0)[..., 0]  # [N, 8, 8]
   w = (x + 1.0) / 2.0
   rows, cols = np.meshgrid(np.arange(8.0), np.arange(8.0), indexing='ij')  # i down, j right
   mass = w.sum(axis=(1, 2))  # [N]
   with np.errstate(invalid='ignore', divide='ignore'):
-    c_i = (w * rows).sum(axis=(1, 2)) / mass
-    c_j = (w * cols).sum(axis=(1, 2)) / mass
+    # The 32 -> 8 pseudo-inverse leaves ~1e-7 of round-off ink on a blank image: not a shape.
+    safe_mass = np.where(mass < _MIN_MASS, np.nan, mass)
+    c_i = (w * rows).sum(axis=(1, 2)) / safe_mass
+    c_j = (w * cols).sum(axis=(1, 2)) / safe_mass
     di = rows - c_i[:, None, None]
     dj = cols - c_j[:, None, None]
-    mu20 = (w * dj * dj).sum(axis=(1, 2)) / mass
-    mu02 = (w * di * di).sum(axis=(1, 2)) / mass
-    mu11 = (w * dj * di).sum(axis=(1, 2)) / mass
+    mu20 = (w * dj * dj).sum(axis=(1, 2)) / safe_mass
+    mu02 = (w * di * di).sum(axis=(1, 2)) / safe_mass
+    mu11 = (w * dj * di).sum(axis=(1, 2)) / safe_mass
     slant = np.where(mu02 > 1e-12, -mu11 / mu02, np.nan)
   return {'thickness': mass, 'width': np.sqrt(mu20), 'slant': slant, 'position': c_j}
 
