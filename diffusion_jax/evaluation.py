@@ -36,17 +36,41 @@ PR_NEIGHBOURS = 3        # Kynkäänniemi et al. 2019
 
 
 def evaluate_samples(data_name: str, source, samples: np.ndarray, labels: np.ndarray | None,
-                     cache_dir: str) -> dict:
+                     cache_dir: str, *, prompts=None) -> dict:
   """The metrics of `samples` of the data named `data_name` (one of `EVALUATED`):
   `digits_metrics` (the feature classifier trained once and cached in `cache_dir`) or
-  `toy_metrics` against the toy `source`."""
+  `toy_metrics` against the toy `source`; with `prompts` (a text-conditioned model's,
+  `text.conditioning.Prompts`), `text_metrics` too."""
   if data_name == 'toy2d':
     return toy_metrics(source, samples)
   if data_name != 'digits':
     raise ValueError(f'evaluate_samples: data {data_name!r} has no built-in evaluation; '
                      f'use InceptionMetrics')
   params, info = digits_classifier.load_or_train_digits_classifier(cache_dir, seed=0)
-  return digits_metrics(params, info, samples, labels)
+  result = digits_metrics(params, info, samples, labels)
+  if prompts is not None:
+    result.update(text_metrics(params, samples, prompts, cache_dir))
+  return result
+
+
+def text_metrics(classifier_params, samples: np.ndarray, prompts, cache_dir: str) -> dict:
+  """How well digits follow their prompts (`prompts.texts`, with the class and attribute
+  values each names): `metrics.attributes.attribute_accuracy` (class, attribute and joint
+  accuracy, measured on the images) and the digits-CLIP score (`metrics.digits_clip`, trained
+  once and cached in `cache_dir`) with its floor, the score of real test digits with their
+  captions (`clip_score_real`), and the digits-CLIP's retrieval accuracy."""
+  from diffusion_jax.metrics import attributes as attributes_lib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.metrics import digits_clip  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.text import words  # pylint: disable=g-import-not-at-top
+  x = digits.to_native(samples)
+  out = dict(attributes_lib.attribute_accuracy(classifier_params, x, prompts.labels,
+                                               prompts.attributes))
+  clip_params, clip_info = digits_clip.load_or_train_digits_clip(cache_dir)
+  tokens = words.WordTokenizer.for_captions().encode(list(prompts.texts))
+  out['clip_score'] = float(digits_clip.clip_score(clip_params, x, tokens))
+  out['clip_score_real'] = float(clip_info['clip_score_real'])
+  out['clip_retrieval_accuracy'] = float(clip_info['retrieval_accuracy'])
+  return out
 
 
 def digits_metrics(classifier_params, classifier_info, generated: np.ndarray,
@@ -253,6 +277,7 @@ class SampleMetric:
                inception_weights: str = '', inception_sha256: str = '', mesh=None):
     self.data_name = data_name
     self.source = source
+    self.cache_dir = cache_dir
     self.name = metric_name(data_name)
     self.mode = 'min'
     self._floors = {}
@@ -276,7 +301,8 @@ class SampleMetric:
       self.reference = check_reference(reference_stats, inception.feature_name(self.variables))
       self.mesh = mesh
 
-  def __call__(self, samples: np.ndarray, labels: np.ndarray | None = None) -> dict:
+  def __call__(self, samples: np.ndarray, labels: np.ndarray | None = None, *,
+               prompts=None) -> dict:
     if self.name == 'sw':
       return toy_metrics(self.source, samples)
     if self.name == 'fd':
@@ -290,6 +316,8 @@ class SampleMetric:
       out['fd_ratio'] = out['fd'] / out['fd_floor']
       if labels is not None:
         out['class_accuracy'] = digits_classifier.classifier_accuracy(self.classifier, x, labels)
+      if prompts is not None:
+        out.update(text_metrics(self.classifier, x, prompts, self.cache_dir))
       return out
     metrics = InceptionMetrics(self.variables, self.reference, mesh=self.mesh)
     metrics.update(samples)

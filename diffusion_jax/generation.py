@@ -6,6 +6,8 @@ rows split over the `data` axis. Sample i's prior noise is `normal(fold_in(k_noi
 noise does not depend on the batch size or the device count.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -16,31 +18,72 @@ from diffusion_jax import samplers
 from diffusion_jax.run_config import Setup
 
 
-def make_sample_fn(setup: Setup):
+def make_sample_fn(setup: Setup, *, guidance_scale: float | None = None,
+                   negative_prompt: str | None = None):
   """`sample(params, z, key, cond) -> x0` compiled whole, for the configured sampler.
 
   `z` is standard normal noise; the sampler starts from `x_T = prior_std * z`, the process's
   prior `N(0, prior_std² I)` (1 for VP and the linear interpolant, sigma_max for EDM and VE).
+  `cond` is class labels `[B]` for a class-conditional model, prompt token ids `[B, L]`
+  (`setup.text.tokens(texts)`) for a text-conditioned one, None for an unconditional one.
+
+  Guidance (`sample.guidance_scale`, or `guidance_scale` here; with `sample.guidance_rescale`
+  and `sample.guidance_interval`) has the null label, or for text the encoding of
+  `negative_prompt` (default `text.negative_prompt`, '' = the empty prompt), as its
+  unconditional branch. Prompts are encoded once per call, before the sampler's loop; every
+  step then cross-attends to the same context.
   """
   s = setup.sample
+  scale = s.guidance_scale if guidance_scale is None else float(guidance_scale)
   clip = s.clip_x0 if s.clip_x0 > 0 else None
   options = dict(s.options)
   sampler = samplers.SAMPLERS[s.sampler]
+  text = setup.text
+  negative = None
+  if text is not None:
+    negative = text.tokens([text.config.negative_prompt if negative_prompt is None
+                            else negative_prompt])                    # [1, L]
+  interval = tuple(s.guidance_interval) or None
+
+  def guide(den, null_cond):
+    return guidance.classifier_free_guidance(
+        den, scale, null_cond, rescale=s.guidance_rescale, interval=interval,
+        process=setup.process)
 
   @jax.jit
   def compiled(params, z, key, cond=None):
     x_T = setup.process.prior_std * z
     den = make_model_denoiser(setup, params, clip_x0=clip)
-    if setup.conditional and s.guidance_scale != 1.0:
-      den = guidance.classifier_free_guidance(den, s.guidance_scale, null_cond=setup.num_classes)
+    if text is not None:
+      encode = lambda tokens: setup.model.apply({'params': params}, tokens, method='encode')
+      cond = encode(cond)                       # once, outside the sampler's loop
+      if scale != 1.0:
+        den = guide(den, encode(negative))
+    elif setup.conditional and scale != 1.0:
+      den = guide(den, setup.num_classes)
     x0, _ = sampler(den, setup.process, x_T, key, steps=s.steps, cond=cond, **options)
     return x0
 
   def sample(params, z, key, cond=None):
-    check_labels(cond, setup.num_classes)
+    if text is not None:
+      check_tokens(cond, text.length)
+    else:
+      check_labels(cond, setup.num_classes)
     return compiled(params, z, key, cond)
 
   return sample
+
+
+def check_tokens(tokens, length: int) -> None:
+  """A text-conditioned model samples from prompts: token ids `[B, length]`."""
+  if tokens is None:
+    raise ValueError('this model is text-conditioned (config.text): sampling needs prompts, as '
+                     "token ids [B, L] (setup.text.tokens(texts)); '' is the unconditional one")
+  if isinstance(tokens, jax.core.Tracer):
+    return
+  shape = np.shape(tokens)
+  if len(shape) != 2 or shape[1] != length:
+    raise ValueError(f'prompt tokens must be [B, {length}] (the context length), got {shape}')
 
 
 def check_labels(labels, num_classes: int) -> None:
@@ -67,9 +110,40 @@ def sample_labels(num: int, num_classes: int) -> np.ndarray | None:
   return np.arange(num) % num_classes if num_classes > 0 else None
 
 
+@dataclasses.dataclass(frozen=True)
+class Conditions:
+  """What `num` evaluation samples are conditioned on: `cond[i]` goes to sample i (labels
+  `[N]` or prompt tokens `[N, L]`; None if unconditional), `labels` the intended classes, and
+  for text the `prompts` (`text.conditioning.Prompts`: texts and attribute values)."""
+  cond: np.ndarray | None
+  labels: np.ndarray | None
+  prompts: object = None
+
+  def head(self, n: int) -> 'Conditions':
+    """The first `n` samples' conditions."""
+    cut = lambda a: None if a is None else a[:n]
+    prompts = self.prompts
+    if prompts is not None:
+      prompts = dataclasses.replace(prompts, texts=prompts.texts[:n], tokens=prompts.tokens[:n],
+                                    labels=prompts.labels[:n], attributes=prompts.attributes[:n])
+    return Conditions(cut(self.cond), cut(self.labels), prompts)
+
+
+def sample_conditions(setup: Setup, num: int) -> Conditions:
+  """Sample i's condition: class `i % num_classes`, or for text the i-th evaluation prompt
+  (`text.conditioning.prompt_conditions`: class `i % 10`, held-out templates by default)."""
+  if setup.text is not None:
+    from diffusion_jax.text import conditioning  # pylint: disable=g-import-not-at-top
+    prompts = conditioning.prompt_conditions(setup.text, num)
+    return Conditions(prompts.tokens, prompts.labels, prompts)
+  labels = sample_labels(num, setup.num_classes)
+  return Conditions(labels, labels)
+
+
 def generate_batches(sample_fn, params, key, num: int, batch_size: int, image_shape,
                      labels: np.ndarray | None = None, mesh=None, interrupt=None):
-  """Yields `(start, samples)` batches of `num` samples (of classes `labels[i]` if given), as
+  """Yields `(start, samples)` batches of `num` samples (of classes `labels[i]` if given, or
+  any per-sample condition `[num, ...]`, e.g. prompt tokens), as
   numpy on every process, so N samples never need to sit in memory at once.
 
   Sample i's prior noise (standard normal; `sample_fn` scales it to the prior) derives from
@@ -93,9 +167,9 @@ def generate_batches(sample_fn, params, key, num: int, batch_size: int, image_sh
     size = -(-n // width) * width
     idx = parallel.from_host(np.arange(start, start + size, dtype=np.int32), rows)
     cond = None
-    if labels is not None:
-      padded = np.resize(np.asarray(labels[start:start + n], np.int32), size)
-      cond = parallel.from_host(padded, rows)
+    if labels is not None:    # repeated to fill the batch; the extra rows are dropped
+      part = np.asarray(labels[start:start + n], np.int32)
+      cond = parallel.from_host(part[np.arange(size) % n], rows)
     x = sample_fn(params, prior(idx), jax.random.fold_in(k_sampler, start), cond)
     yield start, parallel.to_host(x)[:n]
 

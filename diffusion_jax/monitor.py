@@ -25,7 +25,6 @@ from diffusion_jax import parallel
 from diffusion_jax.data import sources
 from diffusion_jax.generation import generate
 from diffusion_jax.generation import make_sample_fn
-from diffusion_jax.generation import sample_labels
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +136,13 @@ class Monitor:
 
   def _samples(self, state, key, num: int):
     setup = self.run.setup
-    labels = sample_labels(num, setup.num_classes)
+    conditions = generation.sample_conditions(setup, num)
     x = generate(self.sample_fn, state.ema_params, key, num, min(setup.sample.batch_size, num),
-                 setup.image_shape, labels, mesh=self.run.mesh,
+                 setup.image_shape, conditions.cond, mesh=self.run.mesh,
                  interrupt=self.run.watcher.should_stop)
     if self.run.decode is not None:
       x = parallel.map_batches(self.run.decode, x, setup.sample.batch_size, self.run.mesh)
-    return x, labels
+    return x, conditions
 
   def _grid(self, done: int, state) -> None:
     run = self.run
@@ -175,9 +174,10 @@ class Monitor:
                 for k, v in latent.reconstruction_metrics(x, x_hat).items()}
       name = 'reconstruction_psnr'
     else:
-      samples, labels = self._samples(state, self.k_eval, num)
+      samples, conditions = self._samples(state, self.k_eval, num)
       name = evaluation.metric_name(setup.data.name)
-      result = self.metric(samples, labels) if run.is_main or self._collective else {}
+      result = (self.metric(samples, conditions.labels, prompts=conditions.prompts)
+                if run.is_main or self._collective else {})
     value = result.get(name, float('nan'))
     if jax.process_count() > 1:       # every process saves the best step with the same value
       value = float(multihost_utils.broadcast_one_to_all(np.float64(value)))

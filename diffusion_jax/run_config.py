@@ -31,10 +31,11 @@ from diffusion_jax.configuration import ConfigError
 from diffusion_jax.data import sources
 from diffusion_jax.models import MODELS
 from diffusion_jax.models.autoencoder import AUTOENCODERS
+from diffusion_jax.text import conditioning as text_conditioning
 
 # `latent`: a latent diffusion run's autoencoder stage (`latent_pipeline`); `build` ignores it.
 SECTIONS = ('seed', 'data', 'process', 'objective', 'model', 'optim', 'train', 'sample',
-            'eval', 'latent', 'profile', 'log')
+            'eval', 'latent', 'profile', 'log', 'text')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,10 @@ class SampleConfig:
   # scale (1 = the conditional model, 0 = the unconditional one, > 1 guides; Ho & Salimans 2022
   # with w = scale - 1).
   guidance_scale: float = 1.0
+  # Guidance rescale phi (Lin et al. 2024; 0 = off) and the guidance interval (lo, hi) in t
+  # (Kynkäänniemi et al. 2024; () = every step): `guidance.classifier_free_guidance`.
+  guidance_rescale: float = 0.0
+  guidance_interval: tuple[float, ...] = ()
   batch_size: int = 500
   grid_size: int = 100          # images in samples.png (0, with eval off: no sampling)
 
@@ -150,10 +155,16 @@ class Setup:
   source: Any = None             # the training data (None when built for a given image_shape)
   profile: ProfileConfig = ProfileConfig()
   log: LogConfig = LogConfig()
+  text: Any = None               # text_conditioning.TextParts of a text-conditioned run
 
   @property
   def num_classes(self) -> int:
     return getattr(self.model, 'num_classes', 0)
+
+  @property
+  def cond_key(self) -> str | None:
+    """The batch key the model is conditioned on: 'tokens' (captions), 'label' or None."""
+    return 'tokens' if self.text is not None else 'label' if self.conditional else None
 
 
 def section_defaults(model_name: str | None = None) -> dict:
@@ -162,7 +173,7 @@ def section_defaults(model_name: str | None = None) -> dict:
   as `config.json` stores it (tuples as lists)."""
   sections = [('data', sources.DataConfig), ('train', TrainConfig),
               ('optim', training.OptimConfig), ('eval', EvalConfig), ('profile', ProfileConfig),
-              ('log', LogConfig)]
+              ('log', LogConfig), ('text', text_conditioning.TextConfig)]
   if model_name in MODELS or model_name in AUTOENCODERS:
     sections.append(('model', MODELS.get(model_name) or AUTOENCODERS[model_name]))
   out = {}
@@ -202,6 +213,13 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
   process = _build_process(config.process)
   objective = _build_objective(config.objective, process)
   model = build_model(config.model)
+  text = None
+  if 'text' in config:
+    text = text_conditioning.build_parts(text_conditioning.build_text(config.text))
+    text_conditioning.check_model(text, model)
+    model = text_conditioning.wrap_model(text, model)
+    if source is not None:
+      source = text_conditioning.caption_source(text, data, source)
   _check_model(model, image_shape)
   _check_out_channels(model, objective, image_shape)
   train = build_train(config.train)
@@ -211,9 +229,10 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
   conditional = getattr(model, 'num_classes', 0) > 0
   if conditional and source is not None:
     _check_labels(model, data, source)
-  if sample.guidance_scale != 1.0 and not conditional:
+  if sample.guidance_scale != 1.0 and not (conditional or text is not None):
     raise ConfigError(f'config.sample.guidance_scale={sample.guidance_scale}: guidance needs a '
-                      f'class-conditional model (set config.model.num_classes)')
+                      f'class-conditional model (set config.model.num_classes) or a '
+                      f'text-conditioned one (config.text)')
   ev = build_eval(config.eval)
   if ev.enabled and source is not None and data.name not in evaluation.EVALUATED and not (
       ev.reference_stats and ev.inception_weights):
@@ -224,7 +243,7 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
                objective=objective, model=model, conditional=conditional,
                data=data, image_shape=image_shape, source=source,
                profile=build_profile(config.get('profile', {})),
-               log=build_log(config.get('log', {})))
+               log=build_log(config.get('log', {})), text=text)
 
 
 def build_log(section) -> LogConfig:
@@ -342,6 +361,13 @@ def _build_sample(section) -> SampleConfig:
   configuration.positive('sample.batch_size', sample.batch_size)
   configuration.positive('sample.grid_size', sample.grid_size, allow_zero=True)
   configuration.positive('sample.clip_x0', sample.clip_x0, allow_zero=True)
+  if not 0.0 <= sample.guidance_rescale <= 1.0:
+    raise ConfigError(f'config.sample.guidance_rescale={sample.guidance_rescale}: must lie in '
+                      f'[0, 1] (phi of Lin et al. 2024)')
+  interval = sample.guidance_interval
+  if interval and (len(interval) != 2 or not interval[0] <= interval[1]):
+    raise ConfigError(f'config.sample.guidance_interval={tuple(interval)}: expected (lo, hi) '
+                      f'with lo <= hi, in t')
   return sample
 
 
@@ -410,11 +436,20 @@ def check_sampler(sample: SampleConfig, process, objective: objectives.Objective
                       f'{str(e).splitlines()[0]}') from None
 
 
+def example_cond(model, batch: int = 1):
+  """A `cond` of the kind `model` takes, for `init`: `{'tokens': [B, L]}` for a
+  text-conditioned model, labels `[B]` for a class-conditional one, else None."""
+  length = getattr(model, 'context_length', 0)
+  if length:
+    return {'tokens': jnp.zeros((batch, length), jnp.int32)}
+  return jnp.zeros((batch,), jnp.int32) if getattr(model, 'num_classes', 0) > 0 else None
+
+
 def _check_model(model, image_shape):
   """Traces `model.init` abstractly (no compile, no allocation) to surface config errors now."""
   x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.float32)
-  cond = jax.ShapeDtypeStruct((1,), jnp.int32) if getattr(model, 'num_classes', 0) > 0 else None
+  cond = example_cond(model)
   try:
     jax.eval_shape(lambda x, t, c: model.init(jax.random.key(0), x, t, c), x, t, cond)
   except (ValueError, TypeError) as e:

@@ -65,7 +65,6 @@ from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.configuration import ConfigError
 from diffusion_jax.data import loader as data_loader
 from diffusion_jax.generation import generate
-from diffusion_jax.generation import sample_labels
 from diffusion_jax.run_config import Setup
 from diffusion_jax.run_config import build
 
@@ -92,14 +91,32 @@ def init_state_fn(setup: Setup, optimizer, ema_fn):
   if isinstance(setup, latent.AutoencoderSetup):
     return latent.init_fn(setup, optimizer, ema_fn, posthoc_fn=posthoc_fn)
 
-  def init(key):
+  def init(key, pretrained=None):
     k_params, k_state = jax.random.split(key)
     x = jax.numpy.zeros((1,) + tuple(setup.image_shape), jax.numpy.float32)
     t = jax.numpy.zeros((1,), jax.numpy.float32)
-    cond = jax.numpy.zeros((1,), jax.numpy.int32) if setup.conditional else None
-    params = setup.model.init({'params': k_params}, x, t, cond)['params']
+    params = setup.model.init({'params': k_params}, x, t, run_config.example_cond(setup.model))
+    params = params['params']
+    if pretrained is not None:      # the text encoder's loaded weights replace its random ones
+      params = {**params, 'encoder': check_pretrained(params['encoder'], pretrained)}
     return training.init_train_state(params, optimizer, ema_fn, k_state, posthoc_fn=posthoc_fn)
   return init
+
+
+def pretrained_params(setup: Setup):
+  """The text encoder's loaded parameters (text.encoder='clip'), else None."""
+  return None if getattr(setup, 'text', None) is None else setup.text.pretrained
+
+
+def check_pretrained(initialised, loaded):
+  """`loaded`, after checking it has the structure and shapes of `initialised`."""
+  want = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), initialised)
+  got = jax.tree.map(lambda a: (tuple(jax.numpy.shape(a)), str(jax.numpy.result_type(a))),
+                     loaded)
+  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+    raise ConfigError('config.text.weights: the loaded text encoder does not have the '
+                      'parameters of the configured one (structure or shapes differ)')
+  return loaded
 
 
 def posthoc_tracker(setup: Setup):
@@ -125,7 +142,7 @@ def _step_fn(setup, optimizer, ema_fn, micro):
                                          batch_constraint=micro,
                                          posthoc_fn=posthoc_tracker(setup))
   return training.make_train_step(setup.objective, setup.model.apply, optimizer, ema_fn,
-                                  conditional=setup.conditional,
+                                  cond_key=setup.cond_key,
                                   grad_accum_steps=setup.train.grad_accum_steps,
                                   batch_constraint=micro, posthoc_fn=posthoc_tracker(setup))
 
@@ -137,7 +154,9 @@ def _optimizer_and_ema(setup: Setup):
   ema_fn = (training.ema_halflife(t.ema_halflife_kimg * 1000, t.batch_size,
                                   rampup_ratio=t.ema_rampup_ratio or None)
             if t.ema_halflife_kimg > 0 else training.ema(t.ema_decay))
-  return training.make_optimizer(setup.optim, setup.train.num_steps), ema_fn
+  text = getattr(setup, 'text', None)
+  frozen = ('encoder',) if text is not None and text.config.freeze else ()
+  return training.make_optimizer(setup.optim, setup.train.num_steps, frozen=frozen), ema_fn
 
 
 def _checkpointer(setup: Setup, workdir: str, subdir: str = 'checkpoints',
@@ -288,7 +307,7 @@ def _resume_and_run(config, setup: Setup, mesh, workdir, ckpt, lock, init, targe
     workdir_lib.write_config(config, workdir)   # a fresh run's (an existing one is kept)
     workdir_lib.append_run_record(workdir, workdir_lib.run_record(mesh))  # code, versions, host
   if state is None:
-    state = jax.jit(init, out_shardings=state_sh)(k_init)
+    state = jax.jit(init, out_shardings=state_sh)(k_init, pretrained_params(setup))
   else:
     _check_resume_meta(ckpt.read_meta(restored_step), config, setup)
     log.info('resumed from checkpoint step %d in %s', restored_step, ckpt.directory)
@@ -310,7 +329,8 @@ def _resume_and_run(config, setup: Setup, mesh, workdir, ckpt, lock, init, targe
   step_fn = _step_fn(setup, optimizer, ema_fn, micro)
   train_step = jax.jit(step_fn, in_shardings=(state_sh, rows),
                        out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
-  keys = ('image', 'label') if getattr(setup, 'conditional', False) else ('image',)
+  cond_key = getattr(setup, 'cond_key', None)
+  keys = ('image', cond_key) if cond_key else ('image',)
 
   def place(local):      # this process's rows -> the global batch on the mesh
     return parallel.global_batch({k: local[k] for k in keys}, rows, train.batch_size)
@@ -507,10 +527,11 @@ def _sample_and_evaluate(run: _Run, state, k_sample, n_params,
     return result
   t1 = time.time()
   sample_fn = monitor.sample_fn   # compiled once, shared with the in-loop grids and evaluations
-  labels = sample_labels(num, setup.num_classes)
+  conditions = generation.sample_conditions(setup, num)
   try:
     samples = generate(sample_fn, state.ema_params, k_sample, num, s.batch_size,
-                       setup.image_shape, labels, mesh=mesh, interrupt=watcher.should_stop)
+                       setup.image_shape, conditions.cond, mesh=mesh,
+                       interrupt=watcher.should_stop)
   except generation.Interrupted as e:
     raise preemption.Preempted(f'{watcher.signal_name} received: {e}; training is checkpointed, '
                                f'rerun to sample', step=setup.train.num_steps) from None
@@ -527,6 +548,9 @@ def _sample_and_evaluate(run: _Run, state, k_sample, n_params,
     else:
       images_lib.save_png(path, images_lib.make_grid(samples[:s.grid_size], ncol=10))
     np.save(os.path.join(workdir, 'samples.npy'), samples[:s.grid_size])
+    if conditions.prompts is not None:      # the grid's prompts, row by row
+      with open(os.path.join(workdir, 'prompts.txt'), 'w', encoding='utf-8') as f:
+        f.writelines(f'{i}: {t}\n' for i, t in enumerate(conditions.prompts.texts[:s.grid_size]))
 
   result['sample_seconds'] = sample_seconds
   if monitor.train_seconds:
@@ -540,9 +564,10 @@ def _sample_and_evaluate(run: _Run, state, k_sample, n_params,
   if setup.eval.enabled and setup.data.name not in evaluation.EVALUATED:   # FID (collective)
     result.update(monitor.metric(samples[:n]))
   elif setup.eval.enabled and is_main:
+    head = conditions.head(n)
     result.update(evaluation.evaluate_samples(
-        setup.data.name, setup.source, samples[:n], None if labels is None else labels[:n],
-        setup.eval.cache_dir or os.path.join(workdir, 'cache')))
+        setup.data.name, setup.source, samples[:n], head.labels,
+        setup.eval.cache_dir or os.path.join(workdir, 'cache'), prompts=head.prompts))
     if 'fd' in result:
       result['fd_ratio'] = result['fd'] / result['fd_floor']
   if is_main:

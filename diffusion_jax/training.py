@@ -63,12 +63,24 @@ def learning_rate_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
   raise ValueError(f"optim.schedule={cfg.schedule!r}; choose 'constant' or 'cosine'")
 
 
-def make_optimizer(cfg: OptimConfig, num_steps: int) -> optax.GradientTransformation:
-  """AdamW with warm-up, optional cosine decay and global-norm gradient clipping."""
+def make_optimizer(cfg: OptimConfig, num_steps: int,
+                   frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
+  """AdamW with warm-up, optional cosine decay and global-norm gradient clipping.
+
+  `frozen` names top-level parameter subtrees (e.g. 'encoder', a pretrained text encoder) whose
+  updates are zero: neither the gradient step nor the weight decay touches them, and they hold
+  no Adam moments."""
   parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
   parts.append(optax.adamw(learning_rate_schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2,
                            weight_decay=cfg.weight_decay))
-  return optax.chain(*parts)
+  optimizer = optax.chain(*parts)
+  if not frozen:
+    return optimizer
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: 'frozen' if path[0].key in frozen else 'train', params)
+  return optax.multi_transform({'train': optimizer, 'frozen': optax.set_to_zero()}, labels)
 
 
 class EMA(NamedTuple):
@@ -150,21 +162,25 @@ def init_train_state(params, optimizer: optax.GradientTransformation, ema_fn: EM
 
 
 def make_train_step(objective, apply_fn, optimizer: optax.GradientTransformation, ema_fn: EMA,
-                    *, conditional: bool = False, grad_accum_steps: int = 1,
-                    batch_constraint=None, posthoc_fn=None):
+                    *, conditional: bool = False, cond_key: str | None = None,
+                    grad_accum_steps: int = 1, batch_constraint=None, posthoc_fn=None):
   """Builds the pure `train_step(state, batch) -> (state, metrics)` of a diffusion objective;
   jit it at the call site.
 
   `objective` is an `objectives.Objective` (called as `objective(model_fn, x0, key, cond)`);
   `apply_fn` is a Flax `Module.apply`. `batch` holds 'image' `[B, ...]` and, if
-  `conditional`, 'label' `[B]`. An objective with `takes_step` (consistency training's
-  curriculum) receives the step. The update itself is `make_loss_train_step`'s.
+  `conditional`, 'label' `[B]` (the model's `cond`). `cond_key='tokens'` conditions on the
+  caption `{'tokens': batch['tokens']}` instead (`models.text.TextConditioned`). An objective
+  with `takes_step` (consistency training's curriculum) receives the step. The update itself
+  is `make_loss_train_step`'s.
   """
   takes_step = objective.takes_step
+  key_name = cond_key or ('label' if conditional else None)
 
   def loss_fn(params, model_state, batch, key, step):
     key_obj, key_dropout = jax.random.split(key)
-    cond = batch['label'] if conditional else None
+    cond = None if key_name is None else (
+        batch['label'] if key_name == 'label' else {key_name: batch[key_name]})
 
     def model_fn(x_t, t, c):
       return apply_fn({'params': params}, x_t, t, c, train=True, rngs={'dropout': key_dropout})

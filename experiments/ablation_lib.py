@@ -31,12 +31,15 @@ from diffusion_jax import checkpointing
 from diffusion_jax import configuration
 from diffusion_jax import evaluation
 from diffusion_jax import generation
+from diffusion_jax import latent_pipeline
+from diffusion_jax import parallel
 from diffusion_jax import parameterization
 from diffusion_jax import run_config
 from diffusion_jax import samplers
 from diffusion_jax import train_loop
 from diffusion_jax.configuration import ConfigError
 from diffusion_jax.data import digits
+from diffusion_jax.data import latents as latents_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +184,16 @@ def _restored(run_dir: str, config_json: str, step: int | None):
                                     step=step)
 
 
+@functools.lru_cache(maxsize=4)
+def _decoder(run_dir: str, config_json: str):
+  """`decode(scaled latents) -> images` of a latent diffusion run (its autoencoder stage)."""
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  info = latents_lib.read_info(os.path.join(run_dir, latent_pipeline.LATENTS_DIR))
+  return latent_pipeline.latent_decoder(latent_pipeline.autoencoder_config(config),
+                                        os.path.join(run_dir, latent_pipeline.AUTOENCODER_DIR),
+                                        info)
+
+
 def measure(run_dir: str, config, sampler: str, steps: int, num: int, cache_dir: str,
             step: int | None = None, keep_options: bool = False) -> dict:
   """Samples `num` images of the run's checkpoint (`step`, default the newest; EMA
@@ -195,13 +208,17 @@ def measure(run_dir: str, config, sampler: str, steps: int, num: int, cache_dir:
   sample = configuration.from_section(run_config.SampleConfig, 'sample', cfg.sample)
   run_config.check_sampler(sample, base.process, base.objective, base.image_shape)
   setup = dataclasses.replace(base, sample=sample)
-  labels = generation.sample_labels(num, setup.num_classes)
+  conditions = generation.sample_conditions(setup, num)
   key = jax.random.split(jax.random.key(cfg.seed))[1]
   t0 = time.time()
   x = generation.generate(generation.make_sample_fn(setup), state.ema_params, key, num,
-                          setup.sample.batch_size, setup.image_shape, labels)
+                          setup.sample.batch_size, setup.image_shape, conditions.cond)
+  if 'latent' in config:             # latent diffusion: measured on the decoded images
+    x = parallel.map_batches(_decoder(run_dir, config.to_json()), x, setup.sample.batch_size,
+                             parallel.make_mesh())
   seconds = time.time() - t0
-  result = evaluation.evaluate_samples(setup.data.name, setup.source, x, labels, cache_dir)
+  result = evaluation.evaluate_samples(setup.data.name, setup.source, x, conditions.labels,
+                                       cache_dir, prompts=conditions.prompts)
   result.update(step=int(at), sampler=sampler, steps=steps, sample_seconds=seconds,
                 nfe=nfe_of(sampler, setup, steps) * (2 if _guided(setup) else 1))
   return result
@@ -245,7 +262,7 @@ def loss_vs_log_snr(run_dir: str, config, *, repeats: int = 20, bins: int = 24) 
 
 def _guided(setup) -> bool:
   """Classifier-free guidance evaluates the network twice per call."""
-  return setup.conditional and setup.sample.guidance_scale != 1.0
+  return setup.cond_key is not None and setup.sample.guidance_scale != 1.0
 
 
 def _takes_step(setup) -> bool:

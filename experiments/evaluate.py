@@ -130,7 +130,7 @@ def main(argv):
   print(f'Evaluating {workdir} at step {step} ({_PARAMS.value} parameters): {num} samples with '
         f'{s.sampler}, {s.steps} steps', flush=True)
 
-  labels = generation.sample_labels(num, setup.num_classes)
+  conditions = generation.sample_conditions(setup, num)
   inception_metrics = None
   if not is_digits:
     try:
@@ -146,7 +146,7 @@ def main(argv):
   kept, grid = [], []
   bar = tqdm.tqdm(total=num, desc='sample', unit='img', dynamic_ncols=True, mininterval=1.0)
   for _, x in generation.generate_batches(generation.make_sample_fn(setup), params, key, num,
-                                          s.batch_size, setup.image_shape, labels):
+                                          s.batch_size, setup.image_shape, conditions.cond):
     if decode is not None:
       x = decode(x)
     if inception_metrics is not None:
@@ -164,8 +164,12 @@ def main(argv):
   else:
     cls_params, cls_info = digits_classifier.load_or_train_digits_classifier(
         setup.eval.cache_dir or cli.default_cache_dir(), seed=0)
-    result.update(evaluation.digits_metrics(cls_params, cls_info, np.concatenate(kept),
-                                            labels))
+    samples = np.concatenate(kept)
+    result.update(evaluation.digits_metrics(cls_params, cls_info, samples, conditions.labels))
+    if conditions.prompts is not None:
+      result.update(evaluation.text_metrics(
+          cls_params, samples, conditions.prompts,
+          setup.eval.cache_dir or cli.default_cache_dir()))
   if _NLL.value:
     test_x, _ = digits.load_digits('test', setup.image_shape[0])
     t1 = time.time()
