@@ -307,7 +307,9 @@ def _resume_and_run(config, setup: Setup, mesh, workdir, ckpt, lock, init, targe
     workdir_lib.write_config(config, workdir)   # a fresh run's (an existing one is kept)
     workdir_lib.append_run_record(workdir, workdir_lib.run_record(mesh))  # code, versions, host
   if state is None:
-    state = jax.jit(init, out_shardings=state_sh)(k_init, pretrained_params(setup))
+    pretrained = pretrained_params(setup)
+    state = jax.jit(init, out_shardings=state_sh)(
+        k_init, *(() if pretrained is None else (pretrained,)))
   else:
     _check_resume_meta(ckpt.read_meta(restored_step), config, setup)
     log.info('resumed from checkpoint step %d in %s', restored_step, ckpt.directory)

@@ -2,6 +2,9 @@
 time (encoded once, guided against the empty or a negative prompt) and the config's errors."""
 
 import dataclasses
+import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ import pytest
 from configs import text_digits
 from diffusion_jax import generation
 from diffusion_jax import run_config
+from diffusion_jax import train_loop
 from diffusion_jax import training
 from diffusion_jax.configuration import ConfigError
 from diffusion_jax.data import sources
@@ -280,3 +284,58 @@ def test_captioned_batches_carry_tokens():
     assert len(named) == 1, text
     assert named[0] in (str(label), ['zero', 'one', 'two', 'three', 'four', 'five', 'six',
                                      'seven', 'eight', 'nine'][label]), (text, label)
+
+
+CLIP_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'clip')
+CLIP_TOKENIZER = os.path.join(CLIP_FIXTURE, 'tokenizer')
+
+
+def _clip_config(tokenizer=CLIP_TOKENIZER):
+  config = text_digits.get_config('smoke')
+  config.model = ml_collections.ConfigDict(dict(
+      name='dit', patch_size=4, hidden_size=16, depth=1, num_heads=2, frequency_dim=16,
+      context_dim=32))
+  config.text.update(encoder='clip', weights=os.path.join(CLIP_FIXTURE, 'text_encoder'),
+                     tokenizer=tokenizer, freeze=True)
+  return config
+
+
+def test_frozen_clip_text_encoder_from_local_weights():
+  """The SD-layout fixture (`tests/fixtures/clip/text_encoder`, made by transformers) as the
+  frozen text encoder: the run's initial state holds its weights, so encoding the fixture's
+  ids gives transformers' last hidden states, and a train step leaves them unchanged."""
+  setup = run_config.build(_clip_config())
+  expected = np.load(os.path.join(CLIP_FIXTURE, 'expected.npz'))
+  assert setup.text.length == 16 and setup.text.width == 32
+  optimizer, ema_fn = train_loop._optimizer_and_ema(setup)  # pylint: disable=protected-access
+  init = train_loop.init_state_fn(setup, optimizer, ema_fn)
+  state = jax.jit(init)(jax.random.key(0), train_loop.pretrained_params(setup))
+  ctx = setup.model.apply({'params': state.params}, jnp.asarray(expected['input_ids']),
+                          method='encode')
+  np.testing.assert_allclose(ctx['context'], expected['te_last_hidden_state'], atol=1e-5)
+  step = jax.jit(training.make_train_step(setup.objective, setup.model.apply, optimizer, ema_fn,
+                                          cond_key='tokens'))
+  batch = {'image': jax.random.normal(jax.random.key(1), (5, 8, 8, 1)),
+           'tokens': jnp.asarray(expected['input_ids'])}
+  new = state
+  for _ in range(2):        # the warm-up's learning rate is 0 at step 0
+    new, _ = step(new, batch)
+  for a, b in zip(jax.tree.leaves(new.params['encoder']),
+                  jax.tree.leaves(state.params['encoder']), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert any(float(jnp.max(jnp.abs(a - b))) > 0 for a, b in zip(
+      jax.tree.leaves(new.params['net']), jax.tree.leaves(state.params['net']), strict=True))
+
+
+def test_clip_tokenizer_that_does_not_match_the_weights(tmp_path):
+  with open(os.path.join(CLIP_FIXTURE, 'tokenizer', 'vocab.json'), encoding='utf-8') as f:
+    vocab = json.load(f)
+  del vocab[next(k for k, v in vocab.items() if v == max(vocab.values()) - 5)]
+  vocab = {k: i for i, k in enumerate(sorted(vocab, key=vocab.get))}
+  for name in ('merges.txt', 'tokenizer_config.json'):
+    shutil.copy(os.path.join(CLIP_FIXTURE, 'tokenizer', name), tmp_path / name)
+  with open(tmp_path / 'vocab.json', 'w', encoding='utf-8') as f:
+    json.dump(vocab, f)
+  with pytest.raises(ConfigError,
+                     match=r'text.tokenizer=.*vocab_size=554, but the CLIP tokenizer has 553'):
+    run_config.build(_clip_config(str(tmp_path)))

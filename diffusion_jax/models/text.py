@@ -104,6 +104,20 @@ class TextEncoder(nn.Module):
     return nn.LayerNorm(dtype=self.dtype, name='final_norm')(h).astype(jnp.float32)
 
 
+class CLIPTextStates(nn.Module):
+  """The CLIP text tower (`models.clip.CLIPTextTransformer`) as a text encoder: tokens
+  `[B, L]` -> its last hidden states `[B, L, hidden_size]` (what Stable Diffusion 1.x
+  cross-attends to; SD 2.x's penultimate layer is the same with one layer fewer in the config).
+  Its parameters are the tower's, under `transformer`."""
+  config: Any     # models.clip.CLIPTextConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    from diffusion_jax.models import clip  # pylint: disable=g-import-not-at-top
+    states, _ = clip.CLIPTextTransformer(self.config, name='transformer')(tokens)
+    return states.astype(jnp.float32)
+
+
 class TextConditioned(nn.Module):
   """`net` (context_dim > 0) conditioned on a caption encoded by `encoder` (see the module
   docstring). `encoder(tokens [B, L]) -> [B, L, D]` with D = `net.context_dim`."""

@@ -27,7 +27,11 @@ TEMPLATES = ('train', 'heldout')
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
   encoder: str = 'transformer'
-  weights: str = ''             # encoder='clip': the directory of the Hugging Face files
+  weights: str = ''             # encoder='clip': the text encoder's Hugging Face directory
+                                # (config.json, model.safetensors; a CLIPTextModel as SD ships
+                                # in text_encoder/, or a whole CLIPModel)
+  tokenizer: str = ''           # encoder='clip': the directory of vocab.json and merges.txt
+                                # (and tokenizer_config.json); '' = `weights`
   freeze: bool = False          # leave the encoder's parameters as initialised / loaded
   width: int = 128              # encoder='transformer': model width (= model.context_dim)
   depth: int = 2
@@ -56,8 +60,12 @@ def build_text(section) -> TextConfig:
                         'Hugging Face config.json, model.safetensors, vocab.json and merges.txt')
     if not os.path.isdir(os.path.expanduser(cfg.weights)):
       raise ConfigError(f'config.text.weights={cfg.weights!r}: no such directory')
-  elif cfg.weights:
-    raise ConfigError(f"config.text.weights={cfg.weights!r}: only encoder='clip' loads weights")
+    if cfg.tokenizer and not os.path.isdir(os.path.expanduser(cfg.tokenizer)):
+      raise ConfigError(f'config.text.tokenizer={cfg.tokenizer!r}: no such directory')
+  elif cfg.weights or cfg.tokenizer:
+    key = 'weights' if cfg.weights else 'tokenizer'
+    raise ConfigError(f"config.text.{key}={getattr(cfg, key)!r}: only encoder='clip' loads "
+                      f'weights and a tokenizer')
   for k in ('width', 'depth', 'num_heads'):
     configuration.positive(f'text.{k}', getattr(cfg, k))
   return cfg
@@ -97,22 +105,33 @@ def build_parts(cfg: TextConfig) -> TextParts:
 
 
 def _clip_parts(cfg: TextConfig) -> TextParts:
-  from diffusion_jax.models import clip  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.models import text as text_models  # pylint: disable=g-import-not-at-top
   from diffusion_jax.text import clip_tokenizer  # pylint: disable=g-import-not-at-top
   from diffusion_jax.weights import clip as clip_weights  # pylint: disable=g-import-not-at-top
   root = os.path.expanduser(cfg.weights)
   try:
-    config, params = clip_weights.load_clip_text(root)
-    tokenizer = clip_tokenizer.CLIPTokenizer.from_directory(root)
-    tokenizer.check_matches(config.vocab_size, os.path.join(root, 'vocab.json'))
+    config, variables = clip_weights.load_clip(root)
   except ValueError as e:
     raise ConfigError(f'config.text.weights={cfg.weights!r}: {str(e).splitlines()[0]}') from None
-  length = cfg.length or min(tokenizer.context_length, config.max_position_embeddings)
-  if length > config.max_position_embeddings:
+  if config.text is None:
+    raise ConfigError(f'config.text.weights={cfg.weights!r}: {config.architecture} has no text '
+                      f'tower')
+  params = variables['params']
+  params = params if config.architecture == 'CLIPTextModel' else params['text_model']
+  text = config.text
+  tok_dir = os.path.expanduser(cfg.tokenizer or cfg.weights)
+  try:
+    tokenizer = clip_tokenizer.CLIPTokenizer.from_directory(tok_dir)
+    tokenizer.check_matches(text.vocab_size, os.path.join(root, 'config.json'))
+  except (ValueError, OSError) as e:
+    raise ConfigError(f'config.text.tokenizer={tok_dir!r}: {str(e).splitlines()[0]}') from None
+  length = cfg.length or min(tokenizer.context_length, text.max_position_embeddings)
+  if length > text.max_position_embeddings:
     raise ConfigError(f'config.text.length={length}: the CLIP text tower has '
-                      f'{config.max_position_embeddings} positions')
-  encoder = clip.CLIPTextStates(config)
-  return TextParts(cfg, tokenizer, encoder, config.hidden_size, length, pretrained=params)
+                      f'{text.max_position_embeddings} positions')
+  encoder = text_models.CLIPTextStates(text)
+  return TextParts(cfg, tokenizer, encoder, text.hidden_size, length,
+                   pretrained={'transformer': params})
 
 
 def check_model(parts: TextParts, model) -> None:
