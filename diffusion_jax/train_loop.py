@@ -618,4 +618,7 @@ def format_eval_line(result: dict) -> str:
           f'FD/floor={result["fd_ratio"]:.2f} '
           f'classifier_test_acc={result["classifier_test_accuracy"]:.4f}'
           + (f' class_accuracy={result["class_accuracy"]:.4f}' if 'class_accuracy' in result
-             else ''))
+             else '')
+          + (f' attribute_accuracy={result["attribute_accuracy"]:.4f} clip_score='
+             f'{result["clip_score"]:.2f} (real {result["clip_score_real"]:.2f})'
+             if 'clip_score' in result else ''))

@@ -180,6 +180,33 @@ def guidance_figure(rows, path):
   _save(fig, path)
 
 
+def text_guidance_figure(rows, path):
+  """A text-conditioned model against the guidance scale: FD with its floor (left), and the
+  digits-CLIP score with its floor (real test digits and their captions), class accuracy and
+  attribute accuracy on the prompts (right)."""
+  plt = _plt()
+  fig, (ax, bx) = plt.subplots(1, 2, figsize=(9.0, 3.6))
+  scales = [r['scale'] for r in rows]
+  ax.plot(scales, [r['fd'] for r in rows], 'o-', color='C0', label='FD')
+  ax.axhline(rows[0]['fd_floor'], color='C0', ls='--', lw=1, label='FD floor')
+  ax.set(xlabel='guidance scale', ylabel='FD vs test digits', title='fidelity')
+  ax.legend(fontsize=7)
+  bx.plot(scales, [r['clip_score'] for r in rows], 'o-', color='C4', label='digits-CLIP score')
+  bx.axhline(rows[0]['clip_score_real'], color='C4', ls='--', lw=1,
+             label='CLIP score of real digits')
+  bx.set(xlabel='guidance scale', ylabel='CLIP score (100 cos)', title='prompt following')
+  bx2 = bx.twinx()
+  bx2.plot(scales, [r['class_accuracy'] for r in rows], 's:', color='C3', label='class accuracy')
+  bx2.plot(scales, [r['attribute_accuracy'] for r in rows], 's:', color='C2',
+           label='attribute accuracy')
+  bx2.set(ylim=(0, 1.05), ylabel='accuracy')
+  h1, l1 = bx.get_legend_handles_labels()
+  h2, l2 = bx2.get_legend_handles_labels()
+  bx.legend(h1 + h2, l1 + l2, fontsize=7, loc='lower right')
+  fig.tight_layout()
+  _save(fig, path)
+
+
 def sample_panels(workdir, runs, path):
   """Each run's samples.png side by side, titled."""
   plt = _plt()

@@ -207,7 +207,8 @@ def _latent_decoder(config, workdir):
 
 def format_result(result: dict) -> str:
   keys = ['fd', 'fd_floor', 'fid', 'inception_score', 'kid', 'kid_floor', 'precision',
-          'precision_floor', 'recall', 'recall_floor', 'class_accuracy', 'bits_per_dim']
+          'precision_floor', 'recall', 'recall_floor', 'class_accuracy', 'attribute_accuracy',
+          'joint_accuracy', 'clip_score', 'clip_score_real', 'bits_per_dim']
   parts = [f'{k}={result[k]:.4g}' for k in keys if k in result]
   return f'EVAL step={result["step"]} {result["sampler"]}/{result["steps"]}: ' + ' '.join(parts)
 

@@ -13,6 +13,11 @@ latents other models diffuse, selected by name through `AUTOENCODERS` (`autoenco
   vq  `AutoencoderVQ`, LDM's VQ-regularised autoencoder, whose codebook is a `VectorQuantizer`;
 and the VQ-VAE quantizer (`vq.py`: `quantize`, the EMA codebook, dead-code restarts,
 `VectorQuantizer`). Their losses are in `diffusion_jax.autoencoder_losses`.
+
+Text: `text.py` holds `TextEncoder` (a small Transformer trained with the denoiser),
+`CLIPTextStates` (the CLIP text tower as an encoder) and `TextConditioned`, a denoiser that reads
+token ids (`config.text`); `clip.py` the CLIP text and image towers (`CLIPModel`), whose
+weights `weights.clip.load_clip` reads from a local Hugging Face folder.
 """
 
 from diffusion_jax.models.autoencoder import (AUTOENCODERS, SD_VAE_CONFIG, AutoencoderKL,
