@@ -51,6 +51,7 @@ T_AE, T_VQ, T_AEL = 'tests/test_autoencoder.py', 'tests/test_vq.py', \
     'tests/test_autoencoder_losses.py'
 TR, EM, T_EMA = 'diffusion_jax/training.py', 'diffusion_jax/ema.py', 'tests/test_ema.py'
 T_VLB = T_ELBO + '::test_ddpm_vlb_terms_are_ho_et_al_eq_5_to_7_per_example'
+TX, T_TEXT = 'diffusion_jax/models/text.py', 'tests/test_text_conditioning.py'
 
 MUTATIONS = [
     # --- processes (processes.py, processes_continuous.py) ----------------------------------
@@ -394,6 +395,31 @@ MUTATIONS = [
      'src = np.clip(np.arange(n_out) * (n_in - 1) / (n_out - 1), 0.0, n_in - 1)', [T_DIG]),
     (DIG, 'a_pinv = np.linalg.pinv(bilinear_matrix())  # [8, 32]',
      'a_pinv = bilinear_matrix().T / 4  # [8, 32]', [T_DIG]),
+    # --- text: conditioning, CLIP, captions, CLIP score --------------------------------------
+    (TX, 'before = jnp.cumsum(is_eos, axis=-1) - is_eos', 'before = jnp.cumsum(is_eos, axis=-1)',
+     [T_TEXT + '::test_context_mask_matches_the_tokenizer']),
+    (TX, 'tokens = jnp.where(drop[:, None], empty[None, :], tokens)',
+     'tokens = jnp.where(drop[:, None], 0, tokens)',
+     [T_TEXT + '::test_caption_dropout_gives_exactly_the_empty_prompt']),
+    (TX, 'h = _EncoderBlock(self.num_heads, dtype=self.dtype, name=f\'block_{i}\')(h, mask)',
+     'h = _EncoderBlock(self.num_heads, dtype=self.dtype, name=f\'block_{i}\')(h, None)',
+     [T_TEXT + '::test_padding_is_not_read_and_the_caption_is']),
+    (TX, 'context = jax.lax.stop_gradient(context)', 'context = context',
+     [T_TEXT + '::test_frozen_encoder_gets_no_gradient_and_no_update']),
+    (TR, "lambda path, _: 'frozen' if path[0].key in frozen else 'train', params)",
+     "lambda path, _: 'train', params)",
+     [T_TEXT + '::test_frozen_encoder_gets_no_gradient_and_no_update']),
+    ('diffusion_jax/generation.py', 'den = guide(den, encode(negative))',
+     'den = guide(den, encode(negative * 0))',
+     [T_TEXT + '::test_guided_sampling_uses_the_negative_prompt_and_encodes_once']),
+    ('diffusion_jax/metrics/clip_score.py', 'return weight * np.maximum(cos, 0.0)',
+     'return weight * cos', ['tests/test_clip_score.py']),
+    ('diffusion_jax/models/clip.py', "'quick_gelu': lambda z: z * jax.nn.sigmoid(1.702 * z),",
+     "'quick_gelu': lambda z: z * jax.nn.sigmoid(1.0 * z),", ['tests/test_clip.py']),
+    ('diffusion_jax/models/clip.py', 'causal = jnp.tril(jnp.ones((n, n), bool))',
+     'causal = jnp.ones((n, n), bool)', ['tests/test_clip.py']),
+    ('diffusion_jax/data/captions.py', 'slant = np.where(mu02 > 1e-12, -mu11 / mu02, np.nan)',
+     'slant = np.where(mu02 > 1e-12, mu11 / mu02, np.nan)', ['tests/test_captions.py']),
 ]
 
 
