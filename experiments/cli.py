@@ -8,6 +8,8 @@ import sys
 
 from absl import flags
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def fail(message: str, code: int = 2):
   """Prints `error: <message>` as one line on stderr and exits; no traceback for user errors."""
@@ -153,3 +155,39 @@ def begin(argv, config_holder, workdir_flag):
   setup_runtime()
   config = config_value(config_holder) if config_holder is not None else None
   return config, os.path.abspath(workdir_flag.value)
+
+
+def parse_flags_with_run_config(argv):
+  """`cli.parse_flags`, with `--config` defaulting to the run's own `config.json` (overrides
+  such as `--config.sample.steps=20` then apply to it)."""
+  args = list(argv)
+  if not any(a == '--config' or a.startswith('--config=') for a in args[1:]):
+    workdir = None
+    for i, a in enumerate(args[1:], 1):
+      if a.startswith('--workdir='):
+        workdir = a.split('=', 1)[1]
+      elif a == '--workdir' and i + 1 < len(args):
+        workdir = args[i + 1]
+    if workdir:
+      path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'config.json')
+      if not os.path.exists(path):
+        fail(f'no --config given and the work dir has no config.json ({path}); pass the '
+             f'run\'s config with --config=...')
+      args.insert(1, f'--config={os.path.join(ROOT, "configs", "json_config.py")}:{path}')
+  return parse_flags(args)
+
+
+def latent_decoder(config, workdir):
+  """`decode(scaled latents) -> images` (numpy, batches split over every device) with the
+  autoencoder of the latent diffusion run in `workdir`."""
+  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import latent_pipeline
+  from diffusion_jax import parallel
+  from diffusion_jax.data import latents as latents_lib
+  # pylint: enable=g-import-not-at-top
+  info = latents_lib.read_info(os.path.join(workdir, latent_pipeline.LATENTS_DIR))
+  decode = latent_pipeline.latent_decoder(latent_pipeline.autoencoder_config(config),
+                                          os.path.join(workdir, latent_pipeline.AUTOENCODER_DIR),
+                                          info)
+  mesh = parallel.make_mesh()
+  return lambda z: parallel.map_batches(decode, z, len(z), mesh)

@@ -51,27 +51,6 @@ _SEED = flags.DEFINE_integer('seed', None, 'Seed of the prior noise and the samp
 _INCEPTION = flags.DEFINE_string('inception_weights', '', 'Converted FID Inception .npz.')
 _REFERENCE = flags.DEFINE_string('reference_stats', '', 'FID reference statistics .npz.')
 flags.mark_flags_as_required(['workdir'])
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def parse_flags(argv):
-  """`cli.parse_flags`, with `--config` defaulting to the run's own `config.json` (overrides
-  such as `--config.sample.steps=20` then apply to it)."""
-  args = list(argv)
-  if not any(a == '--config' or a.startswith('--config=') for a in args[1:]):
-    workdir = None
-    for i, a in enumerate(args[1:], 1):
-      if a.startswith('--workdir='):
-        workdir = a.split('=', 1)[1]
-      elif a == '--workdir' and i + 1 < len(args):
-        workdir = args[i + 1]
-    if workdir:
-      path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'config.json')
-      if not os.path.exists(path):
-        cli.fail(f'no --config given and the work dir has no config.json ({path}); pass the '
-                 f'run\'s config with --config=...')
-      args.insert(1, f'--config={os.path.join(ROOT, "configs", "json_config.py")}:{path}')
-  return cli.parse_flags(args)
 
 
 def main(argv):
@@ -115,7 +94,7 @@ def main(argv):
   with cli.user_errors():
     setup, state, step = train_loop.load_checkpoint(
         config, workdir, step=int(which) if which.isdigit() else None, best=which == 'best')
-    decode = _latent_decoder(config, workdir) if is_latent else None
+    decode = cli.latent_decoder(config, workdir) if is_latent else None
   if _PARAMS.value in ('ema', 'raw'):
     params = state.ema_params if _PARAMS.value == 'ema' else state.params
   else:
@@ -189,22 +168,6 @@ def main(argv):
     print(format_result(result), flush=True)
 
 
-def _latent_decoder(config, workdir):
-  """`decode(scaled latents) -> images` (numpy, batches split over every device) with the
-  autoencoder of the latent diffusion run in `workdir`."""
-  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import latent_pipeline
-  from diffusion_jax import parallel
-  from diffusion_jax.data import latents as latents_lib
-  # pylint: enable=g-import-not-at-top
-  info = latents_lib.read_info(os.path.join(workdir, latent_pipeline.LATENTS_DIR))
-  decode = latent_pipeline.latent_decoder(latent_pipeline.autoencoder_config(config),
-                                          os.path.join(workdir, latent_pipeline.AUTOENCODER_DIR),
-                                          info)
-  mesh = parallel.make_mesh()
-  return lambda z: parallel.map_batches(decode, z, len(z), mesh)
-
-
 def format_result(result: dict) -> str:
   keys = ['fd', 'fd_floor', 'fid', 'inception_score', 'kid', 'kid_floor', 'precision',
           'precision_floor', 'recall', 'recall_floor', 'class_accuracy', 'attribute_accuracy',
@@ -214,5 +177,5 @@ def format_result(result: dict) -> str:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags_with_run_config)
   sys.exit(0)

@@ -23,7 +23,6 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import cli  # noqa: E402
-from experiments import evaluate  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'The run\'s config (default: its <workdir>/config.json).', lock_config=True)
@@ -57,10 +56,14 @@ def main(argv):
   with cli.user_errors():
     setup, state, step = train_loop.load_checkpoint(config, workdir)
     texts = [p for p in _PROMPT.value for _ in range(_PER_PROMPT.value)]
-    tokens = setup.text.tokens(texts, truncate=_TRUNCATE.value)
+    try:
+      tokens = setup.text.tokens(texts, truncate=_TRUNCATE.value)
+      setup.text.tokens([_NEGATIVE.value or ''])
+    except ValueError as e:
+      cli.fail(f'--prompt: {e}')
     sample_fn = generation.make_sample_fn(setup, guidance_scale=_SCALE.value,
                                           negative_prompt=_NEGATIVE.value)
-    decode = evaluate._latent_decoder(config, workdir) if 'latent' in config else None  # pylint: disable=protected-access
+    decode = cli.latent_decoder(config, workdir) if 'latent' in config else None
   x = generation.generate(sample_fn, state.ema_params, jax.random.key(_SEED.value), len(texts),
                           setup.sample.batch_size, setup.image_shape, tokens)
   if decode is not None:
@@ -74,5 +77,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=evaluate.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags_with_run_config)
   sys.exit(0)
