@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 LOCK_NAME = 'run.lock'
 CONFIG_NAME = 'config.json'
 # Keys (dotted prefixes) a resumed run may change: they do not change the trained state.
-MAY_DIFFER = ('train.num_steps', 'sample', 'eval', 'profile', 'log', 'latent.autoencoder.eval')
+MAY_DIFFER = ('train.num_steps', 'sample', 'eval', 'profile', 'log', 'latent.autoencoder.eval',
+              'text.negative_prompt', 'text.eval_templates')
 
 
 class WorkdirBusy(ConfigError):
