@@ -36,7 +36,7 @@ PR_NEIGHBOURS = 3        # Kynkäänniemi et al. 2019
 
 
 def evaluate_samples(data_name: str, source, samples: np.ndarray, labels: np.ndarray | None,
-                     cache_dir: str, *, prompts=None) -> dict:
+                     cache_dir: str, *, prompts=None, digits_clip_steps: int = 0) -> dict:
   """The metrics of `samples` of the data named `data_name` (one of `EVALUATED`):
   `digits_metrics` (the feature classifier trained once and cached in `cache_dir`) or
   `toy_metrics` against the toy `source`; with `prompts` (a text-conditioned model's,
@@ -49,23 +49,27 @@ def evaluate_samples(data_name: str, source, samples: np.ndarray, labels: np.nda
   params, info = digits_classifier.load_or_train_digits_classifier(cache_dir, seed=0)
   result = digits_metrics(params, info, samples, labels)
   if prompts is not None:
-    result.update(text_metrics(params, samples, prompts, cache_dir))
+    result.update(text_metrics(params, samples, prompts, cache_dir,
+                               digits_clip_steps=digits_clip_steps))
   return result
 
 
-def text_metrics(classifier_params, samples: np.ndarray, prompts, cache_dir: str) -> dict:
+def text_metrics(classifier_params, samples: np.ndarray, prompts, cache_dir: str, *,
+                 digits_clip_steps: int = 0) -> dict:
   """How well digits follow their prompts (`prompts.texts`, with the class and attribute
   values each names): `metrics.attributes.attribute_accuracy` (class, attribute and joint
   accuracy, measured on the images) and the digits-CLIP score (`metrics.digits_clip`, trained
   once and cached in `cache_dir`) with its floor, the score of real test digits with their
-  captions (`clip_score_real`), and the digits-CLIP's retrieval accuracy."""
+  captions (`clip_score_real`), and the digits-CLIP's retrieval accuracy. `digits_clip_steps`
+  > 0 trains the digits-CLIP for that many steps instead of its recipe's (smoke runs)."""
   from diffusion_jax.metrics import attributes as attributes_lib  # pylint: disable=g-import-not-at-top
   from diffusion_jax.metrics import digits_clip  # pylint: disable=g-import-not-at-top
   from diffusion_jax.text import words  # pylint: disable=g-import-not-at-top
   x = digits.to_native(samples)
   out = dict(attributes_lib.attribute_accuracy(classifier_params, x, prompts.labels,
                                                prompts.attributes))
-  clip_params, clip_info = digits_clip.load_or_train_digits_clip(cache_dir)
+  clip_params, clip_info = digits_clip.load_or_train_digits_clip(
+      cache_dir, recipe_overrides={'steps': digits_clip_steps} if digits_clip_steps else None)
   tokens = words.WordTokenizer.for_captions().encode(list(prompts.texts))
   out['clip_score'] = float(digits_clip.clip_score(clip_params, x, tokens))
   out['clip_score_real'] = float(clip_info['clip_score_real'])
@@ -274,8 +278,10 @@ class SampleMetric:
   """
 
   def __init__(self, data_name: str, source, cache_dir: str, *, reference_stats: str = '',
-               inception_weights: str = '', inception_sha256: str = '', mesh=None):
+               inception_weights: str = '', inception_sha256: str = '', mesh=None,
+               digits_clip_steps: int = 0):
     self.data_name = data_name
+    self.digits_clip_steps = digits_clip_steps
     self.source = source
     self.cache_dir = cache_dir
     self.name = metric_name(data_name)
@@ -317,7 +323,8 @@ class SampleMetric:
       if labels is not None:
         out['class_accuracy'] = digits_classifier.classifier_accuracy(self.classifier, x, labels)
       if prompts is not None:
-        out.update(text_metrics(self.classifier, x, prompts, self.cache_dir))
+        out.update(text_metrics(self.classifier, x, prompts, self.cache_dir,
+                                digits_clip_steps=self.digits_clip_steps))
       return out
     metrics = InceptionMetrics(self.variables, self.reference, mesh=self.mesh)
     metrics.update(samples)

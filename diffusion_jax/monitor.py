@@ -105,7 +105,8 @@ class Monitor:
       self._metric = evaluation.SampleMetric(
           setup.data.name, setup.source, ev.cache_dir or os.path.join(self.run.workdir, 'cache'),
           reference_stats=ev.reference_stats, inception_weights=ev.inception_weights,
-          inception_sha256=ev.inception_sha256, mesh=self.run.mesh)
+          inception_sha256=ev.inception_sha256, mesh=self.run.mesh,
+          digits_clip_steps=ev.digits_clip_steps)
     return self._metric
 
   @property

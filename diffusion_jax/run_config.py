@@ -116,6 +116,9 @@ class EvalConfig:
   # The SHA-256 of the converted weights (`inception.weights_digest`, printed by
   # experiments.convert_inception): other weights are refused. '' = not pinned.
   inception_sha256: str = ''
+  # Text runs: training steps of the digits-CLIP behind the CLIP score (0: its recipe's 1,200;
+  # smoke configs use a few to stay fast; the number is part of the cached model's recipe).
+  digits_clip_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,6 +379,7 @@ def build_eval(section) -> EvalConfig:
   configuration.positive('eval.num_samples', ev.num_samples)
   configuration.positive('eval.every', ev.every, allow_zero=True)
   configuration.positive('eval.every_num_samples', ev.every_num_samples, allow_zero=True)
+  configuration.positive('eval.digits_clip_steps', ev.digits_clip_steps, allow_zero=True)
   if ev.every and not ev.enabled:
     raise ConfigError(f'config.eval.every={ev.every}: in-loop evaluation needs '
                       f'eval.enabled=True')

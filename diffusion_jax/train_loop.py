@@ -569,7 +569,8 @@ def _sample_and_evaluate(run: _Run, state, k_sample, n_params,
     head = conditions.head(n)
     result.update(evaluation.evaluate_samples(
         setup.data.name, setup.source, samples[:n], head.labels,
-        setup.eval.cache_dir or os.path.join(workdir, 'cache'), prompts=head.prompts))
+        setup.eval.cache_dir or os.path.join(workdir, 'cache'), prompts=head.prompts,
+        digits_clip_steps=setup.eval.digits_clip_steps))
     if 'fd' in result:
       result['fd_ratio'] = result['fd'] / result['fd_floor']
   if is_main:

@@ -218,7 +218,8 @@ def measure(run_dir: str, config, sampler: str, steps: int, num: int, cache_dir:
                              parallel.make_mesh())
   seconds = time.time() - t0
   result = evaluation.evaluate_samples(setup.data.name, setup.source, x, conditions.labels,
-                                       cache_dir, prompts=conditions.prompts)
+                                       cache_dir, prompts=conditions.prompts,
+                                       digits_clip_steps=setup.eval.digits_clip_steps)
   result.update(step=int(at), sampler=sampler, steps=steps, sample_seconds=seconds,
                 nfe=nfe_of(sampler, setup, steps) * (2 if _guided(setup) else 1))
   return result

@@ -148,7 +148,8 @@ def main(argv):
     if conditions.prompts is not None:
       result.update(evaluation.text_metrics(
           cls_params, samples, conditions.prompts,
-          setup.eval.cache_dir or cli.default_cache_dir()))
+          setup.eval.cache_dir or cli.default_cache_dir(),
+          digits_clip_steps=setup.eval.digits_clip_steps))
   if _NLL.value:
     test_x, _ = digits.load_digits('test', setup.image_shape[0])
     t1 = time.time()

@@ -52,15 +52,18 @@ def main(argv):
   from diffusion_jax import generation
   from diffusion_jax import images as images_lib
   from diffusion_jax import train_loop
+  from diffusion_jax.text import conditioning as text_conditioning
   # pylint: enable=g-import-not-at-top
   with cli.user_errors():
-    setup, state, step = train_loop.load_checkpoint(config, workdir)
+    # The prompts are checked first (the tokenizer needs only config.text), then restored.
+    text = text_conditioning.build_parts(text_conditioning.build_text(config.text))
     texts = [p for p in _PROMPT.value for _ in range(_PER_PROMPT.value)]
     try:
-      tokens = setup.text.tokens(texts, truncate=_TRUNCATE.value)
-      setup.text.tokens([_NEGATIVE.value or ''])
+      tokens = text.tokens(texts, truncate=_TRUNCATE.value)
+      text.tokens([_NEGATIVE.value or ''])
     except ValueError as e:
       cli.fail(f'--prompt: {e}')
+    setup, state, step = train_loop.load_checkpoint(config, workdir)
     sample_fn = generation.make_sample_fn(setup, guidance_scale=_SCALE.value,
                                           negative_prompt=_NEGATIVE.value)
     decode = cli.latent_decoder(config, workdir) if 'latent' in config else None

@@ -42,7 +42,8 @@ def subprocess_cache():
 # `make test` runs each file whole on one of two workers (`--dist loadfile`), handing files out
 # in collection order. The longest files go first, so that the run does not end with one worker
 # idle while the other is still in a minute-long file collected late (alphabetically).
-_LONGEST_FIRST = ('test_sharded_training.py', 'test_latent.py', 'test_ablation.py',
+_LONGEST_FIRST = ('test_sharded_training.py', 'test_latent.py', 'test_text_to_image.py',
+                  'test_ablation.py',
                   'test_reliability.py',
                   'test_cli.py', 'test_multiprocess.py', 'test_inception.py',
                   'test_objective_contract.py', 'test_train_loop_models.py')
