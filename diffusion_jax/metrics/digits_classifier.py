@@ -16,12 +16,8 @@ Typical use from a training loop:
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import os
-import tempfile
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 
 from diffusion_jax.data.digits import IMAGE_SHAPE, NUM_CLASSES, load_digits
+from diffusion_jax.metrics import cached_model
 from diffusion_jax.metrics.frechet import FeatureStats, frechet_distance_from_stats
 
 # Bump when anything that changes the trained weights changes (model, data, training code), so
@@ -233,90 +229,17 @@ def classifier_accuracy(params, images, labels) -> float:
 # Cache: one .npz per (recipe, seed) holding the flattened params and a JSON `info` record.
 
 
-class _CacheError(Exception):
-  """A cache file that cannot be trusted; the message says why."""
-
-
-def _recipe_hash(recipe: Mapping[str, Any]) -> str:
-  canonical = json.dumps({k: list(v) if isinstance(v, tuple) else v
-                          for k, v in recipe.items()}, sort_keys=True)
-  return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
 def params_digest(params) -> str:
   """SHA-256 of classifier parameters (a pytree or its flat dict): the identity of its feature
   space, which reference statistics record."""
-  flat = traverse_util.flatten_dict(jax.device_get(params), sep='/')
-  return _params_digest({k: np.asarray(v) for k, v in flat.items()})
-
-
-def _params_digest(flat: Mapping[str, np.ndarray]) -> str:
-  h = hashlib.sha256()
-  for k in sorted(flat):
-    a = np.ascontiguousarray(flat[k])
-    h.update(f'{k}|{a.dtype.str}|{a.shape}|'.encode())
-    h.update(a.tobytes())
-  return h.hexdigest()
+  return cached_model.params_digest(params)
 
 
 def digits_classifier_cache_path(cache_dir: str | os.PathLike, *, seed: int = 0,
-               recipe_overrides: Mapping[str, Any] | None = None) -> str:
+                                 recipe_overrides: Mapping[str, Any] | None = None) -> str:
   """The file `load_or_train_digits_classifier` reads and writes for this recipe and seed."""
-  recipe = _resolve_recipe(recipe_overrides)
-  return os.path.join(os.fspath(cache_dir), f'digits_classifier_v{recipe["version"]}_'
-                      f'{_recipe_hash(recipe)}_seed{seed}.npz')
-
-
-def _save(path: str, params, info: Mapping[str, Any]) -> None:
-  flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep='/').items()}
-  info = dict(info, params_sha256=_params_digest(flat))
-  arrays = {f'params/{k}': v for k, v in flat.items()}
-  arrays['info'] = np.array(json.dumps(info, sort_keys=True))
-  directory = os.path.dirname(path)
-  # Written beside the target and renamed over it: readers, including concurrent runs, see
-  # either the old file or the complete new one, never a partial write.
-  fd, tmp = tempfile.mkstemp(prefix='.tmp_', suffix='.npz', dir=directory)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _load(path: str, recipe: Mapping[str, Any], seed: int):
-  """Returns `(params, info)` from `path`, or raises `_CacheError` saying why not."""
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      info = json.loads(str(z['info']))
-      flat = {k[len('params/'):]: z[k] for k in z.files if k.startswith('params/')}
-  except Exception as e:  # pylint: disable=broad-except
-    # A damaged zip surfaces as BadZipFile, OSError, EOFError, ValueError, KeyError, ...;
-    # whichever it is, the file cannot be used.
-    raise _CacheError(f'unreadable ({type(e).__name__}: {e})') from e
-  if not isinstance(info, dict):
-    raise _CacheError('info record is not a JSON object')
-  if info.get('recipe_hash') != _recipe_hash(recipe) or info.get('seed') != seed:
-    raise _CacheError(f'written for recipe {info.get("recipe_hash")} seed {info.get("seed")}, '
-                      f'expected {_recipe_hash(recipe)} seed {seed}')
-  if info.get('params_sha256') != _params_digest(flat):
-    raise _CacheError('parameter checksum mismatch')
-  expected = traverse_util.flatten_dict(
-      jax.eval_shape(_model(recipe).init, jax.random.key(0),
-                     jnp.zeros((1,) + IMAGE_SHAPE))['params'], sep='/')
-  got = {k: (v.shape, v.dtype) for k, v in flat.items()}
-  want = {k: (v.shape, np.dtype(v.dtype)) for k, v in expected.items()}
-  if got != want:
-    raise _CacheError('parameter tree does not match the model')
-  if not all(np.all(np.isfinite(v)) for v in flat.values()):
-    raise _CacheError('non-finite parameters')
-  if not isinstance(info.get('test_accuracy'), float):
-    raise _CacheError('info has no test_accuracy')
-  return traverse_util.unflatten_dict(flat, sep='/'), info
+  return cached_model.cache_path(cache_dir, 'digits_classifier',
+                                 _resolve_recipe(recipe_overrides), seed)
 
 
 def load_or_train_digits_classifier(cache_dir: str | os.PathLike, *, seed: int = 0,
@@ -324,8 +247,8 @@ def load_or_train_digits_classifier(cache_dir: str | os.PathLike, *, seed: int =
   """Loads the classifier cached in `cache_dir` for this recipe and seed, or trains and caches it.
 
   Trains on `load_digits('train')` and measures accuracy on `load_digits('test')`. The cache
-  file name carries a hash of the recipe, so a changed recipe never loads stale weights; a
-  damaged or mismatched file is logged, retrained and overwritten.
+  (`metrics.cached_model`) file name carries a hash of the recipe, so a changed recipe never
+  loads stale weights; a damaged or mismatched file is logged, retrained and overwritten.
 
   Args:
     cache_dir: directory for the cache file (created if missing); the caller chooses it.
@@ -337,41 +260,30 @@ def load_or_train_digits_classifier(cache_dir: str | os.PathLike, *, seed: int =
     `seed`, `train_seconds`, `cache_path` and `loaded_from_cache`.
   """
   recipe = _resolve_recipe(recipe_overrides)
-  path = digits_classifier_cache_path(cache_dir, seed=seed, recipe_overrides=recipe_overrides)
-  if os.path.exists(path):
-    try:
-      params, info = _load(path, recipe, seed)
-      return params, dict(info, cache_path=path, loaded_from_cache=True)
-    except _CacheError as e:
-      _LOG.warning('digits classifier cache %s is corrupt or stale (%s); retraining and '
-                      'overwriting it.', path, e)
 
-  train_x, train_y = load_digits('train')
-  test_x, test_y = load_digits('test')
-  start = time.perf_counter()
-  params = train_digits_classifier(
-      jax.random.key(seed), train_x, train_y, steps=recipe['steps'],
-      batch_size=recipe['batch_size'], learning_rate=recipe['learning_rate'],
-      weight_decay=recipe['weight_decay'], max_shift=recipe['max_shift'], model=_model(recipe))
-  train_seconds = time.perf_counter() - start
-  info = {
-      'test_accuracy': classifier_accuracy(params, test_x, test_y),
-      'train_accuracy': classifier_accuracy(params, train_x, train_y),
-      'recipe': {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()},
-      'recipe_hash': _recipe_hash(recipe),
-      'seed': seed,
-      'train_seconds': train_seconds,
-  }
-  if info['test_accuracy'] < 0.95:
-    _LOG.warning('digits classifier reached only %.4f test accuracy; its features are a '
-                    'weak basis for Fréchet distance.', info['test_accuracy'])
-  try:
-    os.makedirs(os.fspath(cache_dir), exist_ok=True)
-    _save(path, params, info)
-  except OSError as e:
-    # The weights are good; only the cache is lost, so the caller's evaluation goes on.
-    _LOG.warning('could not write the digits classifier cache %s (%s).', path, e)
-  return params, dict(info, cache_path=path, loaded_from_cache=False)
+  def train():
+    train_x, train_y = load_digits('train')
+    test_x, test_y = load_digits('test')
+    params = train_digits_classifier(
+        jax.random.key(seed), train_x, train_y, steps=recipe['steps'],
+        batch_size=recipe['batch_size'], learning_rate=recipe['learning_rate'],
+        weight_decay=recipe['weight_decay'], max_shift=recipe['max_shift'],
+        model=_model(recipe))
+    info = {'test_accuracy': classifier_accuracy(params, test_x, test_y),
+            'train_accuracy': classifier_accuracy(params, train_x, train_y)}
+    if info['test_accuracy'] < 0.95:
+      _LOG.warning('digits classifier reached only %.4f test accuracy; its features are a '
+                   'weak basis for Fréchet distance.', info['test_accuracy'])
+    return params, info
+
+  def abstract_params():
+    return jax.eval_shape(_model(recipe).init, jax.random.key(0),
+                          jnp.zeros((1,) + IMAGE_SHAPE))['params']
+
+  return cached_model.load_or_train(
+      digits_classifier_cache_path(cache_dir, seed=seed, recipe_overrides=recipe_overrides),
+      recipe, seed, what='digits classifier', abstract_params=abstract_params, train=train,
+      required='test_accuracy')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,12 +20,7 @@ with w = 100 as torchmetrics reports it (the paper's w is 2.5).
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-import logging
 import os
-import tempfile
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 
 from diffusion_jax.data import captions
 from diffusion_jax.data import digits
+from diffusion_jax.metrics import cached_model
 from diffusion_jax.text import words
 
 # Bump when anything that changes the trained weights changes (model, data, captions, training).
@@ -59,7 +54,6 @@ DEFAULT_RECIPE = {
 
 _EVAL_BATCH = 512
 _MAX_SCALE = 100.0
-_LOG = logging.getLogger(__name__)
 
 
 class ImageTower(nn.Module):
@@ -319,12 +313,8 @@ def floor_metrics(params) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Cache: one .npz per (recipe, seed) with the flattened params and a JSON `info` record, as
+# Cache: one .npz per (recipe, seed) (`metrics.cached_model`), as
 # `digits_classifier` keeps its weights.
-
-
-class _CacheError(Exception):
-  """A cache file that cannot be trusted; the message says why."""
 
 
 def _resolve_recipe(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -338,75 +328,11 @@ def _resolve_recipe(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
   return recipe
 
 
-def _recipe_hash(recipe: Mapping[str, Any]) -> str:
-  canonical = json.dumps({k: list(v) if isinstance(v, tuple) else v
-                          for k, v in recipe.items()}, sort_keys=True)
-  return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def _params_digest(flat: Mapping[str, np.ndarray]) -> str:
-  h = hashlib.sha256()
-  for k in sorted(flat):
-    a = np.ascontiguousarray(flat[k])
-    h.update(f'{k}|{a.dtype.str}|{a.shape}|'.encode())
-    h.update(a.tobytes())
-  return h.hexdigest()
-
-
 def digits_clip_cache_path(cache_dir: str | os.PathLike, *, seed: int = 0,
                            recipe_overrides: Mapping[str, Any] | None = None) -> str:
   """The file `load_or_train_digits_clip` reads and writes for this recipe and seed."""
-  recipe = _resolve_recipe(recipe_overrides)
-  return os.path.join(os.fspath(cache_dir), f'digits_clip_v{recipe["version"]}_'
-                      f'{_recipe_hash(recipe)}_seed{seed}.npz')
-
-
-def _save(path: str, params, info: Mapping[str, Any]) -> None:
-  flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep='/').items()}
-  arrays = {f'params/{k}': v for k, v in flat.items()}
-  arrays['info'] = np.array(json.dumps(dict(info, params_sha256=_params_digest(flat)),
-                                       sort_keys=True))
-  # Written beside the target and renamed over it: readers see the old or the whole new file.
-  fd, tmp = tempfile.mkstemp(prefix='.tmp_', suffix='.npz', dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _load(path: str, recipe: Mapping[str, Any], seed: int):
-  """`(params, info)` from `path`, or `_CacheError` saying why not."""
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      info = json.loads(str(z['info']))
-      flat = {k[len('params/'):]: z[k] for k in z.files if k.startswith('params/')}
-  except Exception as e:  # pylint: disable=broad-except  # any damage means: do not use it
-    raise _CacheError(f'unreadable ({type(e).__name__}: {e})') from e
-  if not isinstance(info, dict):
-    raise _CacheError('info record is not a JSON object')
-  if info.get('recipe_hash') != _recipe_hash(recipe) or info.get('seed') != seed:
-    raise _CacheError(f'written for recipe {info.get("recipe_hash")} seed {info.get("seed")}, '
-                      f'expected {_recipe_hash(recipe)} seed {seed}')
-  if info.get('params_sha256') != _params_digest(flat):
-    raise _CacheError('parameter checksum mismatch')
-  length = words.WordTokenizer.for_captions().context_length
-  expected = traverse_util.flatten_dict(jax.eval_shape(
-      _model(recipe).init, jax.random.key(0), jnp.zeros((1,) + digits.IMAGE_SHAPE),
-      jnp.zeros((1, length), jnp.int32))['params'], sep='/')
-  want = {k: (v.shape, np.dtype(v.dtype)) for k, v in expected.items()}
-  if {k: (v.shape, v.dtype) for k, v in flat.items()} != want:
-    raise _CacheError('parameter tree does not match the model')
-  if not all(np.all(np.isfinite(v)) for v in flat.values()):
-    raise _CacheError('non-finite parameters')
-  if not isinstance(info.get('clip_score_real'), float):
-    raise _CacheError('info has no clip_score_real')
-  return traverse_util.unflatten_dict(flat, sep='/'), info
+  return cached_model.cache_path(cache_dir, 'digits_clip', _resolve_recipe(recipe_overrides),
+                                 seed)
 
 
 def load_or_train_digits_clip(cache_dir: str | os.PathLike, *, seed: int = 0,
@@ -424,26 +350,20 @@ def load_or_train_digits_clip(cache_dir: str | os.PathLike, *, seed: int = 0,
     `train_seconds`, `cache_path` and `loaded_from_cache`.
   """
   recipe = _resolve_recipe(recipe_overrides)
-  path = digits_clip_cache_path(cache_dir, seed=seed, recipe_overrides=recipe_overrides)
-  if os.path.exists(path):
-    try:
-      params, info = _load(path, recipe, seed)
-      return params, dict(info, cache_path=path, loaded_from_cache=True)
-    except _CacheError as e:
-      _LOG.warning('digits-CLIP cache %s is corrupt or stale (%s); retraining and overwriting '
-                   'it.', path, e)
-  images, labels = digits.load_digits('train')
-  start = time.perf_counter()
-  params = train_digits_clip(jax.random.key(seed), images, labels,
-                             captions.measure_attributes(images), recipe)
-  train_seconds = time.perf_counter() - start
-  info = dict(floor_metrics(params),
-              recipe={k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()},
-              recipe_hash=_recipe_hash(recipe), seed=seed,
-              train_seconds=train_seconds)
-  try:
-    os.makedirs(os.fspath(cache_dir), exist_ok=True)
-    _save(path, params, info)
-  except OSError as e:
-    _LOG.warning('could not write the digits-CLIP cache %s (%s).', path, e)
-  return params, dict(info, cache_path=path, loaded_from_cache=False)
+
+  def train():
+    images, labels = digits.load_digits('train')
+    params = train_digits_clip(jax.random.key(seed), images, labels,
+                               captions.measure_attributes(images), recipe)
+    return params, floor_metrics(params)
+
+  def abstract_params():
+    length = words.WordTokenizer.for_captions().context_length
+    return jax.eval_shape(_model(recipe).init, jax.random.key(0),
+                          jnp.zeros((1,) + digits.IMAGE_SHAPE),
+                          jnp.zeros((1, length), jnp.int32))['params']
+
+  return cached_model.load_or_train(
+      digits_clip_cache_path(cache_dir, seed=seed, recipe_overrides=recipe_overrides), recipe,
+      seed, what='digits-CLIP', abstract_params=abstract_params, train=train,
+      required='clip_score_real')
