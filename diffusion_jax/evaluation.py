@@ -329,3 +329,26 @@ class SampleMetric:
     metrics = InceptionMetrics(self.variables, self.reference, mesh=self.mesh)
     metrics.update(samples)
     return metrics.result()
+
+
+def format_eval_line(result: dict) -> str:
+  """One line for a run's final evaluation: reconstruction, SW, or FD with the class, attribute
+  and CLIP numbers a conditional model adds."""
+  if 'reconstruction_psnr' in result:
+    return (f'EVAL step={result["step"]}: reconstruction PSNR='
+            f'{result["reconstruction_psnr"]:.2f} dB MSE={result["reconstruction_mse"]:.5f} '
+            f'(held-out, n={result["num_reconstructed"]})')
+  if 'sw' in result:
+    return (f'EVAL step={result["step"]}: SW={result["sw"]:.4f} floor={result["sw_floor"]:.4f} '
+            f'(exact vs exact, n={result["num_generated"]}) SW/floor={result["sw_ratio"]:.2f}')
+  if 'fd' not in result:
+    return f'EVAL step={result["step"]}: evaluation disabled'
+  return (f'EVAL step={result["step"]}: FD={result["fd"]:.3f} '
+          f'floor={result["fd_floor"]:.3f} (real train vs real test, n={result["num_generated"]}) '
+          f'FD/floor={result["fd_ratio"]:.2f} '
+          f'classifier_test_acc={result["classifier_test_accuracy"]:.4f}'
+          + (f' class_accuracy={result["class_accuracy"]:.4f}' if 'class_accuracy' in result
+             else '')
+          + (f' attribute_accuracy={result["attribute_accuracy"]:.4f} clip_score='
+             f'{result["clip_score"]:.2f} (real {result["clip_score_real"]:.2f})'
+             if 'clip_score' in result else ''))

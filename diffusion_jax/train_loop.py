@@ -67,6 +67,7 @@ from diffusion_jax.data import loader as data_loader
 from diffusion_jax.generation import generate
 from diffusion_jax.run_config import Setup
 from diffusion_jax.run_config import build
+from diffusion_jax.text import conditioning as text_conditioning
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ def init_state_fn(setup: Setup, optimizer, ema_fn):
     params = setup.model.init({'params': k_params}, x, t, run_config.example_cond(setup.model))
     params = params['params']
     if pretrained is not None:      # the text encoder's loaded weights replace its random ones
-      params = {**params, 'encoder': check_pretrained(params['encoder'], pretrained)}
+      params = {**params, 'encoder': text_conditioning.check_pretrained(params['encoder'],
+                                                                         pretrained)}
     return training.init_train_state(params, optimizer, ema_fn, k_state, posthoc_fn=posthoc_fn)
   return init
 
@@ -106,17 +108,6 @@ def init_state_fn(setup: Setup, optimizer, ema_fn):
 def pretrained_params(setup: Setup):
   """The text encoder's loaded parameters (text.encoder='clip'), else None."""
   return None if getattr(setup, 'text', None) is None else setup.text.pretrained
-
-
-def check_pretrained(initialised, loaded):
-  """`loaded`, after checking it has the structure and shapes of `initialised`."""
-  want = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), initialised)
-  got = jax.tree.map(lambda a: (tuple(jax.numpy.shape(a)), str(jax.numpy.result_type(a))),
-                     loaded)
-  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-    raise ConfigError('config.text.weights: the loaded text encoder does not have the '
-                      'parameters of the configured one (structure or shapes differ)')
-  return loaded
 
 
 def posthoc_tracker(setup: Setup):
@@ -605,21 +596,5 @@ def _evaluate_autoencoder(run: _Run, state, n_params) -> dict:
 
 
 def format_eval_line(result: dict) -> str:
-  if 'reconstruction_psnr' in result:
-    return (f'EVAL step={result["step"]}: reconstruction PSNR='
-            f'{result["reconstruction_psnr"]:.2f} dB MSE={result["reconstruction_mse"]:.5f} '
-            f'(held-out, n={result["num_reconstructed"]})')
-  if 'sw' in result:
-    return (f'EVAL step={result["step"]}: SW={result["sw"]:.4f} floor={result["sw_floor"]:.4f} '
-            f'(exact vs exact, n={result["num_generated"]}) SW/floor={result["sw_ratio"]:.2f}')
-  if 'fd' not in result:
-    return f'EVAL step={result["step"]}: evaluation disabled'
-  return (f'EVAL step={result["step"]}: FD={result["fd"]:.3f} '
-          f'floor={result["fd_floor"]:.3f} (real train vs real test, n={result["num_generated"]}) '
-          f'FD/floor={result["fd_ratio"]:.2f} '
-          f'classifier_test_acc={result["classifier_test_accuracy"]:.4f}'
-          + (f' class_accuracy={result["class_accuracy"]:.4f}' if 'class_accuracy' in result
-             else '')
-          + (f' attribute_accuracy={result["attribute_accuracy"]:.4f} clip_score='
-             f'{result["clip_score"]:.2f} (real {result["clip_score_real"]:.2f})'
-             if 'clip_score' in result else ''))
+  """The run's one-line evaluation summary (`evaluation.format_eval_line`)."""
+  return evaluation.format_eval_line(result)

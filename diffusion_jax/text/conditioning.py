@@ -195,3 +195,16 @@ def prompt_conditions(parts: TextParts, num: int, *, seed: int = 0) -> Prompts:
       num, seed=seed, templates=parts.config.eval_templates)
   return Prompts(list(texts), parts.tokens(texts), np.asarray(labels, np.int32),
                  np.asarray(attributes, np.int32))
+
+
+def check_pretrained(initialised, loaded):
+  """`loaded` (the encoder's pretrained parameters), after checking it has the structure,
+  shapes and dtypes of the `initialised` ones."""
+  import jax  # pylint: disable=g-import-not-at-top
+  want = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), initialised)
+  got = jax.tree.map(lambda a: (tuple(jax.numpy.shape(a)), str(jax.numpy.result_type(a))),
+                     loaded)
+  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+    raise ConfigError('config.text.weights: the loaded text encoder does not have the '
+                      'parameters of the configured one (structure or shapes differ)')
+  return loaded
