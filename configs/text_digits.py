@@ -10,9 +10,11 @@ has no class embedding, so the class comes from the text alone. 10 % of captions
 the empty prompt, and samples are guided (scale 2) against it. Evaluation prompts use the
 held-out templates: class accuracy, attribute accuracy and the digits-CLIP score beside FD.
 
-Variants (comma-separated): `smoke` (seconds, for tests), `clip=<dir>` is not a variant: set
-`--config.text.encoder=clip --config.text.weights=<dir> --config.text.freeze=True
---config.model.context_dim=<its hidden_size>` for a frozen CLIP text tower.
+Variants (comma-separated): `smoke` (seconds, for tests) and the model variants of
+`configs/digits.py` (e.g. `dit`). For a frozen CLIP text tower instead of the trained encoder:
+`--config.text.encoder=clip --config.text.weights=<text_encoder dir>
+--config.text.tokenizer=<tokenizer dir> --config.text.freeze=True
+--config.model.context_dim=<its hidden_size>`.
 """
 
 import ml_collections
@@ -31,7 +33,12 @@ def text_section(**values) -> dict:
 def add_text(c: ml_collections.ConfigDict, smoke: bool = False) -> ml_collections.ConfigDict:
   """Makes the digits config `c` text-conditioned (in place)."""
   c.text = text_section(width=CONTEXT_WIDTH, depth=2, num_heads=4, caption_dropout=0.1)
-  c.model.update(context_dim=CONTEXT_WIDTH, attn_resolutions=(8, 4), num_heads=2)
+  c.model.context_dim = CONTEXT_WIDTH
+  if c.model.name == 'unet':     # cross-attention at every attention site: 8x8 and 4x4
+    c.model.update(attn_resolutions=(8, 4), num_heads=2)
+  elif c.model.name != 'dit':
+    raise ValueError(f'configs/text_digits.py: model {c.model.name!r} has no cross-attention; '
+                     f'use the U-Net or `dit`')
   c.sample.guidance_scale = 2.0
   if smoke:
     c.text.update(width=16, depth=1, num_heads=2)

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from configs import text_digits
+from configs import tiny_sd
 from diffusion_jax import generation
 from diffusion_jax import run_config
 from diffusion_jax import train_loop
@@ -357,3 +358,13 @@ def test_clip_tokenizer_that_does_not_match_the_weights(tmp_path):
   with pytest.raises(ConfigError,
                      match=r'text.tokenizer=.*vocab_size=554, but the CLIP tokenizer has 553'):
     run_config.build(_clip_config(str(tmp_path)))
+
+
+@pytest.mark.parametrize('variant', ['smoke', 'smoke,dit'])
+def test_text_configs_build_with_the_unet_and_the_dit(variant):
+  for get_config in (text_digits.get_config, tiny_sd.get_config):
+    config = get_config(variant)
+    setup = run_config.build(config, image_shape=(8, 8, 2) if 'latent' in config else None)
+    assert setup.model.net.context_dim == setup.text.width
+  with pytest.raises(ValueError, match="model 'mlp' has no cross-attention"):
+    text_digits.get_config('smoke,mlp')
