@@ -54,22 +54,30 @@ def evaluate_samples(data_name: str, source, samples: np.ndarray, labels: np.nda
   return result
 
 
+def load_digits_clip(cache_dir: str, steps: int = 0):
+  """The digits-CLIP behind the CLIP score (`metrics.digits_clip`; `steps` > 0 replaces its
+  recipe's training steps), trained once and cached in `cache_dir`."""
+  from diffusion_jax.metrics import digits_clip  # pylint: disable=g-import-not-at-top
+  return digits_clip.load_or_train_digits_clip(
+      cache_dir, recipe_overrides={'steps': steps} if steps else None)
+
+
 def text_metrics(classifier_params, samples: np.ndarray, prompts, cache_dir: str, *,
-                 digits_clip_steps: int = 0) -> dict:
+                 digits_clip_steps: int = 0, digits_clip_model=None) -> dict:
   """How well digits follow their prompts (`prompts.texts`, with the class and attribute
   values each names): `metrics.attributes.attribute_accuracy` (class, attribute and joint
   accuracy, measured on the images) and the digits-CLIP score (`metrics.digits_clip`, trained
   once and cached in `cache_dir`) with its floor, the score of real test digits with their
   captions (`clip_score_real`), and the digits-CLIP's retrieval accuracy. `digits_clip_steps`
-  > 0 trains the digits-CLIP for that many steps instead of its recipe's (smoke runs)."""
+  > 0 trains the digits-CLIP for that many steps instead of its recipe's (smoke runs);
+  `digits_clip_model` (`(params, info)`, already loaded) skips reading it from the cache."""
   from diffusion_jax.metrics import attributes as attributes_lib  # pylint: disable=g-import-not-at-top
   from diffusion_jax.metrics import digits_clip  # pylint: disable=g-import-not-at-top
   from diffusion_jax.text import words  # pylint: disable=g-import-not-at-top
   x = digits.to_native(samples)
   out = dict(attributes_lib.attribute_accuracy(classifier_params, x, prompts.labels,
                                                prompts.attributes))
-  clip_params, clip_info = digits_clip.load_or_train_digits_clip(
-      cache_dir, recipe_overrides={'steps': digits_clip_steps} if digits_clip_steps else None)
+  clip_params, clip_info = digits_clip_model or load_digits_clip(cache_dir, digits_clip_steps)
   tokens = words.WordTokenizer.for_captions().encode(list(prompts.texts))
   out['clip_score'] = float(digits_clip.clip_score(clip_params, x, tokens))
   out['clip_score_real'] = float(clip_info['clip_score_real'])
@@ -282,6 +290,7 @@ class SampleMetric:
                digits_clip_steps: int = 0):
     self.data_name = data_name
     self.digits_clip_steps = digits_clip_steps
+    self._digits_clip = None
     self.source = source
     self.cache_dir = cache_dir
     self.name = metric_name(data_name)
@@ -323,8 +332,10 @@ class SampleMetric:
       if labels is not None:
         out['class_accuracy'] = digits_classifier.classifier_accuracy(self.classifier, x, labels)
       if prompts is not None:
+        if self._digits_clip is None:     # loaded once, reused by every evaluation
+          self._digits_clip = load_digits_clip(self.cache_dir, self.digits_clip_steps)
         out.update(text_metrics(self.classifier, x, prompts, self.cache_dir,
-                                digits_clip_steps=self.digits_clip_steps))
+                                digits_clip_model=self._digits_clip))
       return out
     metrics = InceptionMetrics(self.variables, self.reference, mesh=self.mesh)
     metrics.update(samples)

@@ -27,6 +27,19 @@ class CacheError(Exception):
   """A cache file that cannot be used (the message says why)."""
 
 
+def resolve_recipe(defaults: Mapping[str, Any], overrides: Mapping[str, Any] | None,
+                   what: str) -> dict[str, Any]:
+  """`defaults` with `overrides` replacing some entries (not `version`); an unknown key is a
+  ValueError naming `what`. Tuple-valued entries stay tuples (the hash lists them)."""
+  recipe = dict(defaults)
+  for k, v in (overrides or {}).items():
+    if k not in recipe or k == 'version':
+      raise ValueError(f'{what}: unknown recipe key {k!r}; expected one of '
+                       f'{sorted(set(recipe) - {"version"})}')
+    recipe[k] = tuple(v) if isinstance(defaults[k], tuple) else v
+  return recipe
+
+
 def recipe_hash(recipe: Mapping[str, Any]) -> str:
   canonical = json.dumps({k: list(v) if isinstance(v, tuple) else v
                           for k, v in recipe.items()}, sort_keys=True)

@@ -86,14 +86,7 @@ def _model(recipe: Mapping[str, Any]) -> DigitsClassifier:
 
 
 def _resolve_recipe(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-  recipe = dict(DEFAULT_RECIPE)
-  for k, v in (overrides or {}).items():
-    if k not in recipe or k == 'version':
-      raise ValueError(f'digits classifier: unknown recipe key {k!r}; expected one of '
-                       f'{sorted(set(recipe) - {"version"})}')
-    recipe[k] = v
-  recipe['conv_widths'] = tuple(recipe['conv_widths'])
-  return recipe
+  return cached_model.resolve_recipe(DEFAULT_RECIPE, overrides, 'digits classifier')
 
 
 def _random_shift(key, x, max_shift: int):

@@ -318,14 +318,7 @@ def floor_metrics(params) -> dict[str, float]:
 
 
 def _resolve_recipe(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-  recipe = dict(DEFAULT_RECIPE)
-  for k, v in (overrides or {}).items():
-    if k not in recipe or k == 'version':
-      raise ValueError(f'digits-CLIP: unknown recipe key {k!r}; expected one of '
-                       f'{sorted(set(recipe) - {"version"})}')
-    recipe[k] = v
-  recipe['conv_widths'] = tuple(recipe['conv_widths'])
-  return recipe
+  return cached_model.resolve_recipe(DEFAULT_RECIPE, overrides, 'digits-CLIP')
 
 
 def digits_clip_cache_path(cache_dir: str | os.PathLike, *, seed: int = 0,
