@@ -106,8 +106,9 @@ def init_state_fn(setup: Setup, optimizer, ema_fn):
 
 
 def pretrained_params(setup: Setup):
-  """The text encoder's loaded parameters (text.encoder='clip'), else None."""
-  return None if getattr(setup, 'text', None) is None else setup.text.pretrained
+  """The text encoder's pretrained parameters, read now (text.encoder='clip'), else None."""
+  load = getattr(getattr(setup, 'text', None), 'pretrained', None)
+  return None if load is None else load()
 
 
 def posthoc_tracker(setup: Setup):

@@ -79,7 +79,9 @@ class TextParts:
   encoder: object                   # a Flax module: tokens [B, L] -> states [B, L, width]
   width: int
   length: int
-  pretrained: object = None         # the encoder's parameters, loaded (encoder='clip')
+  # encoder='clip': `pretrained() -> params` reads the encoder's weights (only when a run
+  # initialises, not whenever a config is built).
+  pretrained: object = None
 
   def tokens(self, texts, *, truncate: bool = False) -> np.ndarray:
     """`[N, length]` int32 token ids of `texts` (one-line errors for unknown words or a prompt
@@ -110,14 +112,21 @@ def _clip_parts(cfg: TextConfig) -> TextParts:
   from diffusion_jax.weights import clip as clip_weights  # pylint: disable=g-import-not-at-top
   root = os.path.expanduser(cfg.weights)
   try:
-    config, variables = clip_weights.load_clip(root)
+    config = clip_weights.load_clip_config(root)
   except ValueError as e:
     raise ConfigError(f'config.text.weights={cfg.weights!r}: {str(e).splitlines()[0]}') from None
   if config.text is None:
     raise ConfigError(f'config.text.weights={cfg.weights!r}: {config.architecture} has no text '
                       f'tower')
-  params = variables['params']
-  params = params if config.architecture == 'CLIPTextModel' else params['text_model']
+
+  def pretrained():
+    try:
+      params = clip_weights.load_clip(root)[1]['params']
+    except ValueError as e:
+      raise ConfigError(f'config.text.weights={cfg.weights!r}: '
+                        f'{str(e).splitlines()[0]}') from None
+    return {'transformer': params if config.architecture == 'CLIPTextModel'
+            else params['text_model']}
   text = config.text
   tok_dir = os.path.expanduser(cfg.tokenizer or cfg.weights)
   try:
@@ -130,8 +139,7 @@ def _clip_parts(cfg: TextConfig) -> TextParts:
     raise ConfigError(f'config.text.length={length}: the CLIP text tower has '
                       f'{text.max_position_embeddings} positions')
   encoder = text_models.CLIPTextStates(text)
-  return TextParts(cfg, tokenizer, encoder, text.hidden_size, length,
-                   pretrained={'transformer': params})
+  return TextParts(cfg, tokenizer, encoder, text.hidden_size, length, pretrained=pretrained)
 
 
 def check_model(parts: TextParts, model) -> None:

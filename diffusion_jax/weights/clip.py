@@ -128,10 +128,9 @@ def clip_variables(state_dict: Mapping[str, np.ndarray], config: CLIPConfig,
   return {'params': traverse_util.unflatten_dict(flat, sep='/')}
 
 
-def load_clip(path: str) -> tuple[CLIPConfig, dict]:
-  """A local HF CLIP directory (config.json + model.safetensors) -> `(config, variables)`:
-  `config.module().apply(variables, …)` runs it (the module per architecture: module
-  docstring); float32. Sharded or `.bin` checkpoints are not read."""
+def load_clip_config(path: str) -> CLIPConfig:
+  """The `CLIPConfig` of a local HF CLIP directory (its config.json; model.safetensors must be
+  there too), without reading the weights."""
   config_file = os.path.join(path, 'config.json')
   weights_file = os.path.join(path, 'model.safetensors')
   for file in (config_file, weights_file):
@@ -140,10 +139,18 @@ def load_clip(path: str) -> tuple[CLIPConfig, dict]:
                        f'model.safetensors)')
   try:
     with open(config_file, encoding='utf-8') as f:
-      config = CLIPConfig.from_hf_dict(json.load(f))
+      return CLIPConfig.from_hf_dict(json.load(f))
   except (ValueError, TypeError) as e:
     text = ' '.join(str(e).split())
     raise ValueError(f'load_clip: {config_file}: {text[:200]}') from None
+
+
+def load_clip(path: str) -> tuple[CLIPConfig, dict]:
+  """A local HF CLIP directory (config.json + model.safetensors) -> `(config, variables)`:
+  `config.module().apply(variables, …)` runs it (the module per architecture: module
+  docstring); float32. Sharded or `.bin` checkpoints are not read."""
+  config = load_clip_config(path)
+  weights_file = os.path.join(path, 'model.safetensors')
   try:
     state_dict = safetensors.numpy.load_file(weights_file)
   except TypeError:
