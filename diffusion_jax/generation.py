@@ -14,7 +14,9 @@ import numpy as np
 from diffusion_jax import guidance
 from diffusion_jax import parallel
 from diffusion_jax import parameterization
+from diffusion_jax import run_config
 from diffusion_jax import samplers
+from diffusion_jax.data import derived
 from diffusion_jax.run_config import Setup
 
 
@@ -113,11 +115,14 @@ def sample_labels(num: int, num_classes: int) -> np.ndarray | None:
 @dataclasses.dataclass(frozen=True)
 class Conditions:
   """What `num` evaluation samples are conditioned on: `cond[i]` goes to sample i (labels
-  `[N]` or prompt tokens `[N, L]`; None if unconditional), `labels` the intended classes, and
-  for text the `prompts` (`text.conditioning.Prompts`: texts and attribute values)."""
+  `[N]`, prompt tokens `[N, L]` or image-derived conditions `[N, ...]`; None if
+  unconditional), `labels` the intended classes, for text the `prompts`
+  (`text.conditioning.Prompts`: texts and attribute values), and for an image-derived condition
+  the held-out `references` it was computed from."""
   cond: np.ndarray | None
   labels: np.ndarray | None
   prompts: object = None
+  references: np.ndarray | None = None
 
   def head(self, n: int) -> 'Conditions':
     """The first `n` samples' conditions."""
@@ -126,12 +131,18 @@ class Conditions:
     if prompts is not None:
       prompts = dataclasses.replace(prompts, texts=prompts.texts[:n], tokens=prompts.tokens[:n],
                                     labels=prompts.labels[:n], attributes=prompts.attributes[:n])
-    return Conditions(cut(self.cond), cut(self.labels), prompts)
+    return Conditions(cut(self.cond), cut(self.labels), prompts, cut(self.references))
 
 
 def sample_conditions(setup: Setup, num: int) -> Conditions:
   """Sample i's condition: class `i % num_classes`, or for text the i-th evaluation prompt
-  (`text.conditioning.prompt_conditions`: class `i % 10`, held-out templates by default)."""
+  (`text.conditioning.prompt_conditions`: class `i % 10`, held-out templates by default), or
+  for an image-derived condition that of held-out image `i` (the data's test split, cycled)."""
+  condition = getattr(setup, 'condition', None)
+  if condition is not None:
+    test = run_config.open_source(dataclasses.replace(setup.data, split='test'))
+    conds, refs = derived.held_out(condition, test.images, num)
+    return Conditions(conds, None, references=refs)
   if setup.text is not None:
     from diffusion_jax.text import conditioning  # pylint: disable=g-import-not-at-top
     prompts = conditioning.prompt_conditions(setup.text, num)
@@ -168,7 +179,8 @@ def generate_batches(sample_fn, params, key, num: int, batch_size: int, image_sh
     idx = parallel.from_host(np.arange(start, start + size, dtype=np.int32), rows)
     cond = None
     if labels is not None:    # repeated to fill the batch; the extra rows are dropped
-      part = np.asarray(labels[start:start + n], np.int32)
+      part = np.asarray(labels[start:start + n])
+      part = part.astype(np.int32 if np.issubdtype(part.dtype, np.integer) else np.float32)
       cond = parallel.from_host(part[np.arange(size) % n], rows)
     x = sample_fn(params, prior(idx), jax.random.fold_in(k_sampler, start), cond)
     yield start, parallel.to_host(x)[:n]

@@ -7,6 +7,7 @@ combination fails in seconds.
 """
 
 import dataclasses
+import importlib
 import inspect
 import json
 import os
@@ -20,22 +21,32 @@ import ml_collections
 from diffusion_jax import configuration
 from diffusion_jax import ema as ema_lib
 from diffusion_jax import evaluation
+from diffusion_jax import finetune
 from diffusion_jax import metric_writer
 from diffusion_jax import objectives
 from diffusion_jax import parameterization
 from diffusion_jax import parallel
 from diffusion_jax import processes
+from diffusion_jax import progressive
 from diffusion_jax import samplers
 from diffusion_jax import training
 from diffusion_jax.configuration import ConfigError
+from diffusion_jax.data import derived
 from diffusion_jax.data import sources
 from diffusion_jax.models import MODELS
 from diffusion_jax.models.autoencoder import AUTOENCODERS
 from diffusion_jax.text import conditioning as text_conditioning
 
+# Sections whose builder wraps the model and derives its condition from the image
+# (`data.derived`): name -> 'module:function', called as
+# `builder(section, model, image_shape) -> (model, ImageCondition)`.
+CONDITION_BUILDERS = {}
+
 # `latent`: a latent diffusion run's autoencoder stage (`latent_pipeline`); `build` ignores it.
+# `base`: the trained run a fine-tune or an adapter starts from (`finetune`); `lora`: low-rank
+# adapters on it (`models.lora`).
 SECTIONS = ('seed', 'data', 'process', 'objective', 'model', 'optim', 'train', 'sample',
-            'eval', 'latent', 'profile', 'log', 'text')
+            'eval', 'latent', 'profile', 'log', 'text', 'base', 'lora', *CONDITION_BUILDERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +80,9 @@ class TrainConfig:
   # mock CIFAR-10 1.2x faster on 2 cores (docs/loader_benchmark.md); on many-core hosts with
   # JPEG/PNG decoding, more pay off. The batches are the same whatever the count.
   data_workers: int = 0
+  # Progressive training (`progressive`): ((0, 8), (N, 16)) trains on the data average-pooled to
+  # 8x8 for steps 0 .. N-1, then at 16x16 (the last stage at the data's size); () = off.
+  resolution_schedule: tuple[tuple[int, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +173,8 @@ class Setup:
   profile: ProfileConfig = ProfileConfig()
   log: LogConfig = LogConfig()
   text: Any = None               # text_conditioning.TextParts of a text-conditioned run
+  base: Any = None               # finetune.BaseParts of a run that starts from a trained one
+  condition: Any = None          # data.derived.ImageCondition (control map, low-res image)
 
   @property
   def num_classes(self) -> int:
@@ -166,8 +182,24 @@ class Setup:
 
   @property
   def cond_key(self) -> str | None:
-    """The batch key the model is conditioned on: 'tokens' (captions), 'label' or None."""
-    return 'tokens' if self.text is not None else 'label' if self.conditional else None
+    """The batch key the model is conditioned on: 'tokens' (captions), an image-derived
+    condition's key ('control', 'low_res', ...), 'label' or None."""
+    if self.text is not None:
+      return 'tokens'
+    if self.condition is not None:
+      return self.condition.key
+    return 'label' if self.conditional else None
+
+  @property
+  def frozen(self) -> tuple[str, ...]:
+    """Top-level parameter subtrees the optimizer leaves alone: an adapter's 'base', a frozen
+    text encoder's 'encoder'."""
+    out = ()
+    if self.base is not None and getattr(self.model, 'base_model', None) is not None:
+      out += ('base',)
+    if self.text is not None and self.text.config.freeze:
+      out += ('encoder',)
+    return out
 
 
 def section_defaults(model_name: str | None = None) -> dict:
@@ -176,7 +208,8 @@ def section_defaults(model_name: str | None = None) -> dict:
   as `config.json` stores it (tuples as lists)."""
   sections = [('data', sources.DataConfig), ('train', TrainConfig),
               ('optim', training.OptimConfig), ('eval', EvalConfig), ('profile', ProfileConfig),
-              ('log', LogConfig), ('text', text_conditioning.TextConfig)]
+              ('log', LogConfig), ('text', text_conditioning.TextConfig),
+              ('base', finetune.BaseConfig)]
   if model_name in MODELS or model_name in AUTOENCODERS:
     sections.append(('model', MODELS.get(model_name) or AUTOENCODERS[model_name]))
   out = {}
@@ -216,6 +249,10 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
   process = _build_process(config.process)
   objective = _build_objective(config.objective, process)
   model = build_model(config.model)
+  base = None
+  if 'base' in config:
+    base = finetune.build_base(config.base, config, section_defaults(config.model.get('name')))
+  model = _build_adapter(config, model, base)
   text = None
   if 'text' in config:
     text = text_conditioning.build_parts(text_conditioning.build_text(config.text))
@@ -223,9 +260,14 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
     model = text_conditioning.wrap_model(text, model)
     if source is not None:
       source = text_conditioning.caption_source(text, data, source)
-  _check_model(model, image_shape)
+  model, condition = _build_condition(config, model, image_shape)
+  if condition is not None and source is not None:
+    source = derived.DerivedSource(source, condition)
+  _check_model(model, image_shape, condition)
   _check_out_channels(model, objective, image_shape)
   train = build_train(config.train)
+  progressive.check_schedule(train.resolution_schedule, image_shape,
+                             lambda shape: _check_model(model, shape))
   optim = build_optim(config.optim)
   sample = _build_sample(config.sample)
   check_sampler(sample, process, objective, image_shape)
@@ -246,7 +288,42 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
                objective=objective, model=model, conditional=conditional,
                data=data, image_shape=image_shape, source=source,
                profile=build_profile(config.get('profile', {})),
-               log=build_log(config.get('log', {})), text=text)
+               log=build_log(config.get('log', {})), text=text, base=base,
+               condition=condition)
+
+
+def _build_adapter(config, model, base):
+  """`model` wrapped by the adapter its config names (`config.lora`), which needs a base."""
+  if 'lora' not in config:
+    return model
+  if base is None:
+    raise ConfigError('config.lora: low-rank adapters need a trained base run: set '
+                      'config.base.workdir')
+  from diffusion_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  cfg = configuration.from_section(lora_lib.LoraConfig, 'lora', config.lora)
+  try:
+    return lora_lib.LoraModel(model, cfg)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.lora: {str(e).splitlines()[0]}') from None
+
+
+def _build_condition(config, model, image_shape):
+  """`(model, condition)`: the model wrapped by the image-derived condition's section
+  (`CONDITION_BUILDERS`; at most one), or `(model, None)`."""
+  names = [n for n in CONDITION_BUILDERS if n in config]
+  if not names:
+    return model, None
+  if len(names) > 1:
+    raise ConfigError(f'config.{names[1]}: one image-derived condition per run; this config '
+                      f'also has config.{names[0]}')
+  module, fn = CONDITION_BUILDERS[names[0]].split(':')
+  builder = getattr(importlib.import_module(module), fn)
+  try:
+    return builder(config[names[0]], model, tuple(image_shape))
+  except (TypeError, ValueError) as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f'config.{names[0]}: {str(e).splitlines()[0]}') from None
 
 
 def build_log(section) -> LogConfig:
@@ -340,6 +417,8 @@ def build_train(section) -> TrainConfig:
       raise ConfigError(f'config.train.posthoc_sigma_rels={list(train.posthoc_sigma_rels)}: '
                         f'{str(e).splitlines()[0]}') from None
   configuration.choice('train.param_sharding', train.param_sharding, parallel.PARAM_SHARDINGS)
+  train = dataclasses.replace(
+      train, resolution_schedule=progressive.parse_schedule(train.resolution_schedule))
   if train.batch_size % train.grad_accum_steps:
     raise ConfigError(f'config.train.batch_size={train.batch_size}: must be divisible by '
                       f'train.grad_accum_steps={train.grad_accum_steps}')
@@ -440,20 +519,23 @@ def check_sampler(sample: SampleConfig, process, objective: objectives.Objective
                       f'{str(e).splitlines()[0]}') from None
 
 
-def example_cond(model, batch: int = 1):
-  """A `cond` of the kind `model` takes, for `init`: `{'tokens': [B, L]}` for a
-  text-conditioned model, labels `[B]` for a class-conditional one, else None."""
+def example_cond(model, batch: int = 1, condition=None, image_shape=None):
+  """A `cond` of the kind `model` takes, for `init`: zeros of an image-derived `condition`'s
+  shape (for images of `image_shape`), `{'tokens': [B, L]}` for a text-conditioned model,
+  labels `[B]` for a class-conditional one, else None."""
+  if condition is not None:
+    return jnp.zeros((batch,) + condition.shape(image_shape), jnp.float32)
   length = getattr(model, 'context_length', 0)
   if length:
     return {'tokens': jnp.zeros((batch, length), jnp.int32)}
   return jnp.zeros((batch,), jnp.int32) if getattr(model, 'num_classes', 0) > 0 else None
 
 
-def _check_model(model, image_shape):
+def _check_model(model, image_shape, condition=None):
   """Traces `model.init` abstractly (no compile, no allocation) to surface config errors now."""
   x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.float32)
-  cond = example_cond(model)
+  cond = example_cond(model, 1, condition, image_shape)
   try:
     jax.eval_shape(lambda x, t, c: model.init(jax.random.key(0), x, t, c), x, t, cond)
   except (ValueError, TypeError) as e:

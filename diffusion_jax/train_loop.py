@@ -52,6 +52,7 @@ import tqdm
 from diffusion_jax import checkpointing
 from diffusion_jax import ema as ema_lib
 from diffusion_jax import evaluation
+from diffusion_jax import finetune
 from diffusion_jax import generation
 from diffusion_jax import images as images_lib
 from diffusion_jax import latent
@@ -59,6 +60,7 @@ from diffusion_jax import metric_writer
 from diffusion_jax import monitor as monitor_lib
 from diffusion_jax import parallel
 from diffusion_jax import preemption
+from diffusion_jax import progressive
 from diffusion_jax import run_config
 from diffusion_jax import training
 from diffusion_jax import workdir as workdir_lib
@@ -92,15 +94,18 @@ def init_state_fn(setup: Setup, optimizer, ema_fn):
   if isinstance(setup, latent.AutoencoderSetup):
     return latent.init_fn(setup, optimizer, ema_fn, posthoc_fn=posthoc_fn)
 
-  def init(key, pretrained=None):
+  def init(key, pretrained=None, base=None):
     k_params, k_state = jax.random.split(key)
     x = jax.numpy.zeros((1,) + tuple(setup.image_shape), jax.numpy.float32)
     t = jax.numpy.zeros((1,), jax.numpy.float32)
-    params = setup.model.init({'params': k_params}, x, t, run_config.example_cond(setup.model))
-    params = params['params']
+    cond = run_config.example_cond(setup.model, 1, getattr(setup, 'condition', None),
+                                   setup.image_shape)
+    params = setup.model.init({'params': k_params}, x, t, cond)['params']
     if pretrained is not None:      # the text encoder's loaded weights replace its random ones
       params = {**params, 'encoder': text_conditioning.check_pretrained(params['encoder'],
                                                                          pretrained)}
+    if base is not None:            # a trained run's EMA parameters (`config.base`)
+      params = finetune.attach(setup.model, params, base)
     return training.init_train_state(params, optimizer, ema_fn, k_state, posthoc_fn=posthoc_fn)
   return init
 
@@ -109,6 +114,12 @@ def pretrained_params(setup: Setup):
   """The text encoder's pretrained parameters, read now (text.encoder='clip'), else None."""
   load = getattr(getattr(setup, 'text', None), 'pretrained', None)
   return None if load is None else load()
+
+
+def base_params(setup: Setup):
+  """The base run's EMA parameters, read now (`config.base`), else None."""
+  base = getattr(setup, 'base', None)
+  return None if base is None else base.load()
 
 
 def posthoc_tracker(setup: Setup):
@@ -146,8 +157,7 @@ def _optimizer_and_ema(setup: Setup):
   ema_fn = (training.ema_halflife(t.ema_halflife_kimg * 1000, t.batch_size,
                                   rampup_ratio=t.ema_rampup_ratio or None)
             if t.ema_halflife_kimg > 0 else training.ema(t.ema_decay))
-  text = getattr(setup, 'text', None)
-  frozen = ('encoder',) if text is not None and text.config.freeze else ()
+  frozen = getattr(setup, 'frozen', ())
   return training.make_optimizer(setup.optim, setup.train.num_steps, frozen=frozen), ema_fn
 
 
@@ -299,9 +309,10 @@ def _resume_and_run(config, setup: Setup, mesh, workdir, ckpt, lock, init, targe
     workdir_lib.write_config(config, workdir)   # a fresh run's (an existing one is kept)
     workdir_lib.append_run_record(workdir, workdir_lib.run_record(mesh))  # code, versions, host
   if state is None:
-    pretrained = pretrained_params(setup)
     state = jax.jit(init, out_shardings=state_sh)(
-        k_init, *(() if pretrained is None else (pretrained,)))
+        k_init, pretrained=pretrained_params(setup), base=base_params(setup))
+    if getattr(setup, 'base', None) is not None and is_main:
+      print(f'Starting from the trained run {setup.base.config.workdir}', flush=True)
   else:
     _check_resume_meta(ckpt.read_meta(restored_step), config, setup)
     log.info('resumed from checkpoint step %d in %s', restored_step, ckpt.directory)
@@ -333,7 +344,8 @@ def _resume_and_run(config, setup: Setup, mesh, workdir, ckpt, lock, init, targe
     """The batches of steps [start, stop), read by grain (`train.data_workers` processes, 0:
     in this process) and placed on the devices on a background thread, `train.prefetch`
     steps ahead; the same arrays as `source.batch(seed, step, ...)`."""
-    return data_loader.batches(setup.source, config.seed, train.batch_size, start, stop,
+    source = progressive.stage_source(setup.source, train.resolution_schedule, train.batch_size)
+    return data_loader.batches(source, config.seed, train.batch_size, start, stop,
                                jax.process_index(), jax.process_count(),
                                num_workers=train.data_workers, prefetch=train.prefetch,
                                finish=place)
@@ -419,6 +431,9 @@ def _train(run: _Run, state, train_step, load, start: int, monitor: monitor_lib.
   try:
     for step, batch in batches:
       ckpt.poll()                 # a failed background save stops the run now
+      switch = progressive.switch_message(train.resolution_schedule, step, start)
+      if switch and is_main:      # a new resolution: the train step compiles for it, once
+        bar.write(switch)
       trace.before(step)
       state, metrics = train_step(state, batch)
       # Wait for the step: the progress bar's rate and ETA then measure compute, not dispatch.
@@ -565,6 +580,10 @@ def _sample_and_evaluate(run: _Run, state, k_sample, n_params,
         digits_clip_steps=setup.eval.digits_clip_steps))
     if 'fd' in result:
       result['fd_ratio'] = result['fd'] / result['fd_floor']
+  condition = getattr(setup, 'condition', None)
+  if setup.eval.enabled and is_main and condition is not None and condition.metrics is not None:
+    head = conditions.head(n)     # samples scored against the conditions they were given
+    result.update(condition.metrics(samples[:n], head.cond))
   if is_main:
     writer.write(setup.train.num_steps,
                  {f'eval/{k}': v for k, v in result.items() if k != 'step'})

@@ -1,0 +1,152 @@
+"""Starting from a trained run: its EMA parameters as the base of a fine-tune or an adapter.
+
+A run with a `config.base` section (`BaseConfig`: the trained run's work dir, and which of its
+checkpoints) begins from that run's EMA parameters instead of a random initialisation:
+
+  * with no adapter, the whole network is fine-tuned (the base replaces every parameter);
+  * with an adapter (`config.lora`, `config.control`, ...) the configured model is a wrapper
+    whose parameter tree is `{'base': <the base network's parameters>, '<adapter>': ...}`; the
+    base is loaded into `'base'` and frozen (`training.make_optimizer(frozen=('base',))`: no
+    update, no weight decay, no Adam moments), and the wrapper's optional
+    `attach_base(params, base_params) -> params` runs once after loading (ControlNet copies the
+    base encoder into its trainable copy there).
+
+The run must describe the same network and process as the base: `config.model`,
+`config.process` and `config.objective` are compared key by key with the base run's
+`config.json` (defaults filled in), and the first difference is a one-line `ConfigError`.
+The parameters are read when the run initialises (`BaseParts.load`), not when the config is
+built, so validating a config never touches the base's checkpoints.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import ml_collections
+
+from diffusion_jax import configuration
+from diffusion_jax.configuration import ConfigError
+
+CONFIG_NAME = 'config.json'
+COMPARED = ('model', 'process', 'objective')
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseConfig:
+  workdir: str = ''     # the trained run (its config.json and checkpoints/)
+  best: bool = False    # read checkpoints_best/ (the in-loop evaluation's best step)
+  step: int = -1        # a given checkpoint step (-1: the newest readable one)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseParts:
+  """A validated `config.base`: the base run's own config and a loader of its EMA
+  parameters (`load() -> params`, host arrays; read on call)."""
+  config: BaseConfig
+  run_config: ml_collections.ConfigDict
+  load: Callable[[], Any]
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The `config.json` of a run's work dir as a ConfigDict (one-line error if missing)."""
+  path = os.path.join(workdir, CONFIG_NAME)
+  try:
+    with open(path, encoding='utf-8') as f:
+      values = json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f'config.base.workdir={workdir!r}: no {CONFIG_NAME} there (is it a '
+                      f'trained run\'s work dir?)') from None
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'config.base.workdir={workdir!r}: {path} is unreadable ({e})') from None
+  sample = values.get('sample') or {}
+  sample['options'] = {k: v for k, v in (sample.get('options') or {}).items() if v is not None}
+  return ml_collections.ConfigDict(values)
+
+
+def _flat(d, prefix='') -> dict:
+  out = {}
+  for k, v in dict(d).items():
+    if isinstance(v, (dict, ml_collections.ConfigDict)) and v:
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _jsonable(v):
+  return json.loads(json.dumps(v, default=list))
+
+
+def check_same_network(config, base_config, workdir: str, defaults: dict) -> None:
+  """The first key of `config.model/process/objective` that differs from the base run's
+  (`defaults`: dotted key -> what an absent key means) is a one-line `ConfigError`."""
+  for section in COMPARED:
+    mine = _flat(config.get(section, {}), f'{section}.')
+    theirs = _flat(base_config.get(section, {}), f'{section}.')
+    for key, value in defaults.items():
+      if key.startswith(section + '.'):
+        mine.setdefault(key, value)
+        theirs.setdefault(key, value)
+    for key in sorted(set(mine) | set(theirs)):
+      a = _jsonable(mine[key]) if key in mine else 'absent'
+      b = _jsonable(theirs[key]) if key in theirs else 'absent'
+      if a != b:
+        raise ConfigError(f'config.{key}={a!r} but the base run in {workdir} has {b!r}: an '
+                          f'adapter or fine-tune needs the base\'s own network and process')
+
+
+def build_base(section, config, defaults: dict) -> BaseParts:
+  """Validates `config.base` against the run's config (`defaults` as for
+  `check_same_network`); the returned parts load the parameters lazily."""
+  base = configuration.from_section(BaseConfig, 'base', section)
+  if not base.workdir:
+    raise ConfigError('config.base.workdir is empty: name the trained run to start from')
+  workdir = os.path.abspath(os.path.expanduser(base.workdir))
+  if not os.path.isdir(workdir):
+    raise ConfigError(f'config.base.workdir={base.workdir!r}: no such directory')
+  if base.step < -1:
+    raise ConfigError(f'config.base.step={base.step}: a checkpoint step, or -1 for the newest')
+  base_config = read_run_config(workdir)
+  for section_name in ('base', 'lora', 'control'):
+    if section_name in base_config:
+      raise ConfigError(f'config.base.workdir={base.workdir!r} is itself a fine-tune '
+                        f'(config.{section_name}); start from the plain run it was built on')
+  check_same_network(config, base_config, workdir, defaults)
+  return BaseParts(base, base_config,
+                   lambda: load_base(workdir, best=base.best,
+                                     step=None if base.step < 0 else base.step)[1])
+
+
+def load_base(workdir: str, *, best: bool = False, step: int | None = None):
+  """`(base_config, ema_params)` of a trained run, read from its checkpoints onto this
+  process's devices (the newest readable step, `step`, or with `best` the best one)."""
+  from diffusion_jax import train_loop  # pylint: disable=g-import-not-at-top (a cycle)
+  base_config = read_run_config(workdir)
+  _, state, _ = train_loop.load_checkpoint(base_config, workdir, step=step, best=best)
+  return base_config, state.ema_params
+
+
+def attach(model, params, base_params):
+  """`params` with the base loaded: the whole tree for a plain fine-tune, else the
+  wrapper's `attach_base` (default: `{**params, 'base': base_params}`). The base must have
+  the shapes the model expects (a one-line error names the first that does not)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  is_wrapper = isinstance(params, dict) and 'base' in params
+  expected = params['base'] if is_wrapper else params
+  got_paths = dict(jax.tree_util.tree_flatten_with_path(base_params)[0])
+  want_paths = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+  for path in want_paths:
+    name = jax.tree_util.keystr(path)
+    if path not in got_paths:
+      raise ConfigError(f'config.base: the base run has no parameter {name}')
+    if got_paths[path].shape != want_paths[path].shape:
+      raise ConfigError(f'config.base: parameter {name} has shape {got_paths[path].shape} in '
+                        f'the base run but {want_paths[path].shape} here')
+  if len(got_paths) != len(want_paths):
+    extra = sorted(jax.tree_util.keystr(p) for p in set(got_paths) - set(want_paths))
+    raise ConfigError(f'config.base: the base run has parameters this model lacks: {extra[:3]}')
+  if not is_wrapper:
+    return base_params
+  hook = getattr(model, 'attach_base', None)
+  return hook(params, base_params) if hook is not None else {**params, 'base': base_params}
