@@ -56,6 +56,9 @@ class DataConfig:
   num_classes: int = 0
   crop: int = 0                 # tfds, folder: centre square's side (0 = the shorter side)
   toy: str = 'eight_gaussians'  # name='toy2d': which of toy2d.TOYS
+  # digits: keep only these labels (() = all; e.g. a held-out subset to fine-tune on); the
+  # labels keep their values.
+  classes: tuple[int, ...] = ()
 
 
 DATASETS = ('digits', 'npy', 'latents', 'tfds', 'folder', 'toy2d', *tfds_images.PRESETS)
@@ -172,11 +175,21 @@ def make_source(cfg: DataConfig):
   if cfg.image_size and cfg.name not in ('digits', 'tfds', 'folder'):
     raise ValueError(f'config.data.image_size={cfg.image_size}: only digits and '
                      f"data.name='tfds' or 'folder' are resized (a preset has its size)")
+  if cfg.classes and cfg.name != 'digits':
+    raise ValueError(f'config.data.classes={list(cfg.classes)}: only digits are filtered by '
+                     f'class (data.name={cfg.name!r})')
   if cfg.name == 'digits':
     try:
       x, y = digits.load_digits(cfg.split, cfg.image_size or digits.IMAGE_SHAPE[0])
     except ValueError as e:
       raise ValueError(f'config.data.image_size={cfg.image_size}: {e}') from None
+    if cfg.classes:
+      if (len(set(cfg.classes)) != len(cfg.classes)
+          or not all(c in range(digits.NUM_CLASSES) for c in cfg.classes)):
+        raise ValueError(f'config.data.classes={list(cfg.classes)}: distinct digit classes in '
+                         f'0..{digits.NUM_CLASSES - 1}')
+      keep = np.isin(y, cfg.classes)
+      x, y = x[keep], y[keep]
     return ArraySource(x, y, digits.NUM_CLASSES)
   if cfg.name == 'npy':
     return _npy_source(cfg)
