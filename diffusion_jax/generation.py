@@ -63,6 +63,9 @@ def make_sample_fn(setup: Setup, *, guidance_scale: float | None = None,
         den = guide(den, encode(negative))
     elif setup.conditional and scale != 1.0:
       den = guide(den, setup.num_classes)
+    prepare = getattr(setup.model, 'prepare_cond', None)
+    if prepare is not None:   # once per call: super-resolution's conditioning augmentation
+      cond = prepare(cond, jax.random.fold_in(key, 1))
     x0, _ = sampler(den, setup.process, x_T, key, steps=s.steps, cond=cond, **options)
     return x0
 

@@ -40,7 +40,9 @@ from diffusion_jax.text import conditioning as text_conditioning
 # Sections whose builder wraps the model and derives its condition from the image
 # (`data.derived`): name -> 'module:function', called as
 # `builder(section, model, image_shape) -> (model, ImageCondition)`.
-CONDITION_BUILDERS = {}
+CONDITION_BUILDERS = {
+    'superres': 'diffusion_jax.models.superres:build_condition',
+}
 
 # `latent`: a latent diffusion run's autoencoder stage (`latent_pipeline`); `build` ignores it.
 # `base`: the trained run a fine-tune or an adapter starts from (`finetune`); `lora`: low-rank
