@@ -128,9 +128,14 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
                keep_every: int | None = None, async_save: bool = True, read_only: bool = False,
-               best_metric: str | None = None, best_mode: str = 'min'):
-    """`read_only` (evaluation): never writes, and an unreadable step is skipped, not moved."""
+               best_metric: str | None = None, best_mode: str = 'min', view=None):
+    """`read_only` (evaluation): never writes, and an unreadable step is skipped, not moved.
+
+    `view = (strip, fill)` saves `strip(state)` instead of the state (e.g. without a frozen
+    base the run can read again elsewhere) and restores `fill(restored, target, meta)` from a
+    step's stripped tree, `target` the full state's abstract and `meta` the step's meta."""
     self.directory = os.path.abspath(os.fspath(directory))
+    self._strip, self._fill = view if view is not None else (lambda s: s, None)
     self.read_only = read_only
     self.best_metric, self.best_mode = best_metric, best_mode
     _quiet_orbax_errors()
@@ -162,7 +167,7 @@ class Checkpointer:
     same `metrics` (which rank the steps of a `best_metric` checkpointer). Raises
     `CheckpointSaveError` if this save, or the one before, failed."""
     self.wait()
-    items = {'state': ocp.args.StandardSave(state)}
+    items = {'state': ocp.args.StandardSave(self._strip(state))}
     if meta is not None:
       items['meta'] = ocp.args.JsonSave(meta)
     if self.best_metric is not None:
@@ -249,7 +254,7 @@ class Checkpointer:
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       return None, None
-    abstract = jax.tree.map(_abstract, target)
+    abstract = jax.tree.map(_abstract, self._strip(target))
     failures = []
     for step in steps:
       try:
@@ -262,7 +267,7 @@ class Checkpointer:
         continue
       self._set_aside(failures, step)
       self._manager.reload()
-      return restored, step
+      return self._filled(restored, target, step), step
     raise CheckpointError(
         f'no readable checkpoint in {self.directory} (nothing was moved): tried steps '
         + ', '.join(f'{s} ({r})' for s, r in failures))
@@ -286,13 +291,18 @@ class Checkpointer:
       raise CheckpointError(f'no checkpoint step {step} in {self.directory}; it has '
                             f'{self.all_steps()}')
     try:
-      return self._restore(int(step), jax.tree.map(_abstract, target))
+      restored = self._restore(int(step), jax.tree.map(_abstract, self._strip(target)))
     except _Mismatch as e:
       raise CheckpointMismatch(f'checkpoint step {step} in {self.directory} {e}',
                                int(step)) from None
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f'checkpoint step {step} in {self.directory} is unreadable: '
                             f'{_reason(e)}') from None
+    return self._filled(restored, target, int(step))
+
+  def _filled(self, restored, target, step: int):
+    return restored if self._fill is None else self._fill(restored, target,
+                                                          self.read_meta(step) or {})
 
   def _restore(self, step: int, abstract: Any) -> Any:
     # Shapes and dtypes from the step's metadata first: a checkpoint of another config is then

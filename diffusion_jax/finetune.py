@@ -21,7 +21,6 @@ built, so validating a config never touches the base's checkpoints.
 import dataclasses
 import json
 import os
-from typing import Any, Callable
 
 import ml_collections
 
@@ -41,11 +40,33 @@ class BaseConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BaseParts:
-  """A validated `config.base`: the base run's own config and a loader of its EMA
-  parameters (`load() -> params`, host arrays; read on call)."""
+  """A validated `config.base`: the base run's own config, its absolute work dir, and
+  `load(step=None) -> (params, step)`, its EMA parameters read on the first call for that step
+  (`None`: the step `config.base` names, or the newest / best) and kept for later calls.
+  `step` is the checkpoint step they came from, recorded in the adapter's checkpoints."""
   config: BaseConfig
   run_config: ml_collections.ConfigDict
-  load: Callable[[], Any]
+  workdir: str
+  _cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+  def load(self, step: int | None = None):
+    key = 'configured' if step is None else int(step)
+    if key not in self._cache:
+      if step is None:
+        step = None if self.config.step < 0 else self.config.step
+        best = self.config.best
+      else:
+        best = False
+      base_config, params, got = load_base(self.workdir, best=best, step=step)
+      del base_config
+      self._cache[key] = self._cache[got] = (params, got)
+      self._cache['last'] = got
+    return self._cache[key]
+
+  @property
+  def loaded_step(self) -> int | None:
+    """The checkpoint step of the parameters loaded last (None before any load)."""
+    return self._cache.get('last')
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -113,18 +134,68 @@ def build_base(section, config, defaults: dict) -> BaseParts:
       raise ConfigError(f'config.base.workdir={base.workdir!r} is itself a fine-tune '
                         f'(config.{section_name}); start from the plain run it was built on')
   check_same_network(config, base_config, workdir, defaults)
-  return BaseParts(base, base_config,
-                   lambda: load_base(workdir, best=base.best,
-                                     step=None if base.step < 0 else base.step)[1])
+  return BaseParts(base, base_config, workdir)
 
 
 def load_base(workdir: str, *, best: bool = False, step: int | None = None):
-  """`(base_config, ema_params)` of a trained run, read from its checkpoints onto this
+  """`(base_config, ema_params, step)` of a trained run, read from its checkpoints onto this
   process's devices (the newest readable step, `step`, or with `best` the best one)."""
   from diffusion_jax import train_loop  # pylint: disable=g-import-not-at-top (a cycle)
   base_config = read_run_config(workdir)
-  _, state, _ = train_loop.load_checkpoint(base_config, workdir, step=step, best=best)
-  return base_config, state.ema_params
+  _, state, got = train_loop.load_checkpoint(base_config, workdir, step=step, best=best)
+  return base_config, state.ema_params, int(got)
+
+
+def _without_base(tree):
+  return {k: v for k, v in tree.items() if k != 'base'}
+
+
+def checkpoint_view(parts: BaseParts):
+  """`(strip, fill)` for `checkpointing.Checkpointer(view=...)`: an adapter's checkpoints
+  hold the adapter (parameters, averages, optimizer state) but not the frozen base, which is
+  read again from the base run's checkpoint step recorded in the step's meta
+  (`meta['base']['step']`, written by `base_meta`)."""
+  def strip(state):
+    return state.replace(params=_without_base(state.params),
+                         ema_params=_without_base(state.ema_params),
+                         posthoc_ema=tuple(_without_base(p) for p in state.posthoc_ema))
+
+  def fill(restored, target, meta):
+    import jax  # pylint: disable=g-import-not-at-top
+    step = (meta.get('base') or {}).get('step')
+    if step is None:
+      raise ConfigError(f'config.base: the checkpoint does not say which step of '
+                        f'{parts.workdir} it was trained on (meta["base"]["step"] is missing)')
+    try:
+      params, _ = parts.load(int(step))
+    except Exception as e:  # pylint: disable=broad-except  # any unreadable base is the same error
+      raise ConfigError(f'config.base: this run was started from checkpoint step {step} of '
+                        f'{parts.workdir}, which cannot be read now '
+                        f'({str(e).splitlines()[0]})') from None
+    def placed():      # a buffer of its own per copy: the train step donates the state
+      return jax.tree.map(lambda p, t: jax.device_put(p, getattr(t, 'sharding', None),
+                                                      may_alias=False),
+                          params, target.params['base'])
+    return restored.replace(params={**restored.params, 'base': placed()},
+                            ema_params={**restored.ema_params, 'base': placed()},
+                            posthoc_ema=tuple({**p, 'base': placed()}
+                                              for p in restored.posthoc_ema))
+  return strip, fill
+
+
+def setup_view(setup):
+  """The checkpoint view of a run's setup: an adapter run saves its adapter, not its frozen
+  base (`checkpoint_view`); None for every other run."""
+  if 'base' in getattr(setup, 'frozen', ()):
+    return checkpoint_view(setup.base)
+  return None
+
+
+def base_meta(parts: BaseParts | None) -> dict:
+  """What a checkpoint's meta records of the base: its work dir and step."""
+  if parts is None:
+    return {}
+  return {'base': {'workdir': parts.workdir, 'step': parts.loaded_step}}
 
 
 def attach(model, params, base_params):

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpointing
 from diffusion_jax import evaluation
+from diffusion_jax import finetune
 from diffusion_jax import generation
 from diffusion_jax import images as images_lib
 from diffusion_jax import latent
@@ -94,7 +95,8 @@ class Monitor:
       name, mode = (('reconstruction_psnr', 'max') if self.autoencoder
                     else (evaluation.metric_name(setup.data.name), 'min'))
       self.best = checkpointing.Checkpointer(os.path.join(run.workdir, 'checkpoints_best'),
-                                             max_to_keep=1, best_metric=name, best_mode=mode)
+                                             max_to_keep=1, best_metric=name, best_mode=mode,
+                                             view=finetune.setup_view(setup))
 
   @property
   def metric(self):

@@ -119,7 +119,7 @@ def pretrained_params(setup: Setup):
 def base_params(setup: Setup):
   """The base run's EMA parameters, read now (`config.base`), else None."""
   base = getattr(setup, 'base', None)
-  return None if base is None else base.load()
+  return None if base is None else base.load()[0]
 
 
 def posthoc_tracker(setup: Setup):
@@ -145,7 +145,7 @@ def _step_fn(setup, optimizer, ema_fn, micro):
                                          batch_constraint=micro,
                                          posthoc_fn=posthoc_tracker(setup))
   return training.make_train_step(setup.objective, setup.model.apply, optimizer, ema_fn,
-                                  cond_key=setup.cond_key,
+                                  cond_key=setup.cond_key, frozen=setup.frozen,
                                   grad_accum_steps=setup.train.grad_accum_steps,
                                   batch_constraint=micro, posthoc_fn=posthoc_tracker(setup))
 
@@ -165,7 +165,8 @@ def _checkpointer(setup: Setup, workdir: str, subdir: str = 'checkpoints',
                   **kwargs) -> checkpointing.Checkpointer:
   return checkpointing.Checkpointer(os.path.join(workdir, subdir),
                                     max_to_keep=setup.train.keep_checkpoints,
-                                    keep_every=setup.train.keep_every, **kwargs)
+                                    keep_every=setup.train.keep_every,
+                                    view=finetune.setup_view(setup), **kwargs)
 
 
 def abstract_state(setup: Setup, mesh, init, key):
@@ -239,6 +240,7 @@ def checkpoint_meta(config, setup: Setup, step: int, mesh) -> dict:
       'topology': {'process_count': jax.process_count(), 'device_count': int(mesh.devices.size),
                    'param_sharding': setup.train.param_sharding},
       'config': json.loads(config.to_json_best_effort()),
+      **finetune.base_meta(getattr(setup, 'base', None)),
   }
 
 

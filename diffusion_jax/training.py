@@ -163,16 +163,18 @@ def init_train_state(params, optimizer: optax.GradientTransformation, ema_fn: EM
 
 def make_train_step(objective, apply_fn, optimizer: optax.GradientTransformation, ema_fn: EMA,
                     *, conditional: bool = False, cond_key: str | None = None,
-                    grad_accum_steps: int = 1, batch_constraint=None, posthoc_fn=None):
+                    grad_accum_steps: int = 1, batch_constraint=None, posthoc_fn=None,
+                    frozen: tuple[str, ...] = ()):
   """Builds the pure `train_step(state, batch) -> (state, metrics)` of a diffusion objective;
   jit it at the call site.
 
   `objective` is an `objectives.Objective` (called as `objective(model_fn, x0, key, cond)`);
   `apply_fn` is a Flax `Module.apply`. `batch` holds 'image' `[B, ...]` and, if
   `conditional`, 'label' `[B]` (the model's `cond`). `cond_key='tokens'` conditions on the
-  caption `{'tokens': batch['tokens']}` instead (`models.text.TextConditioned`). An objective
-  with `takes_step` (consistency training's curriculum) receives the step. The update itself
-  is `make_loss_train_step`'s.
+  caption `{'tokens': batch['tokens']}` instead (`models.text.TextConditioned`); any other key
+  (an image-derived condition: 'control', 'low_res') passes `batch[cond_key]` itself. An
+  objective with `takes_step` (consistency training's curriculum) receives the step. The update
+  itself is `make_loss_train_step`'s (`frozen`: see there).
   """
   takes_step = objective.takes_step
   key_name = cond_key or ('label' if conditional else None)
@@ -180,7 +182,7 @@ def make_train_step(objective, apply_fn, optimizer: optax.GradientTransformation
   def loss_fn(params, model_state, batch, key, step):
     key_obj, key_dropout = jax.random.split(key)
     cond = None if key_name is None else (
-        batch['label'] if key_name == 'label' else {key_name: batch[key_name]})
+        {key_name: batch[key_name]} if key_name == 'tokens' else batch[key_name])
 
     def model_fn(x_t, t, c):
       return apply_fn({'params': params}, x_t, t, c, train=True, rngs={'dropout': key_dropout})
@@ -189,11 +191,21 @@ def make_train_step(objective, apply_fn, optimizer: optax.GradientTransformation
     return loss, ({}, model_state)
 
   return make_loss_train_step(loss_fn, optimizer, ema_fn, grad_accum_steps=grad_accum_steps,
-                              batch_constraint=batch_constraint, posthoc_fn=posthoc_fn)
+                              batch_constraint=batch_constraint, posthoc_fn=posthoc_fn,
+                              frozen=frozen)
+
+
+def _keep_frozen(averaged, params, frozen):
+  """`averaged` with its `frozen` top-level subtrees replaced by `params`' own: the average of
+  a constant is that constant, where `d e + (1 - d) p` with `e = p` may round an ulp away."""
+  if not frozen:
+    return averaged
+  return {**averaged, **{k: params[k] for k in frozen}}
 
 
 def make_loss_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_fn: EMA, *,
-                         grad_accum_steps: int = 1, batch_constraint=None, posthoc_fn=None):
+                         grad_accum_steps: int = 1, batch_constraint=None, posthoc_fn=None,
+                         frozen: tuple[str, ...] = ()):
   """`train_step(state, batch) -> (state, metrics)` for any loss (diffusion objectives, the
   autoencoders of `diffusion_jax.latent`); jit it at the call site.
 
@@ -216,6 +228,9 @@ def make_loss_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_f
   An update whose loss or any gradient is not finite is skipped: parameters, EMAs, optimizer
   and model state stay as they were, `skipped` and `consecutive_skips` count it (metrics
   `skipped` = 1).
+
+  `frozen` names top-level parameter subtrees the optimizer leaves alone
+  (`make_optimizer(frozen=...)`): their averages are kept equal to the parameters themselves.
   """
   if grad_accum_steps < 1:
     raise ValueError(f'grad_accum_steps={grad_accum_steps} must be >= 1')
@@ -271,11 +286,13 @@ def make_loss_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_f
     def apply(state):
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
+      ema = _keep_frozen(ema_fn.update(state.ema_params, params, state.step), params, frozen)
       state = state.replace(params=params, opt_state=opt_state, model_state=model_state,
-                            ema_params=ema_fn.update(state.ema_params, params, state.step))
+                            ema_params=ema)
       if posthoc_fn is not None:
-        state = state.replace(posthoc_ema=posthoc_fn.update(state.posthoc_ema, params,
-                                                            state.step))
+        posthoc = posthoc_fn.update(state.posthoc_ema, params, state.step)
+        state = state.replace(posthoc_ema=tuple(_keep_frozen(p, params, frozen)
+                                                for p in posthoc))
       return state
     # A conditional, not a select per leaf: one branch runs, and the program stays small.
     new_state = jax.lax.cond(finite, apply, lambda state: state, state)

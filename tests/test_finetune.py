@@ -1,13 +1,17 @@
 """Starting from a trained run (`config.base`) and image-derived conditions (`data.derived`)."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
 
 from configs import digits as digits_config
+from diffusion_jax import checkpointing
 from diffusion_jax import finetune
 from diffusion_jax import run_config
 from diffusion_jax import train_loop
+from diffusion_jax import training
 from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.configuration import ConfigError
 from diffusion_jax.data import derived
@@ -16,7 +20,7 @@ from diffusion_jax.data import sources
 
 def _smoke(steps=4):
   c = digits_config.get_config('smoke')
-  c.train.update(num_steps=steps, checkpoint_every=steps, log_every=steps)
+  c.train.update(num_steps=steps, checkpoint_every=steps, log_every=1)
   c.eval.enabled = False
   c.sample.grid_size = 0
   return c
@@ -112,3 +116,69 @@ def test_derived_source_adds_the_condition_of_each_examples_image():
   assert conds.shape == (5, 2, 2, 1)
   with pytest.raises(ValueError, match="would replace the batch's own 'label'"):
     derived.DerivedSource(base, derived.ImageCondition('label', _halves))
+
+
+class _Parts:
+  """A stand-in for `finetune.BaseParts` whose base is an array tree in memory."""
+
+  def __init__(self, params):
+    self.params, self.workdir, self.asked = params, '/base/run', []
+
+  def load(self, step=None):
+    self.asked.append(step)
+    if step != 7:
+      raise FileNotFoundError(f'no checkpoint step {step}')
+    return self.params, 7
+
+
+def test_an_adapters_checkpoint_leaves_out_the_base_and_reads_it_back():
+  base = {'w': np.arange(3.0, dtype=np.float32)}
+  tree = lambda b, a: {'base': b, 'adapter': a}
+  state = training.TrainState(
+      step=np.int32(5), params=tree(base, {'a': np.ones(2)}),
+      ema_params=tree(base, {'a': np.full(2, 0.5)}), opt_state=(), key=np.zeros(2, np.uint32),
+      skipped=np.int32(0), consecutive_skips=np.int32(0),
+      posthoc_ema=(tree(base, {'a': np.zeros(2)}),))
+  parts = _Parts({'w': np.arange(3.0, dtype=np.float32) + 1})
+  strip, fill = finetune.checkpoint_view(parts)
+  saved = strip(state)
+  assert 'base' not in saved.params and 'base' not in saved.ema_params
+  assert 'base' not in saved.posthoc_ema[0] and saved.params['adapter'] is state.params['adapter']
+  back = fill(saved, state, {'base': {'workdir': '/base/run', 'step': 7}})
+  assert parts.asked == [7]                 # the recorded step, not the newest
+  for got in (back.params, back.ema_params, back.posthoc_ema[0]):
+    np.testing.assert_array_equal(got['base']['w'], [1.0, 2.0, 3.0])
+  np.testing.assert_array_equal(back.ema_params['adapter']['a'], [0.5, 0.5])
+  with pytest.raises(ConfigError, match=r'started from checkpoint step 3 of /base/run, which '
+                                        r'cannot be read now \(no checkpoint step 3\)'):
+    fill(saved, state, {'base': {'step': 3}})
+  with pytest.raises(ConfigError, match='does not say which step'):
+    fill(saved, state, {})
+
+
+def _lora(base_run, steps):
+  c = _smoke(steps)
+  c.train.checkpoint_every = 2
+  c.base = dict(workdir=base_run, best=False, step=-1)
+  c.lora = dict(rank=2, alpha=2.0)
+  return c
+
+
+@pytest.mark.slow
+def test_a_lora_run_checkpoints_only_its_adapters_and_resumes_exactly(base_run, tmp_path):
+  whole, split = str(tmp_path / 'whole'), str(tmp_path / 'split')
+  train_loop.train_and_evaluate(_lora(base_run, 4), whole)
+  train_loop.train_and_evaluate(_lora(base_run, 2), split)
+  train_loop.train_and_evaluate(_lora(base_run, 4), split)        # resumed at step 2
+  with checkpointing.Checkpointer(os.path.join(whole, 'checkpoints'), read_only=True) as ckpt:
+    saved = ckpt._manager.item_metadata(4)['state']  # pylint: disable=protected-access
+    assert sorted(saved['params']) == ['lora'] and sorted(saved['ema_params']) == ['lora']
+    assert ckpt.read_meta(4)['base']['step'] == 4
+  _, a, _ = train_loop.load_checkpoint(_lora(base_run, 4), whole)
+  _, b, _ = train_loop.load_checkpoint(_lora(base_run, 4), split)
+  _, base, _ = train_loop.load_checkpoint(_smoke(), base_run)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  for got in (a.params['base'], a.ema_params['base']):   # frozen, bit for bit
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(base.ema_params), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
