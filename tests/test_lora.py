@@ -12,7 +12,10 @@ compiles one forward program, at LLVM -O0 (tests/conftest.py).
 """
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -213,7 +216,9 @@ def test_gradient_is_zero_on_base_and_nonzero_on_every_adapter():
 def test_lora_model_init_and_forwarded_attributes():
   x, t = _inputs()
   model = UNet(ch=8, ch_mult=(1, 2), num_groups=4, attn_resolutions=(4,), num_classes=3)
-  wrapped = lora.LoraModel(model, lora.LoraConfig())
+  cfg = lora.LoraConfig(rank=3, convs=True,
+                        targets=lora.DEFAULT_TARGETS + (r'mid_res_0/conv_0/kernel$',))
+  wrapped = lora.LoraModel(model, cfg)
   assert wrapped.num_classes == 3 and wrapped.out_channels is None
   assert wrapped.base_model is model
   labels = jnp.zeros((2,), jnp.int32)
@@ -222,9 +227,11 @@ def test_lora_model_init_and_forwarded_attributes():
   base_shapes = jax.eval_shape(model.init, jax.random.key(0), x, t, labels)['params']
   assert jax.tree.map(lambda s: s.shape, params['base']) == jax.tree.map(lambda s: s.shape,
                                                                         base_shapes)
-  q = _flat(params['lora'])['mid_attn/query/kernel/a']
-  assert q.shape == (16, 4)   # [fan_in = C, r]
-  assert _flat(params['lora'])['mid_attn/out/kernel/b'].shape == (4, 16)  # [r, fan_out = C]
+  adapters = _flat(params['lora'])
+  assert len(adapters) == 2 * 17      # 16 attention projections and one conv, A and B each
+  assert adapters['mid_attn/query/kernel/a'].shape == (16, 3)   # [fan_in = C, r]
+  assert adapters['mid_attn/out/kernel/b'].shape == (3, 16)     # [r, fan_out = C]
+  assert adapters['mid_res_0/conv_0/kernel/a'].shape == (3 * 3 * 16, 3)  # [kh kw C_in, r]
   with pytest.raises(ValueError, match=r"params must be \{'base', 'lora'\}"):
     wrapped.apply({'params': base_shapes}, x, t, labels)
 
@@ -303,3 +310,24 @@ def test_digits_class_subset():
       sources.make_source(sources.DataConfig(name='digits', classes=bad))
   with pytest.raises(ValueError, match='only digits are filtered'):
     sources.make_source(sources.DataConfig(name='toy2d', classes=(1,)))
+
+
+@pytest.mark.slow
+def test_finetune_experiment_smoke(tmp_path, subprocess_cache):
+  """configs/lora_digits.py's smoke variants through experiments.finetune_lora: base run on
+  0-7, LoRA run on 8-9 from it (config.base + config.lora), adapters written, read back onto
+  the base and measured."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, DIFFUSION_JAX_CACHE=subprocess_cache)
+  proc = subprocess.run([sys.executable, '-m', 'experiments.finetune_lora',
+                         f'--workdir={tmp_path}', '--variant=smoke', '--chunks=1'],
+                        cwd=root, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text = (tmp_path / 'results.md').read_text()
+  assert '| base |' in text and '| lora |' in text and (tmp_path / 'samples.png').exists()
+  from diffusion_jax import finetune  # pylint: disable=g-import-not-at-top
+  base = finetune.load_base(str(tmp_path / 'base'))[1]
+  adapters, cfg = lora.load_adapters(str(tmp_path / 'lora.safetensors'), base)
+  assert cfg.rank == 4 and cfg.convs
+  b = [v for p, v in _flat(adapters).items() if p.endswith('/b')]
+  assert any(np.any(np.asarray(v)) for v in b)   # training moved B away from zero
