@@ -182,3 +182,26 @@ def test_a_lora_run_checkpoints_only_its_adapters_and_resumes_exactly(base_run, 
   for got in (a.params['base'], a.ema_params['base']):   # frozen, bit for bit
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(base.ema_params), strict=True):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_frozen_subtrees_average_is_the_subtree_itself():
+  # d e + (1 - d) p with e = p rounds an ulp away for some p; a frozen base must not drift.
+  rng = np.random.default_rng(0)
+  params = {'base': {'w': rng.normal(size=256).astype(np.float32)},
+            'adapter': {'w': np.zeros(4, np.float32)}}
+
+  def loss_fn(p, model_state, batch, key, step):
+    del key, step
+    return jax.numpy.sum((p['adapter']['w'] - batch) ** 2) + jax.numpy.sum(p['base']['w']), (
+        {}, model_state)
+
+  cfg = training.OptimConfig(lr=0.1, warmup_steps=0, grad_clip=0.0)
+  opt = training.make_optimizer(cfg, 10, frozen=('base',))
+  ema = training.ema(0.9, warmup=False)
+  step = jax.jit(training.make_loss_train_step(loss_fn, opt, ema, frozen=('base',)))
+  state = training.init_train_state(params, opt, ema, jax.random.key(0))
+  for _ in range(3):
+    state, _ = step(state, np.ones(4, np.float32))
+  np.testing.assert_array_equal(state.params['base']['w'], params['base']['w'])
+  np.testing.assert_array_equal(state.ema_params['base']['w'], params['base']['w'])
+  assert np.all(np.asarray(state.ema_params['adapter']['w']) > 0)
