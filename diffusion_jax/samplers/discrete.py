@@ -19,25 +19,27 @@ from diffusion_jax import parameterization
 from diffusion_jax.parameterization import expand_like
 from diffusion_jax.samplers import _common
 from diffusion_jax.samplers.grids import discrete_timesteps
+from diffusion_jax.samplers.grids import start_step
 
 VARIANCES = ('small', 'large', 'learned')
 
 
-def _steps(process, steps, spacing, denoiser, who) -> np.ndarray:
-  """The integer steps `n` visited (decreasing, numpy), after checking the process and model."""
+def _steps(process, steps, spacing, denoiser, who, t_max=1.0) -> np.ndarray:
+  """The integer steps `n` visited (decreasing, numpy), after checking the process and model:
+  `steps` of the `spacing` over `1..N`, `N = t_max T` (`grids.start_step`; T when t_max = 1)."""
   if not hasattr(process, 'num_steps'):
     raise ValueError(f'{who} runs on the integer steps of a DiscreteVP process; got '
                      f"{type(process).__name__} (use 'euler', 'dpm_solver_pp' or another "
                      'continuous-time sampler)')
-  n = discrete_timesteps(process.num_steps, process.num_steps if steps is None else steps,
-                         spacing)
+  top = start_step(process.num_steps, t_max)
+  n = discrete_timesteps(top, top if steps is None else steps, spacing)
   _common.check_terminal_snr(denoiser, process.alphas_cumprod[n[0] - 1], who)
   return n
 
 
-def _pairs(process, steps, spacing, denoiser, who):
+def _pairs(process, steps, spacing, denoiser, who, t_max=1.0):
   """`(n, m)` step pairs from the grid down to 0: each update goes from `n` to `m < n`."""
-  n = _steps(process, steps, spacing, denoiser, who)
+  n = _steps(process, steps, spacing, denoiser, who, t_max)
   m = np.concatenate([n[1:], [0]])
   return jnp.asarray(n, jnp.int32), jnp.asarray(m, jnp.int32)
 
@@ -49,20 +51,22 @@ def _scan(step_fn, x_T, xs, return_trajectory, denoiser):
 
 
 def ddim_sample(denoiser, process, x_T, key=None, *, steps: int, eta: float = 0.0, cond=None,
-                spacing: str = 'trailing', return_trajectory: bool = False):
+                spacing: str = 'trailing', t_max: float = 1.0, return_trajectory: bool = False):
   """DDIM (Song, Meng & Ermon 2021, Eq. 12) from `x_T` at step T down to clean data.
 
   `x_m = sqrt(abar_m) x0_hat + sqrt(1 - abar_m - s²) eps_hat + s z`, with
   `s = eta sqrt((1 - abar_m) / (1 - abar_n)) sqrt(1 - abar_n / abar_m)` (Eq. 16).
   `eta = 0` is deterministic (the probability-flow ODE's first-order solver); `eta = 1` has
-  the DDPM posterior variance. `key` is needed only when `eta > 0`.
+  the DDPM posterior variance. `key` is needed only when `eta > 0`. `t_max < 1` starts at step
+  `N = t_max T` instead of T (`x_T` lies there; SDEdit, partial inversion): the `steps` of the
+  spacing over `1..N`.
   """
   if eta < 0:
     raise ValueError(f'eta={eta} must be >= 0')
   if eta > 0:
     _common.need_key(key, 'ddim_sample', 'eta > 0 draws noise')
   _common.check_x_T(x_T, 'ddim_sample')
-  n, m = _pairs(process, steps, spacing, denoiser, 'ddim_sample')
+  n, m = _pairs(process, steps, spacing, denoiser, 'ddim_sample', t_max)
   keys = jax.random.split(key, n.shape[0]) if key is not None else jnp.zeros((n.shape[0], 2))
 
   def step(x, n, m, k):
@@ -79,7 +83,7 @@ def ddim_sample(denoiser, process, x_T, key=None, *, steps: int, eta: float = 0.
 
 
 def ddpm_sample(denoiser, process, x_T, key, *, steps: int | None = None, cond=None,
-                variance: str = 'small', spacing: str = 'trailing',
+                variance: str = 'small', spacing: str = 'trailing', t_max: float = 1.0,
                 return_trajectory: bool = False):
   """DDPM ancestral sampling (Ho et al. 2020, Alg. 2), on all T steps or a respaced subset.
 
@@ -92,6 +96,7 @@ def ddpm_sample(denoiser, process, x_T, key, *, steps: int | None = None, cond=N
   `with_variance` (`make_denoiser` of a learned-variance objective; same single call per
   step). All three form the noise scale as `exp(log_var / 2)`, so `v = 1` is 'large' and
   `v = 0` is 'small' bit for bit. The last update (to m = 0) adds no noise and returns `x0_hat`.
+  `t_max < 1` starts at step `N = t_max T` (as in `ddim_sample`); `steps=None` is all N steps.
   """
   if variance not in VARIANCES:
     raise ValueError(f'variance={variance!r}; choose from {VARIANCES}')
@@ -102,8 +107,7 @@ def ddpm_sample(denoiser, process, x_T, key, *, steps: int | None = None, cond=N
   if learned and with_variance is None:
     raise ValueError("ddpm_sample(variance='learned') needs a Denoiser with `with_variance` "
                      '(make_denoiser of a learned-variance objective, or learned_variance=True)')
-  n, m = _pairs(process, steps, spacing, denoiser,
-                'ddpm_sample')
+  n, m = _pairs(process, steps, spacing, denoiser, 'ddpm_sample', t_max)
   keys = jax.random.split(key, n.shape[0])
 
   def step(x, n, m, k):
@@ -162,7 +166,7 @@ def _check_iterations(iterations, who):
 
 
 def ddim_invert(denoiser, process, x0, *, steps: int, cond=None, spacing: str = 'trailing',
-                iterations: int = 1, return_trajectory: bool = False):
+                t_max: float = 1.0, iterations: int = 1, return_trajectory: bool = False):
   """DDIM inversion: encodes data `x0` into `x_T` along the path `ddim_sample(eta=0)` decodes.
 
   Walks `ddim_sample`'s steps backwards, `0 -> n_{S-1} -> ... -> n_0 = T` (the same `steps`
@@ -175,10 +179,11 @@ def ddim_invert(denoiser, process, x0, *, steps: int, cond=None, spacing: str = 
   that shrinks as 1 / steps; each further sweep shrinks it by the contraction factor
   `(s_n - s_m) |d eps_hat / d (x / sqrt(abar))|` (< 1 for Gaussian data). Deterministic.
   Calls: `steps * iterations`. Returns `(x_T, info)`; the trajectory runs from `x0` to `x_T`.
+  `t_max < 1` inverts only up to step `N = t_max T` (what `ddim_sample(t_max=...)` decodes).
   """
   who = 'ddim_invert'
   iterations = _check_iterations(iterations, who)
-  n = _steps(process, steps, spacing, denoiser, who)
+  n = _steps(process, steps, spacing, denoiser, who, t_max)
   if process.zero_terminal_snr and int(n[0]) == process.num_steps:
     raise ValueError(f'{who}: step T has alpha = 0 (zero terminal SNR), where x_T = sigma eps '
                      'forgets x0 and nothing can be inverted; use a process without it')

@@ -11,7 +11,8 @@ continuous-time sampler takes `grid=` by name:
               `x / alpha = x0 + s eps`;
   'edm'       the 'karras' grid between EDM's published end points s = 80 and s = 0.002;
   'leading', 'trailing', 'linspace'
-              the integer DDPM spacings of `discrete_timesteps` (DiscreteVP only), t = n / T.
+              the integer DDPM spacings of `discrete_timesteps` (DiscreteVP only), t = n / T,
+              over the steps `1..t_max T` (`start_step`).
 
 `final='data'` (the default) ends the grid with one more step from the last grid time to clean
 data (sigma = 0): every sampler makes that step by returning the denoiser's `x0_hat` there,
@@ -59,6 +60,23 @@ def discrete_timesteps(num_train_steps: int, steps: int, spacing: str = 'trailin
   if n.size != S:  # rounding collided; cannot happen for S <= T with these rules, but check.
     raise ValueError(f'spacing {spacing!r} gives {n.size} distinct steps for steps={S}')
   return n
+
+
+def start_step(num_train_steps: int, t_max: float = 1.0) -> int:
+  """The integer step `N = t_max T` a discrete grid starts from (`T` at `t_max = 1`).
+
+  The integer spacings are those of `discrete_timesteps(N, steps, spacing)`: a run started
+  mid-way (SDEdit, partial DDIM inversion) visits steps `1..N` only. A start between two steps
+  would have the sampler treat its input as lying at another noise level, so `t_max T` must be
+  an integer (to 1e-4, float rounding) in `[1, T]`.
+  """
+  T = int(num_train_steps)
+  n = float(t_max) * T
+  N = int(round(n))
+  if abs(n - N) > 1e-4 or not 1 <= N <= T:
+    raise ValueError(f't_max={t_max}: a discrete grid starts at an integer step, so t_max * T '
+                     f'(T = {T}) must be an integer in [1, {T}]; got {n:.6g}')
+  return N
 
 
 class Grid(NamedTuple):
@@ -149,7 +167,7 @@ def time_grid(process, steps: int, grid: str = 'log_snr', *, t_min: float | None
       if T is None:
         raise ValueError(f'grid {grid!r} is an integer DDPM spacing and needs a DiscreteVP '
                          f'process; got {type(process).__name__} (use t, log_snr or karras)')
-      t = jnp.asarray(discrete_timesteps(T, n, grid) / T, dtype)
+      t = jnp.asarray(discrete_timesteps(start_step(T, t_max), n, grid) / T, dtype)
     else:
       t_min = float(process.t_min if t_min is None else t_min)
       if not 0.0 <= t_min < t_max <= 1.0:
