@@ -196,6 +196,10 @@ def main(argv):
         f'of every adapted kernel in float32, the LoRA config and the base\'s fingerprint) is '
         + ', '.join(f'{arm} {models[arm][1][0] / base_bytes:.1%}' for arm in arms
                     if models[arm][1] is not None) + ' of that.', '',
+        'The adapted models\' FD 0-7 is high because they now draw 8s and 9s: the base itself '
+        'is untouched (its weights are frozen and the adapters live in their own file; '
+        '`lora.unmerge` or leaving the adapters out restores it). Wall times include '
+        'compilation, on whatever else the machine was running.', '',
         '`samples.png`: one row of 20 samples per model, in the table\'s order, from the same '
         'noise.']
     text = '\n'.join(lines) + '\n'

@@ -181,14 +181,13 @@ def test_merged_equals_unmerged_forward_and_zero_b_is_the_base(setting):
   wrapped = lora.LoraModel(model, CONFIG)
   zero = jax.tree.map(jnp.zeros_like, adapters)
 
-  @jax.jit
-  def outputs(base, adapters, zero):
-    return (model.apply({'params': base}, x, t),
-            wrapped.apply({'params': {'base': base, 'lora': zero}}, x, t),
-            wrapped.apply({'params': {'base': base, 'lora': adapters}}, x, t),
-            wrapped.apply_unmerged({'params': {'base': base, 'lora': adapters}}, x, t))
-
-  y_base, y_zero, y_merged, y_unmerged = (np.asarray(y) for y in outputs(base, adapters, zero))
+  # Three programs: the base, the merged wrapper (run with zero and with random B), unmerged.
+  y_base = np.asarray(jax.jit(lambda p: model.apply({'params': p}, x, t))(base))
+  merged_fn = jax.jit(lambda p: wrapped.apply({'params': p}, x, t))
+  y_zero = np.asarray(merged_fn({'base': base, 'lora': zero}))
+  y_merged = np.asarray(merged_fn({'base': base, 'lora': adapters}))
+  y_unmerged = np.asarray(jax.jit(lambda p: wrapped.apply_unmerged({'params': p}, x, t))(
+      {'base': base, 'lora': adapters}))
   np.testing.assert_array_equal(y_zero, y_base)     # W + (alpha/r) A 0 == W, bitwise
   scale = np.max(np.abs(y_merged))
   assert np.max(np.abs(y_merged - y_base)) > 0.1 * scale   # the adapters change the output

@@ -185,13 +185,16 @@ def init_lora(key: jax.Array, base_params, config: LoraConfig) -> dict:
   adapted model starts exactly at the base."""
   flat = _flatten(base_params)
   splits = _kernel_splits(flat)
-  out = {}
-  for i, path in enumerate(lora_targets(base_params, config)):
-    in_shape, out_shape = splits[path]
-    fan_in, fan_out = int(np.prod(in_shape)), int(np.prod(out_shape))
+  targets = lora_targets(base_params, config)
+  fans = [(int(np.prod(splits[p][0])), int(np.prod(splits[p][1]))) for p in targets]
+  # One draw for every A, cut in order (one RNG program, however many kernels).
+  z = jax.random.normal(key, (sum(f * config.rank for f, _ in fans),), jnp.float32)
+  out, start = {}, 0
+  for path, (fan_in, fan_out) in zip(targets, fans, strict=True):
     dtype = jnp.result_type(flat[path])
-    a = jax.random.normal(jax.random.fold_in(key, i), (fan_in, config.rank), dtype)
-    out[path + '/a'] = a / np.sqrt(fan_in).astype(dtype)  # [fan_in, r]
+    a = z[start:start + fan_in * config.rank].reshape(fan_in, config.rank)
+    start += fan_in * config.rank
+    out[path + '/a'] = (a / np.sqrt(fan_in)).astype(dtype)  # [fan_in, r]
     out[path + '/b'] = jnp.zeros((config.rank, fan_out), dtype)  # [r, fan_out]
   return _unflatten(out)
 
