@@ -28,11 +28,23 @@ def tiny_unet(out_channels=1):
               out_channels=out_channels)
 
 
+class TinyNet(nn.Module):
+  """conv_in -> + time and label features -> SiLU -> conv: a network as cheap to compile as
+  possible whose first layer is, like the U-Net's, a 3x3 conv named conv_in."""
+  out_channels: int = 1
+
+  @nn.compact
+  def __call__(self, h, t, cond=None, *, train=False):
+    h = nn.Conv(4, (3, 3), name='conv_in')(h)
+    h = h + nn.Dense(4)(jnp.stack([t, jnp.cos(t)], -1))[:, None, None, :]
+    return nn.Conv(self.out_channels, (3, 3))(nn.silu(h))
+
+
 def init_random(model, key, *args, scale=0.3):
-  """`model`'s parameters, every one redrawn: the U-Net's zero-initialised output conv would
-  otherwise hide any dependence on the input."""
-  params = jax.jit(model.init)(jax.random.key(0), *args)['params']
-  leaves, treedef = jax.tree_util.tree_flatten(params)
+  """Parameters of `model`'s shapes, every one drawn N(0, scale²) (no init compile; and the
+  U-Net's zero-initialised output conv would otherwise hide any dependence on the input)."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), *args)['params']
+  leaves, treedef = jax.tree_util.tree_flatten(shapes)
   keys = jax.random.split(key, len(leaves))
   return jax.tree_util.tree_unflatten(
       treedef, [scale * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)])
@@ -86,7 +98,7 @@ def test_wrong_resolution_condition_is_a_one_line_error_naming_both_shapes():
 def test_level_zero_passes_the_condition_through_exactly_and_reaches_the_network():
   """Sampling with augmentation level 0: the network sees [x_t, nearest-up(c), 0] exactly (its
   output equals the network applied to that input, bit for bit), and changing c changes it."""
-  net = tiny_unet()
+  net = TinyNet()
   model = superres.SuperResolution(net, factor=2, augment='gaussian', sample_aug_level=0.0)
   params = init_random(model, jax.random.key(3), X, T, C)
   apply = jax.jit(model.apply)
@@ -103,8 +115,8 @@ def test_augmentation_off_at_sampling_reproduces_the_plain_concat_model():
   """A model trained with augmentation, sampled at level 0, is the plain SR3 concat model: its
   level channel is zero, so dropping that input channel's weights from the first conv gives an
   `augment='none'` model with the same outputs (to float32 summation order, 1e-6)."""
-  aug = superres.SuperResolution(tiny_unet(), factor=2, augment='gaussian')
-  plain = superres.SuperResolution(tiny_unet(), factor=2, augment='none')
+  aug = superres.SuperResolution(TinyNet(), factor=2, augment='gaussian')
+  plain = superres.SuperResolution(TinyNet(), factor=2, augment='none')
   params = init_random(aug, jax.random.key(4), X, T, C)
   kernel = params['net']['conv_in']['kernel']            # [3, 3, C + C' + 1, ch]
   assert kernel.shape[2] == 3
@@ -206,8 +218,8 @@ def test_cascade_shapes_base_8x8_to_sr_16x16():
   through the library's denoisers and a sampler, compiled as one program."""
   process = processes.make_process('vp_discrete', schedule='linear', num_steps=1000)
   objective = objectives.make_objective('ddpm_eps', process)
-  base = tiny_unet()
-  sr = superres.SuperResolution(tiny_unet(), factor=2, augment='gaussian', sample_aug_level=0.2)
+  base = TinyNet()
+  sr = superres.SuperResolution(TinyNet(), factor=2, augment='gaussian', sample_aug_level=0.2)
   x8, x16 = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2, 16, 16, 1))
   base_params = init_random(base, jax.random.key(8), x8, jnp.zeros(2), scale=0.1)
   sr_params = init_random(sr, jax.random.key(10), x16, jnp.zeros(2), jnp.zeros((2, 8, 8, 1)),
@@ -232,3 +244,33 @@ def test_cascade_shapes_base_8x8_to_sr_16x16():
   assert high.shape == (2, 16, 16, 1) and np.isfinite(np.asarray(high)).all()
   np.testing.assert_allclose(cond['aug_level'], [0.2, 0.2])
   assert digits.to_native(np.asarray(high)).shape == (2, 8, 8, 1)
+
+
+class Probe(nn.Module):
+  """Predicts the upsampled condition the wrapper hands it (channel 1 of its input)."""
+
+  @nn.compact
+  def __call__(self, h, t, cond=None, *, train=False):
+    return h[..., 1:2]
+
+
+def test_sampling_applies_prepare_cond_once_per_call():
+  """`generation.make_sample_fn` corrupts the condition once, at the sampling level, with noise
+  from `fold_in(key, 1)`: an x0-predicting probe that returns its upsampled condition, sampled
+  by one DDIM step (whose result is x0_hat), returns nearest-up(cos(pi s/2) c + sin(pi s/2) eps)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from configs import sr_digits  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import generation  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  config = sr_digits.get_config('smoke')
+  config.objective.name = 'ddpm_x0'
+  config.sample.update(sampler='ddim', steps=1, clip_x0=0.0)
+  setup = run_config.build(config, image_shape=(8, 8, 1))
+  level = 0.3
+  model = superres.SuperResolution(Probe(), factor=2, augment='gaussian', sample_aug_level=level)
+  sample = generation.make_sample_fn(dataclasses.replace(setup, model=model))
+  key = jax.random.key(13)
+  x = sample({}, jnp.zeros((3, 8, 8, 1)), key, C)
+  a, sg = cos_sin(level)
+  z = a * np.asarray(C) + sg * np.asarray(jax.random.normal(jax.random.fold_in(key, 1), C.shape))
+  np.testing.assert_allclose(x, nearest_up(z, 2), rtol=0, atol=1e-5)  # float32 sampler update
