@@ -52,6 +52,8 @@ T_AE, T_VQ, T_AEL = 'tests/test_autoencoder.py', 'tests/test_vq.py', \
 TR, EM, T_EMA = 'diffusion_jax/training.py', 'diffusion_jax/ema.py', 'tests/test_ema.py'
 T_VLB = T_ELBO + '::test_ddpm_vlb_terms_are_ho_et_al_eq_5_to_7_per_example'
 TX, T_TEXT = 'diffusion_jax/models/text.py', 'tests/test_text_conditioning.py'
+ED, T_EDIT = 'diffusion_jax/editing.py', 'tests/test_editing.py'
+T_FT = 'tests/test_finetune.py'
 
 MUTATIONS = [
     # --- processes (processes.py, processes_continuous.py) ----------------------------------
@@ -420,6 +422,41 @@ MUTATIONS = [
      'causal = jnp.ones((n, n), bool)', ['tests/test_clip.py']),
     ('diffusion_jax/data/captions.py', 'slant = np.where(mu02 > 1e-12, -mu11 / mu02, np.nan)',
      'slant = np.where(mu02 > 1e-12, mu11 / mu02, np.nan)', ['tests/test_captions.py']),
+    # --- control, editing, resolution: finetune, editing, LoRA, ControlNet, SR, progressive --
+    (TR, 'return {**averaged, **{k: params[k] for k in frozen}}', 'return averaged',
+     [T_FT + '::test_a_frozen_subtrees_average_is_the_subtree_itself']),
+    ('diffusion_jax/finetune.py', "return {k: v for k, v in tree.items() if k != 'base'}",
+     'return dict(tree)', [T_FT]),
+    (ED, 'return expand_like(process.alpha(tb), x0) * x0 + expand_like(process.sigma(tb), x0) '
+         '* eps',
+     'return expand_like(process.sigma(tb), x0) * x0 + expand_like(process.alpha(tb), x0) '
+     '* eps',
+     [T_EDIT]),
+    (ED, 'k_noise, k_sample = jax.random.split(key)', 'k_sample, k_noise = jax.random.split(key)',
+     [T_EDIT]),
+    (ED, 'x, info = fn(denoiser, process, x_t, k_sample, t_max=t, **sampler_kwargs)',
+     'x, info = fn(denoiser, process, x_t, k_sample, t_max=1.0, **sampler_kwargs)', [T_EDIT]),
+    (ED, "den_source = _maybe_guided(denoiser, source_scale, null_cond, who, 'source_scale')",
+     "den_source = _maybe_guided(denoiser, target_scale, null_cond, who, 'source_scale')",
+     [T_EDIT]),
+    (ED, 'x, info_gen = fn(den_target, process, latent, None, steps=steps, cond=target_cond,',
+     'x, info_gen = fn(den_source, process, latent, None, steps=steps, cond=target_cond,',
+     [T_EDIT]),
+    (ED, 't_max=t, **grid_kw, **sampler_kwargs)', 't_max=1.0, **grid_kw, **sampler_kwargs)',
+     [T_EDIT]),
+    (ED, "return x0, {'nfe': 0, 'denoiser_calls': 0, 't_start': 0.0}",
+     "return x0 * 0.5, {'nfe': 0, 'denoiser_calls': 0, 't_start': 0.0}", [T_EDIT]),
+    (S + 'grids.py',
+     't = jnp.asarray(discrete_timesteps(start_step(T, t_max), n, grid) / T, dtype)',
+     't = jnp.asarray(discrete_timesteps(T, n, grid) / T, dtype)', [T_EDIT]),
+    (S + 'discrete.py', "n, m = _pairs(process, steps, spacing, denoiser, 'ddim_sample', t_max)",
+     "n, m = _pairs(process, steps, spacing, denoiser, 'ddim_sample')", [T_EDIT]),
+    (S + 'discrete.py', "n, m = _pairs(process, steps, spacing, denoiser, 'ddpm_sample', t_max)",
+     "n, m = _pairs(process, steps, spacing, denoiser, 'ddpm_sample')", [T_EDIT]),
+    (S + 'discrete.py',
+     'n = discrete_timesteps(top, top if steps is None else steps, spacing)',
+     'n = discrete_timesteps(process.num_steps, top if steps is None else steps, spacing)',
+     [T_EDIT]),
 ]
 
 
