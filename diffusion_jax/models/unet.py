@@ -251,16 +251,20 @@ class UNet(nn.Module):
                        f'attention block {name!r}.')
     return channels // value if key == 'num_head_channels' else value
 
-  @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, cond: Any = None, *,
-               train: bool = False) -> jax.Array:
-    """`x`: [B, H, W, C]; `t`: [B] (or scalar); `cond`: see `layers.parse_cond`."""
+  def _encode(self, x: jax.Array, t: jax.Array, cond: Any, train: bool,
+              hint: jax.Array | None = None):
+    """Checks, embedding, `conv_in` (plus `hint` [B, H, W, ch] if given), encoder and middle.
+
+    Returns `(h, skips, res_block, maybe_attn, dtype)`: the middle block's output, the encoder
+    activations the decoder consumes, and the block builders the decoder reuses. Called from a
+    compact `__call__` (this one's, or `controlnet.UNetEncoder`'s, whose parameters are then the
+    encoder's and middle's of a `UNet`, under the same names).
+    """
     self._check_config()
     t = self._check_inputs(x, t)
     c = layers.parse_cond('UNet', cond, x.shape[0], self.num_classes, self.context_dim)
     c = layers.drop_context(self, c, self.context_dropout, train=train)
     dtype = layers.canonical_dtype('UNet', self.dtype)
-    out_channels = x.shape[-1] if self.out_channels is None else self.out_channels
     num_levels = len(self.ch_mult)
     res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
     attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
@@ -295,6 +299,8 @@ class UNet(nn.Module):
 
     # Encoder: store every activation the decoder will consume as a skip.
     h = _conv3x3(self.ch, dtype, 'conv_in')(x.astype(dtype))  # [B, H, W, ch]
+    if hint is not None:  # ControlNet's condition features (Zhang et al. 2023, Fig. 3)
+      h = h + hint.astype(dtype)
     skips = [h]
     for i, mult in enumerate(self.ch_mult):
       for j in range(self.num_res_blocks):
@@ -313,6 +319,29 @@ class UNet(nn.Module):
     h = res_block(h, h.shape[-1], 'mid_res_0')
     h = attn(h, 'mid_attn')
     h = res_block(h, h.shape[-1], 'mid_res_1')
+
+    return h, skips, res_block, maybe_attn, dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, cond: Any = None, *,
+               train: bool = False, residuals: Any = None) -> jax.Array:
+    """`x`: [B, H, W, C]; `t`: [B] (or scalar); `cond`: see `layers.parse_cond`.
+
+    `residuals` (ControlNet, Zhang et al. 2023, §3.2 and Fig. 3): a sequence of one array per
+    encoder skip, in the encoder's order, then one for the middle block's output, each of that
+    activation's shape; each is added to its activation before the decoder consumes it.
+    """
+    h, skips, res_block, maybe_attn, dtype = self._encode(x, t, cond, train)
+    out_channels = x.shape[-1] if self.out_channels is None else self.out_channels
+    num_levels = len(self.ch_mult)
+    if residuals is not None:
+      shapes = [s.shape for s in skips] + [h.shape]
+      got = [getattr(r, 'shape', None) for r in residuals]
+      if got != shapes:
+        raise ValueError(f'UNet: residuals must have the shapes of the skips and the middle '
+                         f'output, {shapes}; got {got}.')
+      skips = [s + r.astype(dtype) for s, r in zip(skips, residuals[:-1], strict=True)]
+      h = h + residuals[-1].astype(dtype)
 
     # Decoder: num_res_blocks + 1 blocks per level, each eating one skip.
     for i in reversed(range(num_levels)):
