@@ -12,8 +12,9 @@ checkpoints) begins from that run's EMA parameters instead of a random initialis
     base encoder into its trainable copy there).
 
 The run must describe the same network and process as the base: `config.model`,
-`config.process` and `config.objective` are compared key by key with the base run's
-`config.json` (defaults filled in), and the first difference is a one-line `ConfigError`.
+`config.process`, `config.objective` and `config.text` (but for how captions are drawn and
+prompts sampled) are compared key by key with the base run's `config.json` (defaults filled
+in), and the first difference is a one-line `ConfigError`.
 The parameters are read when the run initialises (`BaseParts.load`), not when the config is
 built, so validating a config never touches the base's checkpoints.
 """
@@ -28,7 +29,10 @@ from diffusion_jax import configuration
 from diffusion_jax.configuration import ConfigError
 
 CONFIG_NAME = 'config.json'
-COMPARED = ('model', 'process', 'objective')
+COMPARED = ('model', 'process', 'objective', 'text')
+# How a text-conditioned run is sampled, evaluated or captioned may change in a fine-tune.
+MAY_DIFFER = ('text.negative_prompt', 'text.eval_templates', 'text.caption_dropout',
+              'text.templates', 'text.freeze')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +114,8 @@ def check_same_network(config, base_config, workdir: str, defaults: dict) -> Non
         mine.setdefault(key, value)
         theirs.setdefault(key, value)
     for key in sorted(set(mine) | set(theirs)):
+      if key in MAY_DIFFER:
+        continue
       a = _jsonable(mine[key]) if key in mine else 'absent'
       b = _jsonable(theirs[key]) if key in theirs else 'absent'
       if a != b:

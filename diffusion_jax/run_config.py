@@ -42,6 +42,7 @@ from diffusion_jax.text import conditioning as text_conditioning
 # `builder(section, model, image_shape) -> (model, ImageCondition)`.
 CONDITION_BUILDERS = {
     'superres': 'diffusion_jax.models.superres:build_condition',
+    'control': 'diffusion_jax.models.controlnet:build_condition',
 }
 
 # `latent`: a latent diffusion run's autoencoder stage (`latent_pipeline`); `build` ignores it.
@@ -196,12 +197,11 @@ class Setup:
   def frozen(self) -> tuple[str, ...]:
     """Top-level parameter subtrees the optimizer leaves alone: an adapter's 'base', a frozen
     text encoder's 'encoder'."""
-    out = ()
     if self.base is not None and getattr(self.model, 'base_model', None) is not None:
-      out += ('base',)
+      return ('base',)          # a text encoder, if any, is inside the frozen base
     if self.text is not None and self.text.config.freeze:
-      out += ('encoder',)
-    return out
+      return ('encoder',)
+    return ()
 
 
 def section_defaults(model_name: str | None = None) -> dict:
@@ -254,7 +254,6 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
   base = None
   if 'base' in config:
     base = finetune.build_base(config.base, config, section_defaults(config.model.get('name')))
-  model = _build_adapter(config, model, base)
   text = None
   if 'text' in config:
     text = text_conditioning.build_parts(text_conditioning.build_text(config.text))
@@ -263,6 +262,10 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
     if source is not None:
       source = text_conditioning.caption_source(text, data, source)
   model, condition = _build_condition(config, model, image_shape)
+  model = _build_adapter(config, model, base, image_shape, condition)   # outermost
+  if condition is not None and base is None and getattr(model, 'base_model', None) is not None:
+    raise ConfigError(f'config.{condition.key}: {type(model).__name__} trains beside a frozen, '
+                      f'trained base: set config.base.workdir')
   if condition is not None and source is not None:
     source = derived.DerivedSource(source, condition)
   _check_model(model, image_shape, condition)
@@ -294,19 +297,31 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
                condition=condition)
 
 
-def _build_adapter(config, model, base):
-  """`model` wrapped by the adapter its config names (`config.lora`), which needs a base."""
+def _build_adapter(config, model, base, image_shape, condition):
+  """`model` (the network, text-conditioned or not) wrapped by the adapter its config names
+  (`config.lora`), which needs a base; its target patterns are matched now (abstractly)."""
   if 'lora' not in config:
     return model
   if base is None:
     raise ConfigError('config.lora: low-rank adapters need a trained base run: set '
                       'config.base.workdir')
+  if condition is not None and getattr(model, 'base_model', None) is not None:
+    raise ConfigError(f'config.lora: {type(model).__name__} is already an adapter of the base '
+                      f'(config.{condition.key}); use one or the other')
   from diffusion_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  cfg = configuration.from_section(lora_lib.LoraConfig, 'lora', config.lora)
   try:
-    return lora_lib.LoraModel(model, cfg)
+    cfg = configuration.from_section(lora_lib.LoraConfig, 'lora', config.lora)
+    wrapped = lora_lib.LoraModel(model, cfg)
+    x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
+    cond = example_cond(model, 1, condition, image_shape)
+    abstract = jax.eval_shape(lambda x, t, c: model.init(jax.random.key(0), x, t, c), x, t, cond)
+    lora_lib.lora_targets(abstract['params'], cfg)
+  except ConfigError:
+    raise
   except (TypeError, ValueError) as e:
     raise ConfigError(f'config.lora: {str(e).splitlines()[0]}') from None
+  return wrapped
 
 
 def _build_condition(config, model, image_shape):

@@ -101,7 +101,8 @@ def init_state_fn(setup: Setup, optimizer, ema_fn):
     cond = run_config.example_cond(setup.model, 1, getattr(setup, 'condition', None),
                                    setup.image_shape)
     params = setup.model.init({'params': k_params}, x, t, cond)['params']
-    if pretrained is not None:      # the text encoder's loaded weights replace its random ones
+    if pretrained is not None and base is None:   # pretrained text weights replace random ones
+      # (with a base run, its own encoder, pretrained or trained, comes with the base)
       params = {**params, 'encoder': text_conditioning.check_pretrained(params['encoder'],
                                                                          pretrained)}
     if base is not None:            # a trained run's EMA parameters (`config.base`)
@@ -312,7 +313,8 @@ def _resume_and_run(config, setup: Setup, mesh, workdir, ckpt, lock, init, targe
     workdir_lib.append_run_record(workdir, workdir_lib.run_record(mesh))  # code, versions, host
   if state is None:
     state = jax.jit(init, out_shardings=state_sh)(
-        k_init, pretrained=pretrained_params(setup), base=base_params(setup))
+        k_init, pretrained=None if getattr(setup, 'base', None) is not None
+        else pretrained_params(setup), base=base_params(setup))
     if getattr(setup, 'base', None) is not None and is_main:
       print(f'Starting from the trained run {setup.base.config.workdir}', flush=True)
   else:

@@ -205,3 +205,33 @@ def test_a_frozen_subtrees_average_is_the_subtree_itself():
   np.testing.assert_array_equal(state.params['base']['w'], params['base']['w'])
   np.testing.assert_array_equal(state.ema_params['base']['w'], params['base']['w'])
   assert np.all(np.asarray(state.ema_params['adapter']['w']) > 0)
+
+
+def test_lora_sections_fail_on_the_lora_key(tmp_path):
+  workdir_lib.write_config(_smoke(), str(tmp_path))
+  c = _smoke()
+  c.base = dict(workdir=str(tmp_path))
+  c.lora = dict(rank=0)
+  with pytest.raises(ConfigError, match=r'^config.lora: .*rank'):
+    run_config.build(c)
+  c.lora = dict(rank=2, targets=('no_such_layer/kernel',))
+  with pytest.raises(ConfigError, match=r"^config.lora: .*'no_such_layer/kernel' matches nothing"):
+    run_config.build(c)
+  c.lora = dict(rank=2)
+  setup = run_config.build(c)
+  assert type(setup.model).__name__ == 'LoraModel' and setup.frozen == ('base',)
+
+
+def test_lora_wraps_a_text_conditioned_network(tmp_path):
+  from configs import text_digits  # pylint: disable=g-import-not-at-top
+  workdir_lib.write_config(text_digits.get_config('smoke'), str(tmp_path))
+  c = text_digits.get_config('smoke')
+  c.base = dict(workdir=str(tmp_path))
+  c.lora = dict(rank=2)
+  c.text.negative_prompt = 'a thin digit'          # sampling choices may differ from the base
+  setup = run_config.build(c)
+  assert setup.frozen == ('base',) and setup.cond_key == 'tokens'
+  assert setup.model.context_length == setup.text.length
+  c.text.width = 2 * c.text.width
+  with pytest.raises(ConfigError, match=r'config.text.width=.* but the base run'):
+    run_config.build(c)
