@@ -26,6 +26,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -225,7 +226,8 @@ def main(argv):
   info = {'base': os.path.relpath(os.path.abspath(_BASE.value)), 'base_step': base_step,
           'num_samples': num, 'levels': levels, 'seed': _SEED.value,
           'sampler': {name: f'{s.sample.sampler} {s.sample.steps}' for name, _, s, _, _ in srs},
-          'grid_rows': list(grid_rows), 'devices': str(jax.devices())}
+          'grid_rows': list(grid_rows), 'devices': str(jax.devices()),
+          'command': 'python -m experiments.cascade ' + ' '.join(sys.argv[1:])}
   with open(os.path.join(out_dir, 'results.json'), 'w', encoding='utf-8') as f:
     json.dump({'info': info, 'rows': rows, 'timings': timings}, f, indent=1, default=float)
   with open(os.path.join(out_dir, 'results.md'), 'w', encoding='utf-8') as f:
@@ -241,7 +243,7 @@ def report(info: dict, rows: list[dict], timings: list[dict]) -> str:
            f'means) against the 450 test digits; the floor is {info["num_samples"]} real '
            f'training digits against the same test digits. `consistency L2` is the mean over '
            f'samples of `||blockmean(x) - c||_2` against the condition `c` the sample was given '
-           f'(8x8, values in [-1, 1]).', '',
+           f'(8x8, values in [-1, 1]).', '', f'`{info["command"]}`', '',
            '| stage | condition | sampling aug level | FD | floor | FD/floor | '
            'consistency L2 | sample s |',
            '|---|---|---|---|---|---|---|---|']
