@@ -214,7 +214,7 @@ def _loop_config(steps):
 
 
 # The loop's wiring (the staged source, the switch message) is checked only here: three runs of
-# the loop with two resolutions each take 40-90 s on 2 loaded cores.
+# the loop with two resolutions each take 36 s on 2 cores (up to 90 s when they are shared).
 @pytest.mark.slow
 def test_resume_right_at_the_switch_is_bit_identical(tmp_path, monkeypatch, capsys):
   """6 steps (3 at 8x8, 3 at 16x16) straight == 3 steps, a restart, 3 more."""
