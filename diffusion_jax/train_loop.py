@@ -312,9 +312,10 @@ def _resume_and_run(config, setup: Setup, mesh, workdir, ckpt, lock, init, targe
     workdir_lib.write_config(config, workdir)   # a fresh run's (an existing one is kept)
     workdir_lib.append_run_record(workdir, workdir_lib.run_record(mesh))  # code, versions, host
   if state is None:
-    state = jax.jit(init, out_shardings=state_sh)(
-        k_init, pretrained=None if getattr(setup, 'base', None) is not None
-        else pretrained_params(setup), base=base_params(setup))
+    base = base_params(setup)
+    pretrained = None if base is not None else pretrained_params(setup)
+    extra = {k: v for k, v in (('pretrained', pretrained), ('base', base)) if v is not None}
+    state = jax.jit(init, out_shardings=state_sh)(k_init, **extra)
     if getattr(setup, 'base', None) is not None and is_main:
       print(f'Starting from the trained run {setup.base.config.workdir}', flush=True)
   else:

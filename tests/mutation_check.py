@@ -57,6 +57,9 @@ T_FT = 'tests/test_finetune.py'
 LO, T_LO = 'diffusion_jax/models/lora.py', 'tests/test_lora.py'
 CN, T_CN = 'diffusion_jax/models/controlnet.py', 'tests/test_controlnet.py'
 UN, DC = 'diffusion_jax/models/unet.py', 'diffusion_jax/data/control.py'
+SR, T_SR = 'diffusion_jax/models/superres.py', 'tests/test_superres.py'
+GEN = 'diffusion_jax/generation.py'
+PG, T_PG = 'diffusion_jax/progressive.py', 'tests/test_progressive.py'
 
 MUTATIONS = [
     # --- processes (processes.py, processes_continuous.py) ----------------------------------
@@ -526,6 +529,55 @@ MUTATIONS = [
      'iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)', [T_CN]),
     (DC, 'l1 = np.abs(maps - conds).reshape(len(maps), -1).mean(axis=1)',
      'l1 = np.abs(maps - conds).reshape(len(maps), -1).sum(axis=1)', [T_CN]),
+    # super-resolution (models/superres.py, generation.py prepare_cond)
+    (SR, 'return process.alpha(s) * low_res + process.sigma(s) * eps',
+     'return process.sigma(s) * low_res + process.alpha(s) * eps',
+     [T_SR]),
+    (SR, 'return processes.VPCosine(logsnr_min=-math.inf, logsnr_max=math.inf)',
+     'return processes.VPCosine(logsnr_min=-math.inf, logsnr_max=15.0)',
+     [T_SR]),
+    (SR, 'level = jax.random.uniform(key_s, (b,), jnp.float32, 0.0, self.aug_max)',
+     'level = jax.random.uniform(key_s, (b,), jnp.float32, 0.0, 1.0)',
+     [T_SR]),
+    (SR, 'inputs[1] = upsample_condition(augment_condition(low_res, level, eps).astype(x.dtype),',
+     'inputs[1] = upsample_condition(augment_condition(low_res, level, 0 * eps).astype(x.dtype),',
+     [T_SR]),
+    (SR, 'level = jnp.broadcast_to(jnp.asarray(level, x.dtype), (b,))',
+     'level = jnp.broadcast_to(jnp.asarray(self.aug_max, x.dtype), (b,))',
+     [T_SR]),
+    (SR, 's = jnp.full(low_res.shape[:1], self.sample_aug_level, jnp.float32)',
+     's = jnp.full(low_res.shape[:1], self.aug_max, jnp.float32)',
+     [T_SR]),
+    (SR, 'return jax.image.resize(low_res, (b, factor * h, factor * w, c), method)',
+     "return jax.image.resize(low_res, (b, factor * h, factor * w, c), 'bilinear')",
+     [T_SR]),
+    (SR, 'return images.reshape(n, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))',
+     'return images.reshape(n, factor, h // factor, factor, w // factor, c).mean(axis=(1, 3))',
+     [T_SR]),
+    (SR, 'if (low_res.ndim != 4 or low_res.shape[0] != b or low_res.shape[1] * f != h',
+     'if (low_res.ndim != 4 or low_res.shape[0] != b or low_res.shape[1] != h',
+     [T_SR]),
+    (SR, 'per_sample = np.sqrt(np.sum(diff.reshape(len(diff), -1) ** 2, axis=1))',
+     'per_sample = np.sum(diff.reshape(len(diff), -1) ** 2, axis=1)',
+     [T_SR]),
+    (SR, "h = jnp.concatenate(inputs, axis=-1)  # [B, H, W, C + C' (+ 1)]",
+     "h = jnp.concatenate(inputs[::-1], axis=-1)  # [B, H, W, C + C' (+ 1)]",
+     [T_SR]),
+    (GEN, 'cond = prepare(cond, jax.random.fold_in(key, 1))',
+     'cond = prepare(cond, jax.random.fold_in(key, 0))',
+     [T_SR]),
+    # progressive training (progressive.py)
+    (PG, '    if start > step:', '    if start >= step:', [T_PG]),
+    (PG, '  return x.mean(axis=(-4, -2), dtype=np.float32)',
+     '  return x.max(axis=(-4, -2))',
+     [T_PG]),
+    (PG, 'self.factor_at(position // self.global_batch)',
+     'self.factor_at(position // len(self.source))',
+     [T_PG]),
+    (PG, '    return self.image_shape[0] // resolution_at(self.schedule, step)',
+     '    return self.image_shape[0] // resolution_at(self.schedule, step + 1)',
+     [T_PG]),
+    (PG, 'any(s == step for s, _ in schedule)', 'any(s == step + 1 for s, _ in schedule)', [T_PG]),
 ]
 
 
