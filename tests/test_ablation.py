@@ -24,6 +24,7 @@ def _tiny():
   return config
 
 
+@pytest.mark.slow   # ~8-16 s; moved out of the default run (its 10-minute budget)
 def test_runs_share_model_data_optimizer_seed_and_budget():
   """Equal compute: every run of the digits ablation has the same model, data, optimizer,
   training and seed sections; only process, objective and sampling differ. The data order is

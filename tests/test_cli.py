@@ -476,6 +476,7 @@ def test_data_workers_train_on_the_same_batches(finished_run, cache_dir, tmp_pat
   assert losses(workdir) == losses(finished_run[0])
 
 
+@pytest.mark.slow   # ~8-16 s; moved out of the default run (its 10-minute budget)
 def test_evaluate_the_best_checkpoint_with_a_post_hoc_ema(finished_run, cache_dir, tmp_path):
   """`--checkpoint=best` restores the in-loop best step; `--params` samples with parameters
   rebuilt by experiments.posthoc_ema (here sigma_rel 0.1 at step 20: the stored profile)."""

@@ -118,6 +118,7 @@ def test_grayscale_is_repeated_to_rgb_and_chunking_does_not_matter(variables):
   np.testing.assert_allclose(f_one, f1[:1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow   # ~8-16 s; moved out of the default run (its 10-minute budget)
 def test_logits_bias_and_downstream_metrics(variables, images):
   feats, unbiased = inception.inception_features(variables, images, batch_size=2)
   _, biased = inception.inception_features(variables, images, batch_size=2, logits_bias=True)

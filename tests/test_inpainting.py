@@ -127,6 +127,7 @@ def test_full_covariance_denoiser_is_the_posterior_mean():
   np.testing.assert_allclose(PROC.alpha(t) * x0_hat + PROC.sigma(t) * eps_hat, xt, atol=1e-4)
 
 
+@pytest.mark.slow   # ~8-16 s; moved out of the default run (its 10-minute budget)
 def test_repaint_reduces_replacement_bias_on_correlated_gaussian():
   """x ~ N(mu, [[1, .9], [.9, 1]]), dim 0 known = 2: exact p(x_1 | x_0 = 2) has mean
   mu_1 + 0.9 (2 - mu_0) = 1.05 and variance 0.19. Replacement (DDPM 50 and 500, DDIM 50) is

@@ -92,6 +92,7 @@ def test_train_step_passes_the_step_only_to_objectives_that_take_it():
   assert seen == [[], ['step']]
 
 
+@pytest.mark.slow   # ~8-16 s; moved out of the default run (its 10-minute budget)
 def test_trained_edm_run_samples_and_measures_likelihood_with_its_sigma_data(tmp_path):
   """Train EDM (sigma_data = 1.0) on the 2-D mixture through the loop, restore it, and check
   that the run's sampler and the likelihood see the sigma_data = 1.0 denoiser (they used 0.5)."""

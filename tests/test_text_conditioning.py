@@ -319,6 +319,7 @@ def _clip_config(tokenizer=CLIP_TOKENIZER):
   return config
 
 
+@pytest.mark.slow   # ~8-16 s; moved out of the default run (its 10-minute budget)
 def test_frozen_clip_text_encoder_from_local_weights():
   """The SD-layout fixture (`tests/fixtures/clip/text_encoder`, made by transformers) as the
   frozen text encoder: the run's initial state holds its weights, so encoding the fixture's

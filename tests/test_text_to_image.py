@@ -54,6 +54,7 @@ def test_tiny_sd_trains_on_captions_and_measures_prompt_following(run):
   assert 'TextConditioned' in proc.stdout
 
 
+@pytest.mark.slow   # ~8-16 s; moved out of the default run (its 10-minute budget)
 def test_text_to_image_writes_a_row_per_prompt(run, subprocess_cache, tmp_path):
   workdir, _ = run
   out = tmp_path / 'grid.png'

@@ -37,6 +37,7 @@ def _inputs(key, batch=B, shape=SHAPE):
   return jax.random.normal(kx, (batch, *shape)), jax.random.uniform(kt, (batch,))
 
 
+@pytest.mark.slow   # ~8-16 s; moved out of the default run (its 10-minute budget)
 def test_all_switches_zero_at_init_and_output_channels():
   model = UNet(**_ALL)
   x, t = _inputs(jax.random.key(0))
