@@ -17,15 +17,20 @@ import numpy as np
 class ImageCondition:
   """`key`: the batch key and the model's `cond`; `fn(images [N, H, W, C] float32 in [-1, 1])
   -> conds [N, ...]` (host numpy, deterministic); `metrics(samples, conds) -> {name: float}`
-  (optional) scores samples against the conditions they were given."""
+  (optional) scores samples against the conditions they were given, and
+  `reference_metrics(samples, references)` (optional) against the held-out examples the
+  conditions were computed from (a vocoder's samples against the recorded clips)."""
   key: str
   fn: Callable[[np.ndarray], np.ndarray]
   metrics: Callable[[np.ndarray, np.ndarray], dict] | None = None
+  rank: int = 3
+  reference_metrics: Callable[[np.ndarray, np.ndarray], dict] | None = None
 
   def __call__(self, images) -> np.ndarray:
     images = np.asarray(images, np.float32)
-    if images.ndim != 4:
-      raise ValueError(f'{self.key}: images must be [N, H, W, C]; got shape {images.shape}')
+    if images.ndim != self.rank + 1:
+      what = '[N, H, W, C]' if self.rank == 3 else f'[N, ...] with {self.rank} axes per example'
+      raise ValueError(f'{self.key}: images must be {what}; got shape {images.shape}')
     return np.asarray(self.fn(images))
 
   def shape(self, image_shape) -> tuple:

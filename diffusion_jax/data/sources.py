@@ -56,23 +56,33 @@ class DataConfig:
   num_classes: int = 0
   crop: int = 0                 # tfds, folder: centre square's side (0 = the shorter side)
   toy: str = 'eight_gaussians'  # name='toy2d': which of toy2d.TOYS
+  # Audio (`data/audio.py`): examples are waveforms `[clip_length, 1]` in [-1, 1]. `sample_rate`
+  # is the rate the run expects (0: the data's own; a different one is refused, nothing is
+  # resampled); `clip_length` the samples per clip (0: the data's own; TFDS clips are centre
+  # cropped or zero padded to it).
+  sample_rate: int = 0
+  clip_length: int = 0
   # digits: keep only these labels (() = all; e.g. a held-out subset to fine-tune on); the
   # labels keep their values.
   classes: tuple[int, ...] = ()
 
 
-DATASETS = ('digits', 'npy', 'latents', 'tfds', 'folder', 'toy2d', *tfds_images.PRESETS)
+AUDIO_DATASETS = ('synth_audio', 'speech_commands')   # `data/audio.py`
+DATASETS = ('digits', 'npy', 'latents', 'tfds', 'folder', 'toy2d', *tfds_images.PRESETS,
+            *AUDIO_DATASETS)
 
 process_rows = data_sampler.process_rows
 
 
 class ArraySource:
-  """Examples held in (or memory-mapped from) arrays: images `[N, H, W, C]`, labels `[N]`."""
+  """Examples held in (or memory-mapped from) arrays: images `[N, H, W, C]` (or any examples
+  `[N, ...]` of rank >= 1 given `rank`: waveforms `[N, L, 1]`), labels `[N]`."""
 
   def __init__(self, images: np.ndarray, labels: np.ndarray | None = None,
-               num_classes: int = 0):
-    if images.ndim != 4:
-      raise ValueError(f'data: images must be [N, H, W, C]; got shape {images.shape}')
+               num_classes: int = 0, *, rank: int = 3):
+    if images.ndim != rank + 1:
+      what = '[N, H, W, C]' if rank == 3 else f'[N, ...] with {rank} axes per example'
+      raise ValueError(f'data: images must be {what}; got shape {images.shape}')
     if labels is not None and labels.shape != images.shape[:1]:
       raise ValueError(f'data: labels of shape {labels.shape} do not match {len(images)} images')
     self.images, self.labels = images, labels
@@ -201,6 +211,13 @@ def make_source(cfg: DataConfig):
     return latents.load_latents(cfg.path)[0]
   if cfg.name == 'toy2d':
     return ToySource(cfg.toy)
+  if cfg.name in AUDIO_DATASETS:
+    from diffusion_jax.data import audio  # pylint: disable=g-import-not-at-top (tfds on demand)
+    return audio.make_audio_source(cfg)
+  if cfg.sample_rate or cfg.clip_length:
+    key = 'sample_rate' if cfg.sample_rate else 'clip_length'
+    raise ValueError(f'config.data.{key}={getattr(cfg, key)}: only audio data '
+                     f'({", ".join(AUDIO_DATASETS)}) has a {key}')
   if cfg.name == 'folder':
     return _folder_source(cfg)
   if cfg.name in tfds_images.PRESETS or cfg.name == 'tfds':
