@@ -70,7 +70,8 @@ SAMPLERS = {
 
 # The keyword options a run's config may set (`config.sample.options`), name -> type; a sampler
 # takes those of them in its signature, and an unset one keeps the sampler's default.
+# `grid` is a name or an explicit sequence of times (`grids.explicit_times`).
 SAMPLER_OPTIONS = dict(
-    grid=str, spacing=str, variance=str, eta=float, rho=float, t_min=float, s_churn=float,
+    grid=str | tuple[float, ...], spacing=str, variance=str, eta=float, rho=float, t_min=float, s_churn=float,
     order=int, method=str, variant=str, rtol=float, atol=float, solver=str, snr=float,
     corrector_steps=int)

@@ -14,6 +14,12 @@ continuous-time sampler takes `grid=` by name:
               the integer DDPM spacings of `discrete_timesteps` (DiscreteVP only), t = n / T,
               over the steps `1..t_max T` (`start_step`).
 
+An explicit grid (any sequence of times instead of a name: a schedule found by search, such as
+WaveGrad's few-iteration noise schedules, `audio.schedules`, or another library's timesteps
+divided by T) is used as given: it must be strictly decreasing, inside `[t_min, t_max]` (the
+process's training range by default), and hold exactly the `steps` (final='data') or
+`steps + 1` (final='t_min') positive noise levels the sampler visits.
+
 `final='data'` (the default) ends the grid with one more step from the last grid time to clean
 data (sigma = 0): every sampler makes that step by returning the denoiser's `x0_hat` there,
 which is what every exponential integrator, DDIM and Euler give when sigma_next = 0 (EDM Alg. 2,
@@ -150,9 +156,13 @@ def time_grid(process, steps: int, grid: str = 'log_snr', *, t_min: float | None
               log_snr_clip: float = 20.0, dtype=None) -> Grid:
   """The grid of `steps` update steps for `process` (see the module docstring).
 
-  `t_min` defaults to the process's `t_min` (the smallest time it was trained on). Computed
-  eagerly (also inside `jit`), in `dtype` (float32, or float64 under `jax.enable_x64`).
+  `grid` is a name in `GRIDS` or an explicit sequence of times (`explicit_times`). `t_min`
+  defaults to the process's `t_min` (the smallest time it was trained on). Computed eagerly
+  (also inside `jit`), in `dtype` (float32, or float64 under `jax.enable_x64`).
   """
+  if not isinstance(grid, str):
+    return explicit_times(process, steps, grid, t_min=t_min, t_max=t_max, final=final,
+                          dtype=dtype)
   if grid not in GRIDS:
     raise ValueError(f'unknown time grid {grid!r}; choose from {GRIDS}')
   if final not in FINALS:
@@ -207,4 +217,38 @@ def time_grid(process, steps: int, grid: str = 'log_snr', *, t_min: float | None
   if np.any(out.sigma <= 0) or np.any(~np.isfinite(out.t)):
     raise ValueError(f'grid {grid!r} has a point with sigma <= 0 or non-finite t (sigma = '
                      f"{out.sigma}); use final='data' (it ends at sigma = 0) or raise t_min")
+  return out
+
+
+def explicit_times(process, steps: int, times, *, t_min: float | None = None,
+                   t_max: float = 1.0, final: str = 'data', dtype=None) -> Grid:
+  """The `Grid` of an explicit sequence of `times` (decreasing, one per positive noise level
+  visited: `steps` of them with `final='data'`, `steps + 1` with `final='t_min'`), each inside
+  `[t_min, t_max]` (`t_min`: the process's). One-line errors name what is wrong."""
+  if final not in FINALS:
+    raise ValueError(f'final={final!r}; choose from {FINALS}')
+  t = np.asarray(times, np.float64)
+  if t.ndim != 1 or t.size == 0 or not np.all(np.isfinite(t)):
+    raise ValueError(f'explicit grid: expected a 1-D sequence of finite times, got {times!r}')
+  n = steps if final == 'data' else steps + 1
+  if t.size != n:
+    raise ValueError(f'explicit grid of {t.size} times: steps={steps} with final={final!r} '
+                     f'visits {n} noise levels')
+  if np.any(np.diff(t) >= 0):
+    raise ValueError(f'explicit grid: times must be strictly decreasing, got {t.tolist()}')
+  lo = float(process.t_min if t_min is None else t_min)
+  if t[-1] < lo - 1e-9 or t[0] > t_max + 1e-9:
+    raise ValueError(f'explicit grid: times run from {t[0]:.6g} to {t[-1]:.6g}, outside '
+                     f'[t_min, t_max] = [{lo:.6g}, {t_max:.6g}] of this process')
+  dtype = dtype or jnp.result_type(float)
+  with jax.ensure_compile_time_eval():
+    tj = jnp.asarray(t, dtype)
+    out = Grid(*(np.asarray(a) for a in (tj, process.alpha(tj), process.sigma(tj),
+                                         process.log_snr(tj))), to_data=final == 'data')
+  if np.any(np.diff(out.t) >= 0):
+    raise ValueError(f'explicit grid: times collide in {np.dtype(dtype).name} '
+                     f'(t = {out.t.tolist()})')
+  if np.any(out.sigma <= 0):
+    raise ValueError(f'explicit grid: a time with sigma <= 0 (t = {out.t.tolist()}); '
+                     f"use final='data' (it ends at sigma = 0)")
   return out
