@@ -154,8 +154,12 @@ class Monitor:
       grid = reconstruction_grid(x, x_hat)
     else:   # 2-D points: a scatter of 1,000
       num = run.setup.log.grid_size if len(run.setup.image_shape) > 1 else 1000
-      x, _ = self._samples(state, self.k_grid, num)
+      x, conditions = self._samples(state, self.k_grid, num)
     if not run.is_main:
+      return
+    save = getattr(getattr(run.setup, 'condition', None), 'save', None)
+    if save is not None and not self.autoencoder:    # audio: grids/step_<N>/audio/*.wav, *.png
+      save(os.path.join(run.workdir, 'grids', f'step_{done:07d}'), x, conditions.references)
       return
     os.makedirs(os.path.join(run.workdir, 'grids'), exist_ok=True)
     path = os.path.join(run.workdir, 'grids', f'step_{done:07d}.png')

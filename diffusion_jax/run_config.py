@@ -39,10 +39,12 @@ from diffusion_jax.text import conditioning as text_conditioning
 
 # Sections whose builder wraps the model and derives its condition from the image
 # (`data.derived`): name -> 'module:function', called as
-# `builder(section, model, image_shape) -> (model, ImageCondition)`.
+# `builder(section, model, image_shape) -> (model, ImageCondition)`, with the keywords `process`,
+# `objective` and `data` (the built pieces) if its signature takes them.
 CONDITION_BUILDERS = {
     'superres': 'diffusion_jax.models.superres:build_condition',
     'control': 'diffusion_jax.models.controlnet:build_condition',
+    'mel': 'diffusion_jax.audio.conditioning:build_condition',
 }
 
 # `latent`: a latent diffusion run's autoencoder stage (`latent_pipeline`); `build` ignores it.
@@ -261,7 +263,8 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
     model = text_conditioning.wrap_model(text, model)
     if source is not None:
       source = text_conditioning.caption_source(text, data, source)
-  model, condition = _build_condition(config, model, image_shape)
+  model, condition = _build_condition(config, model, image_shape, process=process,
+                                      objective=objective, data=data)
   model = _build_adapter(config, model, base, image_shape, condition)   # outermost
   if condition is not None and base is None and getattr(model, 'base_model', None) is not None:
     raise ConfigError(f'config.{condition.key}: {type(model).__name__} trains beside a frozen, '
@@ -284,6 +287,9 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
                       f'class-conditional model (set config.model.num_classes) or a '
                       f'text-conditioned one (config.text)')
   ev = build_eval(config.eval)
+  if ev.every and data.name in sources.AUDIO_DATASETS:
+    raise ConfigError(f'config.eval.every={ev.every}: in-loop evaluation of audio is not '
+                      f'supported; the final evaluation scores the samples (set eval.every=0)')
   if ev.enabled and source is not None and data.name not in evaluation.EVALUATED and not (
       ev.reference_stats and ev.inception_weights):
     raise ConfigError(f'config.eval.enabled=True: data.name={data.name!r} is measured by FID: '
@@ -324,9 +330,10 @@ def _build_adapter(config, model, base, image_shape, condition):
   return wrapped
 
 
-def _build_condition(config, model, image_shape):
+def _build_condition(config, model, image_shape, **pieces):
   """`(model, condition)`: the model wrapped by the image-derived condition's section
-  (`CONDITION_BUILDERS`; at most one), or `(model, None)`."""
+  (`CONDITION_BUILDERS`; at most one), or `(model, None)`. `pieces` (process, objective, data)
+  go to a builder that takes them."""
   names = [n for n in CONDITION_BUILDERS if n in config]
   if not names:
     return model, None
@@ -335,8 +342,10 @@ def _build_condition(config, model, image_shape):
                       f'also has config.{names[0]}')
   module, fn = CONDITION_BUILDERS[names[0]].split(':')
   builder = getattr(importlib.import_module(module), fn)
+  accepted = inspect.signature(builder).parameters
+  kwargs = {k: v for k, v in pieces.items() if k in accepted}
   try:
-    return builder(config[names[0]], model, tuple(image_shape))
+    return builder(config[names[0]], model, tuple(image_shape), **kwargs)
   except (TypeError, ValueError) as e:
     if isinstance(e, ConfigError):
       raise
@@ -522,7 +531,7 @@ def check_sampler(sample: SampleConfig, process, objective: objectives.Objective
     if k not in accepted:
       raise ConfigError(f'config.sample.options.{k}={v!r}: sampler {sample.sampler!r} takes no '
                         f'{k!r}; its options are {accepted}')
-  configuration.check_keys('sample.options', sample.options, samplers.SAMPLER_OPTIONS)
+  configuration.check_keys('sample.options', sample.options, samplers.SAMPLER_OPTION_TYPES)
 
   denoiser = parameterization.Denoiser(
       lambda x, t, cond=None: (x, x), kind=objective.kind,

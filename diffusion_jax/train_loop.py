@@ -471,7 +471,10 @@ def _sample_and_evaluate(run: _Run, state, k_sample, n_params,
     print(f'Sampled {num} images with {s.sampler} ({s.steps} steps) in {sample_seconds:.1f} s',
           flush=True)
     path = os.path.join(workdir, 'samples.png')
-    if len(setup.image_shape) == 1:                              # 2-D points
+    save = getattr(setup.condition, 'save', None)
+    if save is not None:                         # audio: WAV files and spectrograms
+      save(workdir, samples[:s.grid_size], conditions.head(s.grid_size).references)
+    elif len(setup.image_shape) == 1:                            # 2-D points
       images_lib.save_scatter_png(path, samples[:s.grid_size],
                                   title=f'{s.sampler}, {s.steps} steps')
     else:
@@ -504,6 +507,10 @@ def _sample_and_evaluate(run: _Run, state, k_sample, n_params,
   if setup.eval.enabled and is_main and condition is not None and condition.metrics is not None:
     head = conditions.head(n)     # samples scored against the conditions they were given
     result.update(condition.metrics(samples[:n], head.cond))
+  if (setup.eval.enabled and is_main and condition is not None
+      and condition.reference_metrics is not None):
+    head = conditions.head(n)     # samples scored against the held-out examples themselves
+    result.update(condition.reference_metrics(samples[:n], head.references))
   if is_main:
     writer.write(setup.train.num_steps,
                  {f'eval/{k}': v for k, v in result.items() if k != 'step'})

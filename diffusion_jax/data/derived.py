@@ -19,12 +19,15 @@ class ImageCondition:
   -> conds [N, ...]` (host numpy, deterministic); `metrics(samples, conds) -> {name: float}`
   (optional) scores samples against the conditions they were given, and
   `reference_metrics(samples, references)` (optional) against the held-out examples the
-  conditions were computed from (a vocoder's samples against the recorded clips)."""
+  conditions were computed from (a vocoder's samples against the recorded clips);
+  `save(directory, samples, references)` (optional) writes what a person would rather look at or
+  listen to than the default image grid (WAV files and spectrograms)."""
   key: str
   fn: Callable[[np.ndarray], np.ndarray]
   metrics: Callable[[np.ndarray, np.ndarray], dict] | None = None
   rank: int = 3
   reference_metrics: Callable[[np.ndarray, np.ndarray], dict] | None = None
+  save: Callable[[str, np.ndarray, np.ndarray], None] | None = None
 
   def __call__(self, images) -> np.ndarray:
     images = np.asarray(images, np.float32)

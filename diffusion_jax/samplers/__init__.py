@@ -70,8 +70,10 @@ SAMPLERS = {
 
 # The keyword options a run's config may set (`config.sample.options`), name -> type; a sampler
 # takes those of them in its signature, and an unset one keeps the sampler's default.
-# `grid` is a name or an explicit sequence of times (`grids.explicit_times`).
 SAMPLER_OPTIONS = dict(
-    grid=str | tuple[float, ...], spacing=str, variance=str, eta=float, rho=float, t_min=float, s_churn=float,
+    grid=str, spacing=str, variance=str, eta=float, rho=float, t_min=float, s_churn=float,
     order=int, method=str, variant=str, rtol=float, atol=float, solver=str, snr=float,
     corrector_steps=int)
+# The types a value may have: `grid` is a name or an explicit sequence of times
+# (`grids.explicit_times`; set in a config file, or as a list in a saved config.json).
+SAMPLER_OPTION_TYPES = {**SAMPLER_OPTIONS, 'grid': str | tuple[float, ...]}
