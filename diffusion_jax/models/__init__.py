@@ -3,7 +3,8 @@
 Every model has the DESIGN §2 interface `model(x_t, t, cond, *, train) -> out`:
   unet  DDPM / DDPM++ / ADM U-Nets (`unet.py`), by config;
   dit   the diffusion transformer of Peebles & Xie 2023 (`dit.py`), sizes S/B/L/XL;
-  mlp   a residual MLP for low-dimensional data (`mlp.py`).
+  mlp   a residual MLP for low-dimensional data (`mlp.py`);
+  wavegrad  WaveGrad of Chen et al. 2021, a mel-conditioned waveform denoiser (`wavegrad.py`).
 Conditioning (class labels with a null class and label dropout, cross-attended context) is
 shared through `layers.py`.
 
@@ -26,9 +27,11 @@ from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.models.vq import VectorQuantizer
+from diffusion_jax.models.wavegrad import WaveGrad
 
 MODELS = {
     'unet': UNet,
     'dit': DiT,
     'mlp': MLP,
+    'wavegrad': WaveGrad,
 }
