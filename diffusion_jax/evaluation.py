@@ -348,8 +348,8 @@ class SampleMetric:
 
 
 def format_eval_line(result: dict) -> str:
-  """One line for a run's final evaluation: reconstruction, SW, or FD with the class, attribute
-  and CLIP numbers a conditional model adds."""
+  """One line for a run's final evaluation: reconstruction, SW, audio distances, or FD with the
+  class, attribute and CLIP numbers a conditional model adds."""
   if 'reconstruction_psnr' in result:
     return (f'EVAL step={result["step"]}: reconstruction PSNR='
             f'{result["reconstruction_psnr"]:.2f} dB MSE={result["reconstruction_mse"]:.5f} '
@@ -357,6 +357,11 @@ def format_eval_line(result: dict) -> str:
   if 'sw' in result:
     return (f'EVAL step={result["step"]}: SW={result["sw"]:.4f} floor={result["sw_floor"]:.4f} '
             f'(exact vs exact, n={result["num_generated"]}) SW/floor={result["sw_ratio"]:.2f}')
+  if 'lsd' in result:     # audio against held-out clips (`audio.conditioning`)
+    return f'EVAL step={result["step"]}: ' + ' '.join(
+        f'{name}={result[k]:.3f}' + (f' (floor {result[k + "_floor"]:.3f})'
+                                     if k + '_floor' in result else '')
+        for k, name in (('lsd', 'LSD'), ('mcd', 'MCD'), ('mr_stft', 'MR-STFT')))
   if 'fd' not in result:
     return f'EVAL step={result["step"]}: evaluation disabled'
   return (f'EVAL step={result["step"]}: FD={result["fd"]:.3f} '

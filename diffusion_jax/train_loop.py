@@ -468,7 +468,8 @@ def _sample_and_evaluate(run: _Run, state, k_sample, n_params,
     samples = parallel.map_batches(run.decode, samples, s.batch_size, mesh)
   sample_seconds = time.time() - t1
   if is_main:
-    print(f'Sampled {num} images with {s.sampler} ({s.steps} steps) in {sample_seconds:.1f} s',
+    what = 'clips' if len(setup.image_shape) == 2 else 'images'
+    print(f'Sampled {num} {what} with {s.sampler} ({s.steps} steps) in {sample_seconds:.1f} s',
           flush=True)
     path = os.path.join(workdir, 'samples.png')
     save = getattr(setup.condition, 'save', None)
