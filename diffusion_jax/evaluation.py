@@ -32,7 +32,7 @@ from diffusion_jax.samplers import likelihood
 
 # Data the training loop can evaluate itself. Audio is scored against the held-out clips its
 # samples were conditioned on (`audio.conditioning.reference_metrics`), not here.
-AUDIO = ('synth_audio', 'speech_commands')
+AUDIO = ('synth_audio', 'speech_commands', 'tfds_audio')
 EVALUATED = ('digits', 'toy2d') + AUDIO
 KID_SUBSETS = 100
 PR_NEIGHBOURS = 3        # Kynkäänniemi et al. 2019

@@ -1,11 +1,21 @@
 """Audio data: the embedded synthetic corpus (determinism, balance, every clip valid and
-speech-like, takes 0 and 1 the same content in fresh draws) and the TFDS audio source.
+speech-like, takes 0 and 1 the same content in fresh draws) and the TFDS audio sources.
 
-`tfds.testing.mock_data` cannot describe speech_commands here: TFDS's `Audio` feature needs
-TensorFlow, which this project does not install. The TFDS tests replace `tfds.data_source` by an
-in-memory list of examples with the same interface, so crop / pad, batches and errors are checked
-against int16 samples written in the test.
+Which TFDS path is real and which is faked:
+
+* `data.name='tfds_audio'` is tested for real: a module fixture prepares a tiny ArrayRecord
+  dataset on disk with TFDS's own `GeneratorBasedBuilder` (audio a `tfds.features.Tensor` of
+  int16 samples, 'label' a `ClassLabel`), and the source reads it back through
+  `tfds.data_source`, all without TensorFlow.
+* speech_commands is faked: its audio is a TFDS `Audio` feature, which TFDS cannot even describe
+  without TensorFlow (this project does not install it): `tfds.testing.mock_data` and
+  `tfds.data_source` both fail with `ModuleNotFoundError: tensorflow`. Those tests replace
+  `tfds.data_source` by an in-memory list of examples with the same interface, so crop / pad,
+  batches and errors are checked against int16 samples written in the test.
 """
+
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -247,3 +257,145 @@ def test_speech_commands_errors(fake_tfds, monkeypatch):
   examples['train'][0] = {'sound': examples['train'][0]['audio'], 'label': 0}
   assert_one_line_error(lambda: tfds_audio.AudioSource('speech_commands'),
                         ["examples have no key 'audio'", "['label', 'sound']"])
+
+
+# ---- data.name='tfds_audio': a real TFDS dataset prepared on disk ------------------------------
+
+TINY_LENGTHS = {'train': [64, 40, 51, 90, 71, 65, 63, 30, 100], 'test': [64, 20, 128]}
+
+
+def _tiny_examples(split):
+  """The int16 clips `[n]` and labels of the tiny dataset, written here (not read back)."""
+  rng = np.random.default_rng(7 if split == 'train' else 8)
+  return [(rng.integers(-3000, 3000, n).astype(np.int16), i % 3)
+          for i, n in enumerate(TINY_LENGTHS[split])]
+
+
+class TinyAudio(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A TFDS builder whose audio is a Tensor of int16 samples (no TensorFlow needed)."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'audio': tfds.features.Tensor(shape=(None,), dtype=np.int16),
+        'label': tfds.features.ClassLabel(num_classes=3)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in TINY_LENGTHS}
+
+  def _generate_examples(self, split):
+    for i, (x, label) in enumerate(_tiny_examples(split)):
+      yield i, {'audio': x, 'label': label}
+
+
+@pytest.fixture(scope='module')
+def tiny_dir(tmp_path_factory):
+  """A data_dir holding 'tiny_audio' prepared as ArrayRecord (the builder class is not
+  registered, so reads go through the prepared files alone)."""
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  TinyAudio(data_dir=data_dir, file_format='array_record').download_and_prepare()
+  return data_dir
+
+
+def _tiny_cfg(data_dir, **kwargs):
+  fields = dict(name='tfds_audio', tfds_name='tiny_audio', data_dir=data_dir, sample_rate=16000,
+                clip_length=64)
+  return sources.DataConfig(**{**fields, **kwargs})
+
+
+def _stored_order(data_dir, split):
+  """Index -> position in `_tiny_examples` (TFDS stores examples in key-hash order): each clip
+  is found by its length, unique within a split, and must have round-tripped exactly."""
+  raw = tfds.data_source('tiny_audio', split=split, data_dir=data_dir)
+  written = _tiny_examples(split)
+  order = [TINY_LENGTHS[split].index(len(raw[i]['audio'])) for i in range(len(raw))]
+  for i, j in enumerate(order):
+    np.testing.assert_array_equal(raw[i]['audio'], written[j][0])
+  assert sorted(order) == list(range(len(written)))
+  return order
+
+
+def test_tfds_audio_reads_a_prepared_dataset_crop_pad_and_labels(tiny_dir):
+  src = sources.make_source(_tiny_cfg(tiny_dir))
+  assert (src.image_shape, src.num_classes, src.sample_rate, len(src)) == ((64, 1), 3, 16000, 9)
+  order = _stored_order(tiny_dir, 'train')
+  written = _tiny_examples('train')
+  got = src.examples(np.arange(9))
+  assert got['image'].shape == (9, 64, 1) and got['image'].dtype == np.float32
+  # Offsets written by hand for L = 64: (zeros left, first kept sample, zeros right).
+  # n = 64: whole; 40: 12 + 40 + 12; 51: 6 + 51 + 7; 90: [13:77]; 71: [3:67]; 65: [0:64];
+  # 63: 0 + 63 + 1; 30: 17 + 30 + 17; 100: [18:82].
+  spans = {64: (0, 0, 0), 40: (12, 0, 12), 51: (6, 0, 7), 90: (0, 13, 0), 71: (0, 3, 0),
+           65: (0, 0, 0), 63: (0, 0, 1), 30: (17, 0, 17), 100: (0, 18, 0)}
+  for i, j in enumerate(order):
+    x = written[j][0].astype(np.float64) / 32768                 # exact in float32 too
+    left, start, right = spans[len(x)]
+    expect = np.concatenate([np.zeros(left), x[start:start + 64 - left - right], np.zeros(right)])
+    np.testing.assert_array_equal(got['image'][i, :, 0], expect.astype(np.float32))
+    assert got['label'][i] == written[j][1]
+  test = sources.make_source(_tiny_cfg(tiny_dir, split='test', clip_length=32, label_key=''))
+  assert (len(test), test.num_classes, test.image_shape) == (3, 0, (32, 1))
+  assert 'label' not in test.example(0)
+  order = _stored_order(tiny_dir, 'test')
+  whole = test.images                                              # the split, read whole
+  assert whole.shape == (3, 32, 1)
+  for i, j in enumerate(order):
+    x = _tiny_examples('test')[j][0] / np.float32(32768)
+    expect = {64: x[16:48], 20: np.pad(x, (6, 6)), 128: x[48:80]}[len(x)]
+    np.testing.assert_array_equal(whole[i, :, 0], expect)
+
+
+def test_tfds_audio_batches_are_deterministic_and_sharded(tiny_dir):
+  cfg = _tiny_cfg(tiny_dir)
+  src = sources.make_source(cfg)
+  whole = src.batch(seed=3, step=2, global_batch=6)
+  again = sources.make_source(cfg).batch(seed=3, step=2, global_batch=6)
+  for key in ('image', 'label'):
+    np.testing.assert_array_equal(whole[key], again[key])
+  parts = [src.batch(seed=3, step=2, global_batch=6, process_index=p, process_count=3)
+           for p in range(3)]
+  for key in ('image', 'label'):
+    np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+  epoch = src.batch(seed=5, step=0, global_batch=9)                # one epoch: each example once
+  np.testing.assert_array_equal(np.sort(epoch['image'][..., 0], axis=0),
+                                np.sort(src.images[..., 0], axis=0))
+  assert sorted(epoch['label'].tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_tfds_audio_errors(tiny_dir, tmp_path):
+  cases = [
+      (dict(sample_rate=0), ["config.data.sample_rate=0: data.name='tfds_audio' needs the rate"]),
+      (dict(clip_length=0), ["config.data.clip_length=0: data.name='tfds_audio' needs"]),
+      (dict(tfds_name=''), ["config.data.tfds_name: data.name='tfds_audio' needs"]),
+      (dict(num_classes=5), ["config.data.num_classes=5: 'tiny_audio' label 'label' is a "
+                             'ClassLabel of 3 classes']),
+      (dict(tfds_name='no_such_audio'), ["TFDS dataset 'no_such_audio' is not readable in "
+                                         f'data_dir={tiny_dir}', 'DatasetNotFoundError']),
+      (dict(data_dir=str(tmp_path / 'nowhere')), ['config.data.data_dir=', 'no such directory']),
+      (dict(split='valid'), ["split 'valid'", "Unknown split 'valid'"]),
+      (dict(label_key='speaker'), ["examples have no key 'speaker'", "['audio', 'label']"]),
+  ]
+  for kwargs, words in cases:
+    cfg = _tiny_cfg(kwargs.pop('data_dir', tiny_dir), **kwargs)
+    assert_one_line_error(lambda cfg=cfg: sources.make_source(cfg), words)
+  # The same files described as an Audio feature: TFDS needs TensorFlow to read them at all.
+  audio_dir = tmp_path / 'as_audio'
+  shutil.copytree(tiny_dir, audio_dir)
+  (features_file,) = audio_dir.glob('tiny_audio/*/features.json')
+  features = json.loads(features_file.read_text())
+  features['featuresDict']['features']['audio'] = {
+      'pythonClassName': 'tensorflow_datasets.core.features.audio_feature.Audio',
+      'audio': {'shape': {'dimensions': ['-1']}, 'dtype': 'int16', 'sampleRate': '16000',
+                'encoding': 'none'}}
+  features_file.write_text(json.dumps(features))
+  assert_one_line_error(lambda: sources.make_source(_tiny_cfg(str(audio_dir))),
+                        ["tfds_audio: 'tiny_audio' needs tensorflow to be read",
+                         "data.name='tfds_audio'"])
+  # Float samples pass as they are; other dtypes and out-of-range floats are refused.
+  np.testing.assert_array_equal(tfds_audio.crop_or_pad(np.float32([0.5, -0.25]), 4),
+                                [0, 0.5, -0.25, 0])
+  assert_one_line_error(lambda: tfds_audio.crop_or_pad(np.float32([0.5, 1.5]), 4),
+                        ['float samples must lie in [-1, 1]; got a peak of 1.5'])
+  assert_one_line_error(lambda: tfds_audio.crop_or_pad(np.int32([5, 6]), 4),
+                        ['samples must be int16 or float; got int32'])

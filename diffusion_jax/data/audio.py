@@ -97,7 +97,8 @@ def check_clip(x, where: str) -> None:
 
 def make_audio_source(cfg: sources.DataConfig):
   """The source for `cfg.name` in `sources.AUDIO_DATASETS`: 'synth_audio' (an `ArraySource` of
-  this module's corpus with `.sample_rate`) or a `data/tfds_audio.py` preset."""
+  this module's corpus with `.sample_rate`), a `data/tfds_audio.py` preset, or 'tfds_audio' (any
+  TFDS dataset with Tensor audio: `tfds_audio.config_preset`)."""
   if cfg.name == 'synth_audio':
     if cfg.sample_rate not in (0, SAMPLE_RATE):
       raise ValueError(f'config.data.sample_rate={cfg.sample_rate}: synth_audio is rendered at '
@@ -113,6 +114,9 @@ def make_audio_source(cfg: sources.DataConfig):
     source.sample_rate = SAMPLE_RATE
     return source
   from diffusion_jax.data import tfds_audio  # pylint: disable=g-import-not-at-top (tfds)
+  if cfg.name == 'tfds_audio':
+    return tfds_audio.AudioSource(tfds_audio.config_preset(cfg), split=cfg.split,
+                                  data_dir=cfg.data_dir or None)
   if cfg.name not in tfds_audio.PRESETS:
     raise ValueError(f'config.data.name={cfg.name!r}: not an audio dataset; choose from '
                      f'{sorted(sources.AUDIO_DATASETS)}')

@@ -67,7 +67,7 @@ class DataConfig:
   classes: tuple[int, ...] = ()
 
 
-AUDIO_DATASETS = ('synth_audio', 'speech_commands')   # `data/audio.py`
+AUDIO_DATASETS = ('synth_audio', 'speech_commands', 'tfds_audio')   # `data/audio.py`
 DATASETS = ('digits', 'npy', 'latents', 'tfds', 'folder', 'toy2d', *tfds_images.PRESETS,
             *AUDIO_DATASETS)
 
