@@ -42,6 +42,9 @@ def native_sample_rate(data) -> int:
     from diffusion_jax.data import audio as audio_data  # pylint: disable=g-import-not-at-top
     return audio_data.SAMPLE_RATE
   from diffusion_jax.data import tfds_audio  # pylint: disable=g-import-not-at-top
+  if data.name not in tfds_audio.PRESETS:
+    raise ValueError(f"config.data.sample_rate: data.name={data.name!r} records no sample "
+                     f'rate; set data.sample_rate')
   return int(tfds_audio.PRESETS[data.name].sample_rate)
 
 

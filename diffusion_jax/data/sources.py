@@ -15,6 +15,9 @@ would, and P processes together read exactly what one process would.
   toy2d       2-D points drawn on the fly (`data.toy`: a `toy2d.TOYS` name), `[B, 2]`
   folder      your own PNG / JPEG files under `data.path` (`data/folder.py`): one class per
               sub-folder, or unlabelled if the files lie in `data.path` itself
+  synth_audio the embedded synthetic speech-like clips (`data/audio.py`), waveforms `[4096, 1]`
+              at 8 kHz; speech_commands (TFDS, needs TensorFlow to decode) and tfds_audio (any
+              TFDS dataset with int16 Tensor audio, `data.tfds_name`) by index (`tfds_audio.py`)
 
 Sources of examples also have `example(index, seed, position)`: one example as a batch row, read
 once; `batch` stacks them, and `data.loader` reads them in grain worker processes.
