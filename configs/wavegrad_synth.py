@@ -52,7 +52,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
                                     n_mels=40)}
   c.optim.update(lr=1e-3, warmup_steps=100, schedule='cosine', final_lr_fraction=0.1,
                  grad_clip=1.0)
-  c.train.update(num_steps=2500, batch_size=16, ema_decay=0.999, log_every=50,
+  c.train.update(num_steps=2200, batch_size=16, ema_decay=0.999, log_every=50,
                  checkpoint_every=500)
   times = schedules.times(processes.make_process(**PROCESS),
                           schedules.linear_betas(*schedules.WAVEGRAD_50))

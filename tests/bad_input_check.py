@@ -32,6 +32,8 @@ FAST = ['--config=configs/digits.py:smoke,mlp', '--config.eval.enabled=False',
         '--config.sample.grid_size=0']
 UNET = ['--config=configs/digits.py:smoke', '--config.eval.enabled=False',
         '--config.sample.grid_size=0']
+AUDIO = ['--config=configs/wavegrad_synth.py:smoke', '--config.eval.enabled=False',
+         '--config.sample.grid_size=0']
 
 
 def _train(*flags):
@@ -160,6 +162,20 @@ CASES = [
     ('evaluation of 0 samples',
      _train(*FAST, '--config.eval.enabled=True', '--config.eval.num_samples=0',
             '--workdir={wd}'), 2, ['num_samples', '0'], None),
+    # --- audio (configs/wavegrad_synth.py) ---------------------------------------------------
+    ('spectrogram hop that does not divide the clip length',
+     _train(*AUDIO, '--config.mel.hop=96', '--workdir={wd}'), 2, ['hop', '96', '4096'], None),
+    ('spectrogram sample rate other than the data\'s',
+     _train(*AUDIO, '--config.mel.sample_rate=16000', '--workdir={wd}'), 2,
+     ['sample_rate', '16000', '8000'], None),
+    ('audio data asked for at another sample rate',
+     _train(*AUDIO, '--config.data.sample_rate=16000', '--workdir={wd}'), 2,
+     ['sample_rate', '16000'], None),
+    ('WaveGrad upsampling factors that are not the hop',
+     _train(*AUDIO, '--config.model.factors=(4,4,4)', '--workdir={wd}'), 2, ['factors', 'hop'],
+     None),
+    ('in-loop evaluation of audio',
+     _train(*AUDIO, '--config.eval.every=2', '--workdir={wd}'), 2, ['eval.every'], None),
 ]
 
 
@@ -231,6 +247,9 @@ def _library_cases():
   import jax.numpy as jnp
   from diffusion_jax import analytic, objectives, parameterization, processes, samplers
   from diffusion_jax.samplers import grids
+  from diffusion_jax.audio import features, schedules
+  from diffusion_jax.data import audio as audio_data
+  import numpy as np
   # pylint: enable=g-import-not-at-top
   vp = processes.make_process('vp_discrete', schedule='linear', num_steps=1000)
   den = analytic.gaussian_denoiser(jnp.zeros(2), jnp.ones(2), vp)
@@ -271,6 +290,19 @@ def _library_cases():
        lambda: objectives.ot_pairing(jnp.ones((4, 2)), jnp.ones((3, 2))), ['4', '3']),
       ('gaussian_denoiser: negative variance',
        lambda: analytic.gaussian_denoiser(jnp.zeros(2), -jnp.ones(2), vp), ['s2']),
+      ('explicit grid not decreasing',
+       lambda: samplers.time_grid(vp, 3, (0.5, 0.9, 0.1)), ['decreasing', '0.9']),
+      ('explicit grid of another length than the steps',
+       lambda: samplers.time_grid(vp, 3, (0.9, 0.5)), ['steps=3', '2 times']),
+      ('silent audio clip', lambda: audio_data.check_clip(np.zeros(4096), 'clip 7'),
+       ['clip 7', 'silent']),
+      ('clipped audio clip',
+       lambda: audio_data.check_clip(np.sign(np.sin(np.arange(4096.0))), 'clip 8'),
+       ['clip 8', 'clipped']),
+      ('spectrogram hop that does not divide the waveform',
+       lambda: features.num_frames(4000, 64), ['hop=64', '4000']),
+      ('WaveGrad schedule outside the process',
+       lambda: schedules.times(vp, np.geomspace(1e-9, 0.5, 6)), ['range']),
       ('objective loss: labels of another batch size',
        lambda: objectives.make_objective('ddpm_eps', vp)(
            lambda x, t, cond=None: x, x, key, cond=jnp.zeros((3,), jnp.int32)), ['cond']),
