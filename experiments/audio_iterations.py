@@ -231,7 +231,8 @@ def report(info: dict, rows: list[dict]) -> str:
       'on the log-mel spectrogram of a held-out clip and scored against that clip: log-spectral '
       'distance (LSD, dB), mel-cepstral distortion (MCD, dB) and multi-resolution STFT distance '
       '(MR-STFT); lower is better. Mean ± standard deviation over seeds '
-      f'{", ".join(map(str, info["seeds"]))} (prior noise and sampler noise). The floor scores a '
+      f'{", ".join(map(str, info["seeds"]))} (prior noise and sampler noise); times per seed '
+      'on 2 shared CPU cores. The floor scores a '
       'second rendering of the same utterances (fresh phases, noise and jitter) against the '
       'first: a perfect model of p(waveform | mel) scores it.', '',
       f'Command: `{info["command"]}`.', '',
@@ -241,9 +242,9 @@ def report(info: dict, rows: list[dict]) -> str:
     lines.append(f'| {r["name"]} | {r["iterations"]} | {r["schedule"]} | {r["num_clips"]} | '
                  + ' | '.join(f'{r[k]:.3f} ± {r[f"{k}_std"]:.3f}' for k in METRICS)
                  + f' | {r["seconds_per_seed"]:.1f} |')
-  floor = rows[0]
-  if floor.get('lsd_floor') is not None:
-    lines.append('| real-data floor (second take) | | | | '
+  floors = {r['num_clips']: r for r in rows if r.get('lsd_floor') is not None}
+  for n, floor in sorted(floors.items(), reverse=True):
+    lines.append(f'| real-data floor (second take) | | | {n} | '
                  + ' | '.join(f'{floor[f"{k}_floor"]:.3f}' for k in METRICS) + ' | |')
   lines += ['', 'Searched schedules (log-mel MSE on training clips, one seed): '
             + '; '.join(f'{n} iterations: {s["name"]} (LS-MSE {s["score"]:.4f})'

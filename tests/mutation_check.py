@@ -60,6 +60,13 @@ UN, DC = 'diffusion_jax/models/unet.py', 'diffusion_jax/data/control.py'
 SR, T_SR = 'diffusion_jax/models/superres.py', 'tests/test_superres.py'
 GEN = 'diffusion_jax/generation.py'
 PG, T_PG = 'diffusion_jax/progressive.py', 'tests/test_progressive.py'
+AF, AM, AIO = ('diffusion_jax/audio/features.py', 'diffusion_jax/metrics/audio.py',
+               'diffusion_jax/audio/io.py')
+T_AF, T_AD = 'tests/test_audio_features.py', 'tests/test_audio_data.py'
+AD, TA = 'diffusion_jax/data/audio.py', 'diffusion_jax/data/tfds_audio.py'
+WG, T_WG = 'diffusion_jax/models/wavegrad.py', 'tests/test_wavegrad.py'
+ASC, T_ASC = 'diffusion_jax/audio/schedules.py', 'tests/test_audio_schedules.py'
+ACO, T_ARUN = 'diffusion_jax/audio/conditioning.py', 'tests/test_audio_run.py'
 
 MUTATIONS = [
     # --- processes (processes.py, processes_continuous.py) ----------------------------------
@@ -578,6 +585,49 @@ MUTATIONS = [
      '    return self.image_shape[0] // resolution_at(self.schedule, step + 1)',
      [T_PG]),
     (PG, 'any(s == step for s, _ in schedule)', 'any(s == step + 1 for s, _ in schedule)', [T_PG]),
+    # audio (issue 23): features, metrics, WAV files, the synthetic corpus and TFDS audio,
+    # WaveGrad, its schedules and the mel condition
+    (AF, 'left = (n_fft - hop) // 2', 'left = (n_fft - hop + 1) // 2', [T_AF]),
+    (AF, '* (2.0 / (hi - lo))', '* (1.0 / (hi - lo))', [T_AF]),
+    (AF, 'np.log10(1.0 + np.asarray(f, np.float64) / 700.0)',
+     'np.log10(1.0 + np.asarray(f, np.float64) / 1000.0)', [T_AF]),
+    (AF, 'np.where(k == 0, np.sqrt(1.0 / num_mels)', 'np.where(k == 0, np.sqrt(2.0 / num_mels)',
+     [T_AF]),
+    (AF, '0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)',
+     '0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / (n_fft - 1))', [T_AF]),
+    (AM, 'log_mel_numpy(x, cfg), n_mfcc)[..., 1:]', 'log_mel_numpy(x, cfg), n_mfcc)[..., 0:]',
+     [T_AF]),
+    (AM, 'sc = np.sqrt(np.sum((my - mx) ** 2, axis=(1, 2))) / norm_y',
+     'sc = np.sqrt(np.sum((my - mx) ** 2, axis=(1, 2))) / np.sqrt(np.sum(mx ** 2, axis=(1, 2)))',
+     [T_AF]),
+    (AM, 'px = 10.0 * np.log10(', 'px = 20.0 * np.log10(', [T_AF]),
+    (AIO, 'PCM_SCALE = 32767.0', 'PCM_SCALE = 32768.0', [T_AF]),
+    (AD, 'vowels[:, 0] = labels', 'vowels[:, 1] = labels', [T_AD]),
+    (AD, 'if clipped > _CLIPPED_FRACTION:', 'if clipped >= _CLIPPED_FRACTION:', [T_AD]),
+    (AD, 'key=[split_id, 1 + int(take)]', 'key=[split_id, 1]', [T_AD]),
+    (TA, 'start = (n - length) // 2', 'start = (n - length + 1) // 2', [T_AD]),
+    (TA, 'left = (length - n) // 2', 'left = 0', [T_AD]),
+    (TA, 'x = x.astype(np.float32) / 32768.0', 'x = x.astype(np.float32) / 32767.0', [T_AD]),
+    (WG, 'layers.timestep_embedding(scale * noise.astype(jnp.float32), dim)',
+     'layers.timestep_embedding(noise.astype(jnp.float32), dim)', [T_WG]),
+    (WG, 'film = lambda h: scale * h + shift', 'film = lambda h: scale * (h + shift)', [T_WG]),
+    (WG, 'h = conv(3)(_lrelu(film(h)))', 'h = conv(3)(_lrelu(h))', [T_WG]),
+    (WG, 'return h.reshape(b, n // factor, factor, c).mean(axis=2)',
+     'return h.reshape(b, n // factor, factor, c)[:, :, 0]', [T_WG]),
+    (WG, 'g = g + pe[:, None, :].astype(g.dtype)', 'g = g + 0 * pe[:, None, :].astype(g.dtype)',
+     [T_WG]),
+    (WG, '_SLOPE = 0.2', '_SLOPE = 0.1', [T_WG]),
+    (WG, 'dilations: tuple[int, ...] = (1, 2, 4, 8)', 'dilations: tuple[int, ...] = (1, 2, 4, 4)',
+     [T_WG]),
+    (ASC, 'lam = np.log(abar) - np.log1p(-abar)', 'lam = np.log(abar) - np.log(abar)', [T_ASC]),
+    (ASC, 'return np.cumprod(1.0 - check_betas(betas))', 'return np.cumprod(check_betas(betas))',
+     [T_ASC]),
+    (ASC, 'abar = alphas_cumprod(betas)[::-1]', 'abar = alphas_cumprod(betas)', [T_ASC]),
+    (ACO, 'model = model.clone(noise_level=process.alpha)',
+     'model = model.clone(noise_level=process.sigma)', [T_ARUN]),
+    (ACO, 'idx = np.arange(num) % len(take0)', 'idx = np.arange(num) % len(take0) + 1', [T_ARUN]),
+    ('diffusion_jax/samplers/grids.py', '    tj = jnp.asarray(t, dtype)',
+     '    tj = jnp.asarray(t[::-1].copy(), dtype)', [T_GRIDS]),
 ]
 
 

@@ -1,6 +1,11 @@
 """The tiny Stable Diffusion end to end (smoke size): captions -> autoencoder latents -> a
 text-conditioned U-Net -> prompts sampled, decoded and measured; then the text_to_image command
-with its one-line errors."""
+with its one-line errors.
+
+Slow as a whole: the smoke run trains an autoencoder, encodes latents and trains the text model
+in a subprocess (~100 s of the default run's 10-minute budget, cold caches); the text pieces
+each have their default tests in test_text_conditioning.py, test_captions.py and test_clip.py.
+"""
 
 import json
 import os
@@ -10,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +61,6 @@ def test_tiny_sd_trains_on_captions_and_measures_prompt_following(run):
   assert 'TextConditioned' in proc.stdout
 
 
-@pytest.mark.slow   # ~8-16 s; moved out of the default run (its 10-minute budget)
 def test_text_to_image_writes_a_row_per_prompt(run, subprocess_cache, tmp_path):
   workdir, _ = run
   out = tmp_path / 'grid.png'
