@@ -42,13 +42,15 @@ def subprocess_cache():
 # `make test` runs each file whole on one of two workers (`--dist loadfile`), handing files out
 # in collection order. The longest files go first, so that the run does not end with one worker
 # idle while the other is still in a minute-long file collected late (alphabetically).
-_LONGEST_FIRST = ('test_text_to_image.py', 'test_latent.py', 'test_cli.py', 'test_reliability.py',
-                  'test_samplers_all.py', 'test_objectives.py', 'test_sharded_training.py',
-                  'test_text_conditioning.py', 'test_samplers_sde.py', 'test_multiprocess.py',
-                  'test_samplers_dpm.py', 'test_processes.py', 'test_inception.py',
-                  'test_reference_configs.py', 'test_unet_variants.py',
-                  'test_digits_classifier.py', 'test_inpainting.py', 'test_reference_updates.py',
-                  'test_likelihood.py', 'test_unet.py')
+_LONGEST_FIRST = ('test_cli.py', 'test_reliability.py', 'test_samplers_all.py',
+                  'test_sharded_training.py', 'test_samplers_sde.py', 'test_objectives.py',
+                  'test_text_conditioning.py', 'test_samplers_dpm.py', 'test_processes.py',
+                  'test_multiprocess.py', 'test_digits_classifier.py', 'test_likelihood.py',
+                  'test_reference_configs.py', 'test_unet.py', 'test_samplers.py',
+                  'test_elbo.py', 'test_consistency.py', 'test_grids.py', 'test_latent.py',
+                  'test_inpainting.py', 'test_dit.py', 'test_samplers_ode.py',
+                  'test_unet_variants.py', 'test_reference_updates.py', 'test_inception.py',
+                  'test_audio_run.py')
 
 
 def pytest_collection_modifyitems(items):

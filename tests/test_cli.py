@@ -215,8 +215,9 @@ def test_corrupted_latest_checkpoint_falls_back(finished_run, cache_dir, tmp_pat
 # The other build-time errors are checked in-process by test_build_errors_name_the_key.
 @pytest.mark.parametrize('override, expected', [
     ('--config.train.num_step=3', "unknown config key 'num_step' in --config.train.num_step"),
-    ('--config.train.num_steps=abc', '--config.train.num_steps=abc'),
-    ('--config.trains.lr=1', "unknown config key 'trains'"),
+    pytest.param('--config.train.num_steps=abc', '--config.train.num_steps=abc',
+                 marks=pytest.mark.slow),
+    pytest.param('--config.trains.lr=1', "unknown config key 'trains'", marks=pytest.mark.slow),
     ('--config.model.ch=10', 'config.model: UNet: num_groups=4 must divide'),
 ])
 def test_config_errors_are_one_line(tmp_path, cache_dir, override, expected):

@@ -89,6 +89,7 @@ def test_cache_is_reused(tiny, monkeypatch):
   np.testing.assert_array_equal(params2['log_scale'], params['log_scale'])
 
 
+@pytest.mark.slow   # ~7 s; moved out of the default run (its 10-minute budget)
 def test_cache_of_another_recipe_is_refused(tiny, tmp_path, caplog, monkeypatch):
   cache_dir, _, info = tiny
   other = dict(_TINY, steps=4)

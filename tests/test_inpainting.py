@@ -44,7 +44,9 @@ def test_inpaint_wrapper_is_consistent_and_passes_attributes():
 
 
 @pytest.mark.parametrize('name,steps', [pytest.param('ddpm', 1000, marks=pytest.mark.slow),
-                                        ('ddim', 200), ('euler', 300), ('heun', 100)])
+                                        ('ddim', 200),
+                                        pytest.param('euler', 300, marks=pytest.mark.slow),
+                                        ('heun', 100)])
 def test_inpainting_gaussian_keeps_known_and_samples_conditional(name, steps):
   """Diagonal covariance: the conditional of the unknown dims is their marginal N(mu, s2).
 

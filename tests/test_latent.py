@@ -168,6 +168,7 @@ def pipeline(tmp_path_factory, subprocess_cache):
   return config, workdir, result
 
 
+@pytest.mark.slow   # the pipeline fixture: ~70 s of the default run's budget
 def test_latents_are_the_posterior_means_scaled_by_one_over_their_std(pipeline):
   config, workdir, _ = pipeline
   ae_config = latent_pipeline.autoencoder_config(config)
@@ -190,6 +191,7 @@ def test_latents_are_the_posterior_means_scaled_by_one_over_their_std(pipeline):
   np.testing.assert_allclose(batch['image'], info['scale_factor'] * stored[idx], rtol=1e-6)
 
 
+@pytest.mark.slow   # the pipeline fixture: ~70 s of the default run's budget
 def test_samples_are_decoded_before_the_grid_and_the_evaluation(pipeline):
   config, workdir, result = pipeline
   samples = np.load(os.path.join(workdir, 'samples.npy'))
@@ -209,6 +211,7 @@ def test_samples_are_decoded_before_the_grid_and_the_evaluation(pipeline):
                                    method='decode'), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow   # the pipeline fixture: ~70 s of the default run's budget
 def test_grids_and_in_loop_evaluations_of_both_stages(pipeline):
   _, workdir, _ = pipeline
   ae_dir = os.path.join(workdir, 'autoencoder')
@@ -236,6 +239,7 @@ def test_a_rerun_resumes_every_stage_without_retraining(pipeline):
   assert os.path.getmtime(os.path.join(workdir, 'latents', 'latents.npy')) == before
 
 
+@pytest.mark.slow   # the pipeline fixture: ~70 s of the default run's budget
 def test_mismatched_autoencoder_checkpoint_and_latents_are_refused(pipeline, tmp_path):
   config, workdir, _ = pipeline
   ae_config = latent_pipeline.autoencoder_config(config)
@@ -381,6 +385,7 @@ def test_mask_downsampling_keeps_a_latent_known_only_if_its_whole_block_is():
     latent.downsample_mask(mask, 3)
 
 
+@pytest.mark.slow   # the pipeline fixture: ~70 s of the default run's budget
 def test_inpainting_in_latent_space_with_the_trained_model(pipeline):
   """The latent run's own denoiser, any sampler, `inpainting.inpaint_sample`, and a pixel mask
   downsampled by f: the known latents come back exactly, the rest is sampled."""
@@ -402,8 +407,8 @@ def test_inpainting_in_latent_space_with_the_trained_model(pipeline):
   assert np.all(np.isfinite(out)) and not np.allclose(out[:, :, 4:], known[:, :, 4:])
 
 
-@pytest.mark.parametrize('sampler', ['ddim'] + [pytest.param(s, marks=pytest.mark.slow) for s in
-                                                ('heun', 'dpm_solver_pp_2m', 'unipc_bh2', 'ddpm')])
+@pytest.mark.parametrize('sampler', [pytest.param(s, marks=pytest.mark.slow) for s in
+                                     ('ddim', 'heun', 'dpm_solver_pp_2m', 'unipc_bh2', 'ddpm')])
 def test_guided_latent_config_builds_and_traces_every_sampler(pipeline, sampler):
   """A class-conditional latent run (`:cond`, guidance 2) on the latents, traced abstractly
   with a few samplers: the sampler, guidance and latent shape fit together without a change."""

@@ -138,7 +138,7 @@ def test_final_step_to_data_is_x0_hat_at_last_grid_point(name, proc_name):
     np.testing.assert_array_equal(info['trajectory'][-1], y)
 
 
-@pytest.mark.parametrize('proc_name', ['vp_linear', 'edm'])
+@pytest.mark.parametrize('proc_name', ['vp_linear', pytest.param('edm', marks=pytest.mark.slow)])
 def test_sde_dpm_solver_pp_2m_reproduces_gaussian_data(proc_name):
   """SDE-DPM-Solver++(2M) with the exact denoiser, 200 steps on the log-SNR grid, float64:
   on n = 40,000 samples the per-dimension mean and variance match the data's, |z| < 5 with

@@ -69,6 +69,7 @@ def test_context_mask_matches_the_tokenizer():
   assert TOKENIZER.context_mask(tokens)[2].sum() == 2
 
 
+@pytest.mark.slow   # ~11 s; moved out of the default run (its 10-minute budget)
 def test_padding_is_not_read_and_the_caption_is():
   model = _model()
   params = _init(model)
@@ -93,6 +94,7 @@ def test_padding_is_not_read_and_the_caption_is():
   assert float(jnp.max(jnp.abs(a - b))) > 1e-4
 
 
+@pytest.mark.slow   # ~5 s; moved out of the default run (its 10-minute budget)
 def test_precomputed_context_equals_tokens():
   model = _model()
   params = _init(model)
