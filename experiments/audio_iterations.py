@@ -49,19 +49,6 @@ flags.mark_flags_as_required(['workdir'])
 METRICS = ('lsd', 'mcd', 'mr_stft')
 
 
-def load_run(workdir: str):
-  """`(config, setup, ema_params, step)` of a finished run, from its own config.json."""
-  from configs import json_config  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import train_loop  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    cli.fail(f'{workdir}: no config.json (not a run work dir)')
-  config = json_config.get_config(path)
-  with cli.user_errors():
-    setup, state, step = train_loop.load_checkpoint(config, workdir)
-  return config, setup, state.ema_params, step
-
-
 def with_sampler(setup, sampler: str, steps: int, options: dict):
   sample = dataclasses.replace(setup.sample, sampler=sampler, steps=steps, options=options)
   return dataclasses.replace(setup, sample=sample)
@@ -89,7 +76,7 @@ def main(argv):
   out_dir = os.path.abspath(_OUT.value)
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.time()
-  config, setup, params, step = load_run(workdir)
+  config, setup, params, step = cli.load_run(workdir)
   if getattr(setup.condition, 'key', None) != conditioning.KEY:
     cli.fail(f'{workdir}: not a mel-conditioned run (its config has no mel section)')
   process, mel = setup.process, conditioning.mel_config(config.mel)

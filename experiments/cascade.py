@@ -50,19 +50,6 @@ _TIME_STEPS = flags.DEFINE_integer('time_steps', 5, 'Timed train steps per size.
 flags.mark_flags_as_required(['base'])
 
 
-def load_run(workdir: str):
-  """`(setup, ema_params, step, config)` of a finished run, from its own config.json."""
-  from configs import json_config  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import train_loop  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    cli.fail(f'{workdir}: no config.json (not a run work dir)')
-  config = json_config.get_config(path)
-  with cli.user_errors():
-    setup, state, step = train_loop.load_checkpoint(config, workdir)
-  return setup, state.ema_params, step, config
-
-
 def parse_runs(items) -> list[tuple[str, str]]:
   runs = []
   for item in items:
@@ -159,12 +146,12 @@ def main(argv):
   out_dir = os.path.abspath(_OUT.value)
   os.makedirs(out_dir, exist_ok=True)
 
-  base_setup, base_params, base_step, base_config = load_run(os.path.abspath(_BASE.value))
+  base_config, base_setup, base_params, base_step = cli.load_run(os.path.abspath(_BASE.value))
   if base_setup.data.name != 'digits':
     cli.fail(f'--base: data.name={base_setup.data.name!r}; the cascade is measured on the digits')
   srs = []
   for name, path in runs:
-    setup, params, step, _ = load_run(path)
+    _, setup, params, step = cli.load_run(path)
     check_cascade(name, setup, base_setup.image_shape)
     srs.append((name, path, setup, params, step))
 

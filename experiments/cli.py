@@ -191,3 +191,17 @@ def latent_decoder(config, workdir):
                                           info)
   mesh = parallel.make_mesh()
   return lambda z: parallel.map_batches(decode, z, len(z), mesh)
+
+
+def load_run(workdir: str):
+  """`(config, setup, ema_params, step)` of a finished run, from its own config.json and its
+  newest readable checkpoint; a directory that is not a run is a one-line error."""
+  from configs import json_config  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import train_loop  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    fail(f'{workdir}: no config.json (not a run work dir)')
+  config = json_config.get_config(path)
+  with user_errors():
+    setup, state, step = train_loop.load_checkpoint(config, workdir)
+  return config, setup, state.ema_params, step

@@ -62,18 +62,6 @@ def train_if_needed(config, workdir: str, what: str) -> None:
   print(train_loop.format_eval_line(result), flush=True)
 
 
-def load_run(workdir: str):
-  """`(setup, ema_params, step)` of a finished run, from its own config.json."""
-  from configs import json_config  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import train_loop  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    cli.fail(f'{workdir}: no config.json (not a run work dir)')
-  with cli.user_errors():
-    setup, state, step = train_loop.load_checkpoint(json_config.get_config(path), workdir)
-  return setup, state.ema_params, step
-
-
 def parse_strengths(values) -> list[float]:
   try:
     strengths = [float(v) for v in values]
@@ -127,7 +115,7 @@ def main(argv):
       base_eval = json.load(f)
 
   # 3. Sampling at each strength, conditioned on held-out maps, from the same noise.
-  setup, params, step = load_run(control_dir)
+  _, setup, params, step = cli.load_run(control_dir)
   if getattr(setup, 'condition', None) is None or not hasattr(setup.model, 'strength'):
     cli.fail(f'{control_dir}: not a ControlNet run (its config has no control section)')
   num = _NUM.value

@@ -128,3 +128,27 @@ def test_every_sampler_runs_on_waveforms_as_on_flat_vectors(name):
                jax.random.key(1), steps=6)
   assert wave.shape == (4, 16, 1)
   np.testing.assert_allclose(np.asarray(wave)[..., 0], np.asarray(flat), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_audio_iterations_searches_stores_and_tabulates(run, tmp_path):
+  """experiments.audio_iterations on the smoke run: both searched schedules are stored with the
+  run's process and reused by a second call, and the table has every row with its floor."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir, _ = run
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, '-m', 'experiments.audio_iterations', f'--workdir={workdir}',
+         '--num_samples=2', '--num_1000=1', '--seeds=0', '--search_clips=2',
+         f'--out={tmp_path}']
+  proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, 'schedules', 'wavegrad_6.json'), encoding='utf-8') as f:
+    stored = json.load(f)
+  assert stored['iterations'] == 6 and stored['process']['beta_end'] == 0.01
+  with open(tmp_path / 'results.json', encoding='utf-8') as f:
+    rows = json.load(f)['rows']
+  assert [r['iterations'] for r in rows] == [6, 50, 50, 6, 50, 1000]
+  assert all(r['lsd_floor'] > 0 for r in rows)
+  again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1200)
+  assert again.returncode == 0 and 'reusing' in again.stdout, again.stderr[-3000:]

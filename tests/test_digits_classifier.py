@@ -25,9 +25,10 @@ _TINY = {'steps': 10}
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """One classifier for the module, trained with the default recipe (about 10 s)."""
-  cache_dir = tmp_path_factory.mktemp('digits_classifier')
+def trained(subprocess_cache):
+  """The classifier of the default recipe, trained once for the whole run in the cache the
+  subprocess tests share (the first file that needs it trains it: ~20 s cold)."""
+  cache_dir = subprocess_cache
   params, info = load_or_train_digits_classifier(cache_dir)
   return cache_dir, params, info
 
