@@ -349,7 +349,9 @@ def _build_condition(config, model, image_shape, **pieces):
   except (TypeError, ValueError) as e:
     if isinstance(e, ConfigError):
       raise
-    raise ConfigError(f'config.{names[0]}: {str(e).splitlines()[0]}') from None
+    line = str(e).splitlines()[0]
+    raise ConfigError(line if line.startswith('config.') else f'config.{names[0]}: {line}') \
+        from None
 
 
 def build_log(section) -> LogConfig:

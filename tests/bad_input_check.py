@@ -172,10 +172,11 @@ CASES = [
      _train(*AUDIO, '--config.data.sample_rate=16000', '--workdir={wd}'), 2,
      ['sample_rate', '16000'], None),
     ('WaveGrad upsampling factors that are not the hop',
-     _train(*AUDIO, '--config.model.factors=(4,4,4)', '--workdir={wd}'), 2, ['factors', 'hop'],
+     _train(*AUDIO, '--config.model.factors=(4,4,2,4)', '--workdir={wd}'), 2, ['factors', 'hop'],
      None),
     ('in-loop evaluation of audio',
-     _train(*AUDIO, '--config.eval.every=2', '--workdir={wd}'), 2, ['eval.every'], None),
+     _train(*AUDIO, '--config.eval.enabled=True', '--config.eval.every=2', '--workdir={wd}'), 2,
+     ['eval.every', 'audio'], None),
 ]
 
 
