@@ -27,11 +27,7 @@ _VQ = dict(in_channels=1, out_channels=1, block_out_channels=(16, 32, 32), layer
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  variants = [v for v in (variant or '').split(',') if v]
-  for v in variants:
-    if v not in VARIANTS:
-      raise ValueError(f'configs/autoencoder_digits.py: unknown variant {v!r}; choose from '
-                       f'{list(VARIANTS)}')
+  variants = digits.parse_variants('configs/autoencoder_digits.py', variant, VARIANTS)
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = digits.data_section(name='digits', image_size=32)

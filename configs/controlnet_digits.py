@@ -26,11 +26,7 @@ OWN_VARIANTS = ('smoke', 'ink')
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  variants = [v for v in (variant or '').split(',') if v]
-  for v in variants:
-    if v not in OWN_VARIANTS:
-      raise ValueError(f'configs/controlnet_digits.py: unknown variant {v!r}; choose from '
-                       f'{list(OWN_VARIANTS)}')
+  variants = digits.parse_variants('configs/controlnet_digits.py', variant, OWN_VARIANTS)
   smoke = 'smoke' in variants
   # The base's own config (smoke: the smoke U-Net), so model / process / objective match it.
   c = digits.get_config('smoke' if smoke else None)

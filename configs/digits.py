@@ -86,6 +86,16 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(c)
 
 
+def parse_variants(config_file: str, variant: str | None, allowed) -> list[str]:
+  """The comma-separated variants of `--config=<config_file>:<variant>`, each checked against
+  `allowed` (a one-line error names the file and the choices)."""
+  variants = [v for v in (variant or '').split(',') if v]
+  for v in variants:
+    if v not in allowed:
+      raise ValueError(f'{config_file}: unknown variant {v!r}; choose from {list(allowed)}')
+  return variants
+
+
 def typed_section(cls, section: str, skip=(), **values) -> dict:
   """Every key of the typed section `cls` (a dataclass: `DataConfig`, `TrainConfig`,
   `OptimConfig`, `EvalConfig`) at its default, then `values`, so that any of them can be

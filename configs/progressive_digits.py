@@ -35,11 +35,7 @@ VARIANTS = ('fixed', 'constant', 'smoke')
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  variants = [v for v in (variant or '').split(',') if v]
-  for v in variants:
-    if v not in VARIANTS:
-      raise ValueError(f'configs/progressive_digits.py: unknown variant {v!r}; choose from '
-                       f'{list(VARIANTS)}')
+  variants = digits.parse_variants('configs/progressive_digits.py', variant, VARIANTS)
   c = digits.get_config('smoke' if 'smoke' in variants else '')
   c.data.image_size = 16
   c.model.attn_resolutions = ()

@@ -35,11 +35,7 @@ PROCESS = dict(name='vp_discrete', schedule='linear', num_steps=schedules.TRAIN_
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  variants = [v for v in (variant or '').split(',') if v]
-  for v in variants:
-    if v not in VARIANTS:
-      raise ValueError(f'configs/wavegrad_synth.py: unknown variant {v!r}; choose from '
-                       f'{list(VARIANTS)}')
+  variants = digits.parse_variants('configs/wavegrad_synth.py', variant, VARIANTS)
   c = digits.get_config()
   c.data = digits.data_section(name='synth_audio', sample_rate=8000)
   c.process = dict(PROCESS)
