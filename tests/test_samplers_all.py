@@ -50,7 +50,7 @@ STAGES = {'ddpm': 1, 'ddim': 1, 'euler': 1, 'euler_maruyama': 1, 'consistency': 
           'dpm_solver_1': 1, 'dpm_solver_pp_2m': 1, 'dpm_solver_pp_3m': 1,
           'dpm_solver_pp_2m_sde': 1, 'unipc_bh1': 1, 'unipc_bh2': 1, 'heun': 2,
           'flow_heun': 2, 'flow_midpoint': 2, 'flow_euler': 1, 'dpm_solver_2': 2,
-          'dpm_solver_3': 3, 'flow_rk4': 4, 'pc': 2}
+          'dpm_solver_3': 3, 'flow_rk4': 4, 'pc': 2, 'ipndm': 1}
 
 
 def expected_nfe(name, steps, final):

@@ -29,6 +29,7 @@ from diffusion_jax.samplers.dpm_solver import dpm_solver_pp_3m_sample
 from diffusion_jax.samplers.dpm_solver import dpm_solver_pp_sample
 from diffusion_jax.samplers.dpm_solver import dpm_solver_pp_sde_sample
 from diffusion_jax.samplers.dpm_solver import dpm_solver_sample
+from diffusion_jax.samplers.ipndm import ipndm_sample
 from diffusion_jax.samplers.ode import FLOW_METHODS
 from diffusion_jax.samplers.ode import euler_sample
 from diffusion_jax.samplers.ode import flow_euler_sample
@@ -62,6 +63,7 @@ SAMPLERS = {
     'dpm_solver_pp_2m_sde': dpm_solver_pp_sde_sample,
     'unipc_bh1': unipc_bh1_sample,
     'unipc_bh2': unipc_bh2_sample,
+    'ipndm': ipndm_sample,
     'euler_maruyama': euler_maruyama_sample,
     'pc': pc_sample,
     'consistency': consistency_multistep_sample,
@@ -73,7 +75,7 @@ SAMPLERS = {
 SAMPLER_OPTIONS = dict(
     grid=str, spacing=str, variance=str, eta=float, rho=float, t_min=float, s_churn=float,
     order=int, method=str, variant=str, rtol=float, atol=float, solver=str, snr=float,
-    corrector_steps=int)
+    corrector_steps=int, lower_order_final=bool)
 # The types a value may have: `grid` is a name or an explicit sequence of times
 # (`grids.explicit_times`; set in a config file, or as a list in a saved config.json).
 SAMPLER_OPTION_TYPES = {**SAMPLER_OPTIONS, 'grid': str | tuple[float, ...]}
