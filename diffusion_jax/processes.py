@@ -26,7 +26,7 @@ from diffusion_jax.processes_continuous import SubVP
 from diffusion_jax.processes_continuous import VPCosine
 from diffusion_jax.processes_continuous import VPLinear
 from diffusion_jax.processes_continuous import as_float
-from diffusion_jax.processes_continuous import float_dtype
+from diffusion_jax.processes_continuous import softplus
 
 
 def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -94,6 +94,23 @@ BETA_SCHEDULES = {
 # Floor on abar in the log-alpha grid: log 0 at zero terminal SNR would make the interpolation
 # on the last segment NaN (0 * -inf).
 _ABAR_FLOOR = 1e-20
+
+
+@jax.jit
+def _interp_uniform(t, knots, values):
+  """`jnp.interp(t, knots, values)` for the knots `n / T`, n = 0..T (correctly rounded): the
+  same formula and values, with the interval from `floor(t T)` (corrected by one against the
+  knots) instead of a search. Jitted, so eager calls compile it once per shape."""
+  T = knots.shape[0] - 1
+  # i: the first knot above t (searchsorted(knots, t, 'right')), clipped to [1, T].
+  k = jnp.minimum(jnp.maximum(jnp.floor(t * T), 0.0), T - 1.0).astype(jnp.int32)
+  i = jnp.minimum(jnp.maximum(k, 0), T - 1) + 1   # the int clip catches NaN t
+  i = jnp.where((t < knots[i - 1]) & (i > 1), i - 1, i)
+  i = jnp.where((t >= knots[i]) & (i < T), i + 1, i)
+  t_left, t_right, v_left, v_right = knots[i - 1], knots[i], values[i - 1], values[i]
+  t_clamped = jnp.minimum(jnp.maximum(t, 0.0), 1.0)
+  out = v_left + ((t_clamped - t_left) / (t_right - t_left)) * (v_right - v_left)
+  return jnp.where(t < 0.0, values[0], jnp.where(t > 1.0, values[-1], out))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -180,40 +197,50 @@ class DiscreteVP(Process):
     # [T + 1]: knot 0 at t = 0 (clean data), then 0.5 * log abar_n at t = n / T.
     return np.concatenate([[0.0], 0.5 * np.log(np.maximum(self.alphas_cumprod, _ABAR_FLOOR))])
 
-  def log_alpha(self, t):
-    t = as_float(t)
-    grid_t = jnp.linspace(0.0, 1.0, self.num_steps + 1, dtype=t.dtype)
-    return jnp.interp(t, grid_t, jnp.asarray(self._log_alpha_grid, t.dtype))
+  def _knots(self, dtype) -> np.ndarray:
+    """`n / T`, n = 0..T, correctly rounded to `dtype`: `t_of_step(n)` hits a knot exactly."""
+    return (np.arange(self.num_steps + 1) / self.num_steps).astype(dtype)
 
-  def alpha(self, t):
-    t = as_float(t)
-    alpha = jnp.exp(self.log_alpha(t))
-    return jnp.where(t >= 1.0, 0.0, alpha) if self.zero_terminal_snr else alpha
+  def _log_alpha(self, t, xp):
+    """Piecewise linear in t between the knots `(n / T, 0.5 log abar_n)`, constant outside
+    [0, 1]: `jnp.interp`'s formula, with the knot interval found by index arithmetic
+    (`floor(t T)`, corrected by one against the knots) instead of a search, so its cost does not
+    grow with T or, at a scalar `t`, with the batch."""
+    if xp is np:
+      return np.interp(t, self._knots(np.float64), self._log_alpha_grid)
+    return _interp_uniform(t, jnp.asarray(self._knots(t.dtype)),
+                           jnp.asarray(self._log_alpha_grid, t.dtype))
 
-  def sigma_squared(self, t):
+  def _alpha(self, t, xp):
+    alpha = xp.exp(self._log_alpha(t, xp))
+    return xp.where(t >= 1.0, 0.0, alpha) if self.zero_terminal_snr else alpha
+
+  def _sigma_squared(self, t, xp):
     # 1 - alpha² = -expm1(2 log alpha), accurate where alpha is close to 1.
-    return -jnp.expm1(2.0 * self.log_alpha(t))
+    return -xp.expm1(2.0 * self._log_alpha(t, xp))
 
-  def sigma(self, t):
-    return jnp.sqrt(self.sigma_squared(t))
-
-  def log_snr(self, t):
-    """lambda(t) = log(alpha² / sigma²) = 2 log alpha - log(1 - alpha²); +inf at t = 0."""
+  def alpha_sigma(self, t):
+    """`(alpha(t), sigma(t))` from one evaluation of log alpha."""
     t = as_float(t)
-    la = self.log_alpha(t)
-    lam = 2.0 * la - jnp.log(-jnp.expm1(2.0 * la))
-    return jnp.where(t >= 1.0, -jnp.inf, lam) if self.zero_terminal_snr else lam
+    la = self._log_alpha(t, jnp)
+    alpha = jnp.exp(la)
+    alpha = jnp.where(t >= 1.0, 0.0, alpha) if self.zero_terminal_snr else alpha
+    return alpha, jnp.sqrt(-jnp.expm1(2.0 * la))
 
-  def t_of_log_snr(self, lam):
+  def _log_snr(self, t, xp):
+    """lambda(t) = log(alpha² / sigma²) = 2 log alpha - log(1 - alpha²); +inf at t = 0."""
+    la = self._log_alpha(t, xp)
+    lam = 2.0 * la - xp.log(-xp.expm1(2.0 * la))
+    return xp.where(t >= 1.0, -xp.inf, lam) if self.zero_terminal_snr else lam
+
+  def _t_of_log_snr(self, lam, xp):
     """Exact inverse of `log_snr` on [0, 1] (log alpha is piecewise linear in t)."""
-    lam = jnp.asarray(lam)
-    dtype = float_dtype(lam)
     # alpha² = sigmoid(lambda)  =>  log alpha = -0.5 * softplus(-lambda).
-    la = -0.5 * jax.nn.softplus(-lam.astype(dtype))
-    grid_t = jnp.linspace(0.0, 1.0, self.num_steps + 1, dtype=dtype)
-    grid_la = jnp.asarray(self._log_alpha_grid, dtype)
-    # jnp.interp needs increasing x: log alpha decreases in t, so flip both.
-    return jnp.interp(la, grid_la[::-1], grid_t[::-1])
+    la = -0.5 * softplus(-lam, xp)
+    grid_t = xp.asarray(self._knots(lam.dtype))
+    grid_la = xp.asarray(self._log_alpha_grid, lam.dtype)
+    # interp needs increasing x: log alpha decreases in t, so flip both.
+    return xp.interp(la, grid_la[::-1], grid_t[::-1])
 
 
 def make_process(name: str, **kwargs):

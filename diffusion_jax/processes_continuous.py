@@ -8,6 +8,11 @@ EDM (`EDM`) and the linear interpolant / rectified flow (`LinearInterpolant`). I
 
 Every method accepts scalar or array `t`, works under `jit` / `vmap`, and computes in the
 input's float dtype (float32 for integer or float16 input, float64 under `jax.enable_x64`).
+
+Each formula is written once, as a private method `_name(t, xp)` over an array namespace `xp`:
+the public methods evaluate it with `jax.numpy`, and the numpy twins (`alpha_np`, `sigma_np`,
+`log_snr_np`, `t_of_log_snr_np`) with numpy in float64. Time grids are built from the twins at
+trace time, so setting up a sampler compiles nothing (`samplers.grids`).
 """
 
 import abc
@@ -16,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def float_dtype(x):
@@ -28,6 +34,29 @@ def as_float(t):
   """`t` as an array in `float_dtype(t)`: what every process method computes in."""
   t = jnp.asarray(t)
   return t.astype(float_dtype(t))
+
+
+def as_float64(t) -> np.ndarray:
+  """`t` as a float64 numpy array: what the numpy twins compute in."""
+  return np.asarray(t, np.float64)
+
+
+def softplus(x, xp):
+  """log(1 + e^x) in `xp` (jax.nn.softplus for jnp)."""
+  return jax.nn.softplus(x) if xp is jnp else np.logaddexp(x, 0.0)
+
+
+def log_sigmoid(x, xp):
+  """log sigmoid(x) = -softplus(-x) in `xp`."""
+  return jax.nn.log_sigmoid(x) if xp is jnp else -np.logaddexp(-x, 0.0)
+
+
+def sigmoid(x, xp):
+  """1 / (1 + e^-x) in `xp`, without overflow in numpy."""
+  if xp is jnp:
+    return jax.nn.sigmoid(x)
+  e = np.exp(-np.abs(x))
+  return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def _time_derivative(fn, t):
@@ -52,10 +81,13 @@ def _floats(obj, *names):
 class Process(abc.ABC):
   """What every process provides, with the SDE view derived from `alpha` and `sigma`.
 
-  A family defines `log_alpha(t)`, `sigma_squared(t)` and `t_min` (a field or property), and
-  overrides `alpha`, `sigma`, `log_snr` and `t_of_log_snr` where a closed form is more accurate.
-  `t_min` and `t_max = 1` bound the interval samplers integrate over (and objectives draw from);
-  the prior is `N(0, prior_std² I)`.
+  A family defines `_log_alpha(t, xp)`, `_sigma_squared(t, xp)` and `t_min` (a field or
+  property), and overrides `_alpha`, `_sigma`, `_log_snr` and `_t_of_log_snr` where a closed
+  form is more accurate. Each `_name(t, xp)` takes `t` already as a float array of `xp`
+  (`jax.numpy` or numpy) and uses only `xp` and the helpers here (`softplus`, `log_sigmoid`,
+  `sigmoid`), so the public jnp method `name(t)` and its float64 numpy twin `name_np(t)` are the
+  same formula. `t_min` and `t_max = 1` bound the interval samplers integrate over (and
+  objectives draw from); the prior is `N(0, prior_std² I)`.
   """
 
   t_max = 1.0
@@ -70,40 +102,92 @@ class Process(abc.ABC):
     return 1.0
 
   @abc.abstractmethod
-  def log_alpha(self, t):
+  def _log_alpha(self, t, xp):
     """log alpha(t); every family defines it."""
 
   @abc.abstractmethod
-  def sigma_squared(self, t):
+  def _sigma_squared(self, t, xp):
     """sigma(t)²; every family defines it (differentiated for g², where sigma's sqrt is not)."""
 
-  def alpha(self, t):
-    return jnp.exp(self.log_alpha(t))
+  def _alpha(self, t, xp):
+    return xp.exp(self._log_alpha(t, xp))
 
-  def sigma(self, t):
-    return jnp.sqrt(self.sigma_squared(t))
+  def _sigma(self, t, xp):
+    return xp.sqrt(self._sigma_squared(t, xp))
 
-  def log_snr(self, t):
+  def _log_snr(self, t, xp):
     """lambda(t) = log(alpha² / sigma²)."""
-    return 2.0 * self.log_alpha(t) - jnp.log(self.sigma_squared(t))
+    return 2.0 * self._log_alpha(t, xp) - xp.log(self._sigma_squared(t, xp))
 
-  def t_of_log_snr(self, lam):
+  def _t_of_log_snr(self, lam, xp):
     """Inverse of `log_snr` by bisection on [0, 1], for schedules without a closed form.
 
     Resolves `t` to the float's resolution (nmant + 2 halvings); `lam` beyond the range of
     `log_snr` on [0, 1] gives the nearer end point.
     """
-    lam = as_float(lam)
-
     def halve(_, bounds):
       lo, hi = bounds
       mid = 0.5 * (lo + hi)
-      early = self.log_snr(mid) > lam   # lambda decreases, so the root lies after mid
-      return jnp.where(early, mid, lo), jnp.where(early, hi, mid)
+      early = self._log_snr(mid, xp) > lam   # lambda decreases, so the root lies after mid
+      return xp.where(early, mid, lo), xp.where(early, hi, mid)
 
-    steps = jnp.finfo(lam.dtype).nmant + 2
-    lo, hi = jax.lax.fori_loop(0, steps, halve, (jnp.zeros_like(lam), jnp.ones_like(lam)))
+    steps = int(np.finfo(lam.dtype).nmant) + 2
+    bounds = (xp.zeros_like(lam), xp.ones_like(lam))
+    if xp is jnp:
+      lo, hi = jax.lax.fori_loop(0, steps, halve, bounds)
+    else:
+      for i in range(steps):
+        bounds = halve(i, bounds)
+      lo, hi = bounds
     return 0.5 * (lo + hi)
+
+  # --- the public jnp methods (in t's float dtype) -----------------------------------------
+  def log_alpha(self, t):
+    """log alpha(t)."""
+    return self._log_alpha(as_float(t), jnp)
+
+  def sigma_squared(self, t):
+    """sigma(t)²."""
+    return self._sigma_squared(as_float(t), jnp)
+
+  def alpha(self, t):
+    return self._alpha(as_float(t), jnp)
+
+  def sigma(self, t):
+    return self._sigma(as_float(t), jnp)
+
+  def alpha_sigma(self, t):
+    """`(alpha(t), sigma(t))`, the pair a denoiser needs; families share work between them."""
+    return self.alpha(t), self.sigma(t)
+
+  def log_snr(self, t):
+    """lambda(t) = log(alpha² / sigma²)."""
+    return self._log_snr(as_float(t), jnp)
+
+  def t_of_log_snr(self, lam):
+    """The time at which `log_snr` equals `lam` (inverse of `log_snr`)."""
+    return self._t_of_log_snr(as_float(lam), jnp)
+
+  # --- float64 numpy twins: the same formulas, for grids built at trace time ---------------
+  def alpha_np(self, t) -> np.ndarray:
+    """`alpha(t)` in float64 numpy."""
+    with np.errstate(all='ignore'):
+      return self._alpha(as_float64(t), np)
+
+  def sigma_np(self, t) -> np.ndarray:
+    """`sigma(t)` in float64 numpy."""
+    with np.errstate(all='ignore'):
+      return self._sigma(as_float64(t), np)
+
+  def log_snr_np(self, t) -> np.ndarray:
+    """`log_snr(t)` in float64 numpy."""
+    with np.errstate(all='ignore'):
+      return self._log_snr(as_float64(t), np)
+
+  def t_of_log_snr_np(self, lam) -> np.ndarray:
+    """`t_of_log_snr(lam)` in float64 numpy."""
+    with np.errstate(all='ignore'):
+      return self._t_of_log_snr(as_float64(lam), np)
 
   def marginal(self, x0, eps, t):
     """Draws from q(x_t | x0): `alpha(t) x0 + sigma(t) eps`, with `t` of shape [B] (or scalar)."""
@@ -145,7 +229,6 @@ class _LinearBeta(Process):
 
   def _integrated_beta(self, t):
     """B(t) = beta_min t + (beta_max - beta_min) t² / 2."""
-    t = as_float(t)
     return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
 
 
@@ -157,29 +240,27 @@ class VPLinear(_LinearBeta):
   Song et al. sample down to `t_min = 1e-3` and evaluate likelihoods from 1e-5. Prior N(0, I)
   (alpha(1) = 6.57e-3 with the defaults).
   """
-  def log_alpha(self, t):
-    t = as_float(t)
+  def _log_alpha(self, t, xp):
     return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
-  def sigma_squared(self, t):
+  def _sigma_squared(self, t, xp):
     # 1 - alpha² without cancellation where alpha is close to 1.
-    return -jnp.expm1(2.0 * self.log_alpha(t))
+    return -xp.expm1(2.0 * self._log_alpha(t, xp))
 
-  def log_snr(self, t):
-    la = self.log_alpha(t)
-    return 2.0 * la - jnp.log(-jnp.expm1(2.0 * la))
+  def _log_snr(self, t, xp):
+    la = self._log_alpha(t, xp)
+    return 2.0 * la - xp.log(-xp.expm1(2.0 * la))
 
-  def t_of_log_snr(self, lam):
+  def _t_of_log_snr(self, lam, xp):
     """Root t >= 0 of `a t² + b t + c = 0`, a = (beta_max - beta_min)/4, b = beta_min/2,
 
     c = log alpha = -softplus(-lambda)/2 (alpha² = sigmoid(lambda)), in the cancellation-free
     form `t = -2c / (b + sqrt(b² - 4ac))`.
     """
-    lam = as_float(lam)
-    c = -0.5 * jax.nn.softplus(-lam)
+    c = -0.5 * softplus(-lam, xp)
     a, b = 0.25 * (self.beta_max - self.beta_min), 0.5 * self.beta_min
-    t = -2.0 * c / (b + jnp.sqrt(b * b - 4.0 * a * c))
-    return jnp.where(jnp.isneginf(lam), jnp.inf, t)   # inf / inf above
+    t = -2.0 * c / (b + xp.sqrt(b * b - 4.0 * a * c))
+    return xp.where(xp.isneginf(lam), xp.inf, t)   # inf / inf above
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -193,22 +274,22 @@ class SubVP(_LinearBeta):
   `f = -beta / 2`, `g² = beta (1 - e^{-2B})`. Song et al. sample down to `t_min = 1e-3`.
   Prior N(0, I), as for `VPLinear`: sigma(1) = 1 - e^{-10.05} = 0.99996 with the defaults.
   """
-  def log_alpha(self, t):
+  def _log_alpha(self, t, xp):
     return -0.5 * self._integrated_beta(t)
 
-  def sigma(self, t):
+  def _sigma(self, t, xp):
     # 1 - e^{-B} without cancellation where B is small.
-    return -jnp.expm1(-self._integrated_beta(t))
+    return -xp.expm1(-self._integrated_beta(t))
 
-  def sigma_squared(self, t):
-    return jnp.expm1(-self._integrated_beta(t)) ** 2
+  def _sigma_squared(self, t, xp):
+    return xp.expm1(-self._integrated_beta(t)) ** 2
 
-  def log_snr(self, t):
+  def _log_snr(self, t, xp):
     """lambda = log(e^{-B} / (1 - e^{-B})²) = -B - 2 log(1 - e^{-B}); +inf at t = 0."""
     b = self._integrated_beta(t)
-    return -b - 2.0 * jnp.log(-jnp.expm1(-b))
+    return -b - 2.0 * xp.log(-xp.expm1(-b))
 
-  def t_of_log_snr(self, lam):
+  def _t_of_log_snr(self, lam, xp):
     """Closed-form inverse. With `u = e^{-B}` and `s = e^lambda`, `u / (1 - u)² = s` is
     `s u² - (2s + 1) u + s = 0`, whose root in (0, 1) is
     `u = 2s / (2s + 1 + sqrt(4s + 1))` (the other root is 1 / u). Hence, without overflow or
@@ -221,17 +302,16 @@ class SubVP(_LinearBeta):
     Then `t` is the root t >= 0 of `(beta_max - beta_min) t² / 2 + beta_min t - B = 0`, in the
     form `t = 2B / (beta_min + sqrt(beta_min² + 2 (beta_max - beta_min) B))`.
     """
-    lam = as_float(lam)
-    neg = jnp.minimum(lam, 0.0)   # each branch sees only its own side: no inf / nan anywhere
-    s = jnp.exp(neg)
-    b_neg = -neg + jnp.log(0.5 * (2.0 * s + 1.0 + jnp.sqrt(4.0 * s + 1.0)))
-    q = jnp.exp(-jnp.maximum(lam, 0.0))
-    r = jnp.sqrt(q * (q + 4.0))
-    b_pos = -jnp.log1p(-(q + r) / (2.0 + q + r))
-    b = jnp.where(lam < 0, b_neg, b_pos)
-    t = 2.0 * b / (self.beta_min + jnp.sqrt(self.beta_min**2
-                                             + 2.0 * (self.beta_max - self.beta_min) * b))
-    return jnp.where(jnp.isneginf(lam), jnp.inf, t)   # inf / inf above
+    neg = xp.minimum(lam, 0.0)   # each branch sees only its own side: no inf / nan anywhere
+    s = xp.exp(neg)
+    b_neg = -neg + xp.log(0.5 * (2.0 * s + 1.0 + xp.sqrt(4.0 * s + 1.0)))
+    q = xp.exp(-xp.maximum(lam, 0.0))
+    r = xp.sqrt(q * (q + 4.0))
+    b_pos = -xp.log1p(-(q + r) / (2.0 + q + r))
+    b = xp.where(lam < 0, b_neg, b_pos)
+    t = 2.0 * b / (self.beta_min + xp.sqrt(self.beta_min**2
+                                            + 2.0 * (self.beta_max - self.beta_min) * b))
+    return xp.where(xp.isneginf(lam), xp.inf, t)   # inf / inf above
 
 
 def _angle(lam: float) -> float:
@@ -294,37 +374,36 @@ class VPCosine(Process):
   def _angles(self) -> tuple[float, float]:
     return _angle(self.logsnr_max), _angle(self.logsnr_min)
 
-  def log_snr(self, t):
-    t = as_float(t)
+  def _log_snr(self, t, xp):
     theta_0, theta_1 = self._angles
     # log tan(theta) = log sin(theta) - log sin(pi/2 - theta), with pi/2 - theta formed from
     # its own end point: no cancellation near theta = pi/2, and -inf exactly there.
     theta = theta_0 + t * (theta_1 - theta_0)
     psi = (0.5 * math.pi - theta_1) + (1.0 - t) * (theta_1 - theta_0)
-    lam = 2.0 * (jnp.log(jnp.sin(psi)) - jnp.log(jnp.sin(theta)))
+    lam = 2.0 * (xp.log(xp.sin(psi)) - xp.log(xp.sin(theta)))
     if self.shift_end is None:
       return lam + self.shift
     return lam + self.shift + t * (self.shift_end - self.shift)
 
-  def log_alpha(self, t):
-    return 0.5 * jax.nn.log_sigmoid(self.log_snr(t))
+  def _log_alpha(self, t, xp):
+    return 0.5 * log_sigmoid(self._log_snr(t, xp), xp)
 
-  def sigma_squared(self, t):
-    return jax.nn.sigmoid(-self.log_snr(t))
+  def _sigma_squared(self, t, xp):
+    return sigmoid(-self._log_snr(t, xp), xp)
 
-  def sigma(self, t):
+  def _sigma(self, t, xp):
     # exp(log_sigmoid / 2) stays accurate where sigma is tiny (sigmoid -> 0 loses digits).
-    return jnp.exp(0.5 * jax.nn.log_sigmoid(-self.log_snr(t)))
+    return xp.exp(0.5 * log_sigmoid(-self._log_snr(t, xp), xp))
 
-  def t_of_log_snr(self, lam):
+  def _t_of_log_snr(self, lam, xp):
     """Closed form `theta = atan(exp(-(lambda - shift) / 2))` for a constant shift; bisection
     for the interpolated one. Not clipped: lambda outside the range gives t outside [0, 1]."""
     if self.shift_end is not None:
-      return super().t_of_log_snr(lam)
-    x = as_float(lam) - self.shift
+      return super()._t_of_log_snr(lam, xp)
+    x = lam - self.shift
     theta_0, theta_1 = self._angles
-    acute = jnp.arctan(jnp.exp(-0.5 * jnp.abs(x)))   # atan(e^{-x/2}) = pi/2 - atan(e^{x/2})
-    theta = jnp.where(x >= 0, acute, 0.5 * math.pi - acute)
+    acute = xp.arctan(xp.exp(-0.5 * xp.abs(x)))   # atan(e^{-x/2}) = pi/2 - atan(e^{x/2})
+    theta = xp.where(x >= 0, acute, 0.5 * math.pi - acute)
     return (theta - theta_0) / (theta_1 - theta_0)
 
 
@@ -353,25 +432,25 @@ class VE(Process):
     return math.log(self.sigma_max / self.sigma_min)
 
   def _log_sigma(self, t):
-    return math.log(self.sigma_min) + as_float(t) * self._log_ratio
+    return math.log(self.sigma_min) + t * self._log_ratio
 
-  def log_alpha(self, t):
-    return jnp.zeros_like(as_float(t))
+  def _log_alpha(self, t, xp):
+    return xp.zeros_like(t)
 
-  def alpha(self, t):
-    return jnp.ones_like(as_float(t))
+  def _alpha(self, t, xp):
+    return xp.ones_like(t)
 
-  def sigma(self, t):
-    return jnp.exp(self._log_sigma(t))
+  def _sigma(self, t, xp):
+    return xp.exp(self._log_sigma(t))
 
-  def sigma_squared(self, t):
-    return jnp.exp(2.0 * self._log_sigma(t))
+  def _sigma_squared(self, t, xp):
+    return xp.exp(2.0 * self._log_sigma(t))
 
-  def log_snr(self, t):
+  def _log_snr(self, t, xp):
     return -2.0 * self._log_sigma(t)
 
-  def t_of_log_snr(self, lam):
-    return (-0.5 * as_float(lam) - math.log(self.sigma_min)) / self._log_ratio
+  def _t_of_log_snr(self, lam, xp):
+    return (-0.5 * lam - math.log(self.sigma_min)) / self._log_ratio
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -398,23 +477,23 @@ class EDM(Process):
   def prior_std(self) -> float:
     return self.sigma_max
 
-  def log_alpha(self, t):
-    return jnp.zeros_like(as_float(t))
+  def _log_alpha(self, t, xp):
+    return xp.zeros_like(t)
 
-  def alpha(self, t):
-    return jnp.ones_like(as_float(t))
+  def _alpha(self, t, xp):
+    return xp.ones_like(t)
 
-  def sigma(self, t):
-    return self.sigma_max * as_float(t)
+  def _sigma(self, t, xp):
+    return self.sigma_max * t
 
-  def sigma_squared(self, t):
-    return self.sigma(t) ** 2
+  def _sigma_squared(self, t, xp):
+    return self._sigma(t, xp) ** 2
 
-  def log_snr(self, t):
-    return -2.0 * jnp.log(self.sigma(t))
+  def _log_snr(self, t, xp):
+    return -2.0 * xp.log(self._sigma(t, xp))
 
-  def t_of_log_snr(self, lam):
-    return jnp.exp(-0.5 * as_float(lam)) / self.sigma_max
+  def _t_of_log_snr(self, lam, xp):
+    return xp.exp(-0.5 * lam) / self.sigma_max
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -431,21 +510,20 @@ class LinearInterpolant(Process):
   def __post_init__(self):
     _floats(self, 't_min')
 
-  def alpha(self, t):
-    return 1.0 - as_float(t)
+  def _alpha(self, t, xp):
+    return 1.0 - t
 
-  def log_alpha(self, t):
-    return jnp.log1p(-as_float(t))
+  def _log_alpha(self, t, xp):
+    return xp.log1p(-t)
 
-  def sigma(self, t):
-    return as_float(t)
+  def _sigma(self, t, xp):
+    return t
 
-  def sigma_squared(self, t):
-    return as_float(t) ** 2
+  def _sigma_squared(self, t, xp):
+    return t**2
 
-  def log_snr(self, t):
-    t = as_float(t)
-    return 2.0 * (jnp.log1p(-t) - jnp.log(t))
+  def _log_snr(self, t, xp):
+    return 2.0 * (xp.log1p(-t) - xp.log(t))
 
-  def t_of_log_snr(self, lam):
-    return jax.nn.sigmoid(-0.5 * as_float(lam))
+  def _t_of_log_snr(self, lam, xp):
+    return sigmoid(-0.5 * lam, xp)
