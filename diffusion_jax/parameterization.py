@@ -52,9 +52,16 @@ def _check_kind(kind):
 
 def path_coefficients(process, t):
   """alpha, sigma and their time derivatives at `t` (derivatives by forward-mode autodiff)."""
-  alpha, d_alpha = jax.jvp(process.alpha, (t,), (jnp.ones_like(t),))
-  sigma, d_sigma = jax.jvp(process.sigma, (t,), (jnp.ones_like(t),))
+  (alpha, sigma), (d_alpha, d_sigma) = jax.jvp(process.alpha_sigma, (t,), (jnp.ones_like(t),))
   return alpha, sigma, d_alpha, d_sigma
+
+
+def kind_coefficients(kind: str, process, t):
+  """`(alpha, sigma, d_alpha, d_sigma)` at `t`'s own shape, as much as `kind` needs: the time
+  derivatives (forward-mode autodiff) only for 'velocity', None otherwise."""
+  if kind == 'velocity':
+    return path_coefficients(process, t)
+  return (*process.alpha_sigma(t), None, None)
 
 
 def edm_coefficients(process, t, sigma_data: float = SIGMA_DATA):
@@ -63,7 +70,12 @@ def edm_coefficients(process, t, sigma_data: float = SIGMA_DATA):
   With `s = sigma / alpha`: `c_skip = sd² / (s² + sd²)`, `c_out = s sd / sqrt(s² + sd²)`,
   `c_in = 1 / sqrt(s² + sd²)` (applied to `x~ = x_t / alpha`), `c_noise = ln(s) / 4`.
   """
-  s = process.sigma(t) / process.alpha(t)
+  alpha, sigma = process.alpha_sigma(t)
+  return _edm_of_s(sigma / alpha, sigma_data)
+
+
+def _edm_of_s(s, sigma_data):
+  """`edm_coefficients` at the noise level `s = sigma / alpha`."""
   sd2 = sigma_data**2
   norm = s**2 + sd2
   return sd2 / norm, s * sigma_data / jnp.sqrt(norm), 1.0 / jnp.sqrt(norm), 0.25 * jnp.log(s)
@@ -96,12 +108,19 @@ def consistency_sigma_min(process) -> float:
 def network_input(kind: str, x_t, t, process, sigma_data: float = SIGMA_DATA):
   """What the network is called with: `(x_t, t)`, or `(c_in x_t / alpha, c_noise)` for `edm`
 
-  and `consistency` (whose `c_in`, `c_noise` are EDM's).
+  and `consistency` (whose `c_in`, `c_noise` are EDM's). The time input has `t`'s shape.
   """
   if kind not in ('edm', 'consistency'):
     return x_t, t
-  _, _, c_in, c_noise = edm_coefficients(process, t, sigma_data)
-  return expand_like(c_in / process.alpha(t), x_t) * x_t, c_noise
+  return _network_input(kind, x_t, t, *process.alpha_sigma(t), sigma_data)
+
+
+def _network_input(kind, x_t, t, alpha, sigma, sigma_data):
+  """`network_input` from `alpha, sigma` at `t` (unexpanded)."""
+  if kind not in ('edm', 'consistency'):
+    return x_t, t
+  _, _, c_in, c_noise = _edm_of_s(sigma / alpha, sigma_data)
+  return expand_like(c_in / alpha, x_t) * x_t, c_noise
 
 
 def target(kind: str, x0, eps, process, t, sigma_data: float = SIGMA_DATA):
@@ -115,7 +134,8 @@ def target(kind: str, x0, eps, process, t, sigma_data: float = SIGMA_DATA):
     return eps
   if kind == 'x0':
     return x0
-  alpha, sigma, d_alpha, d_sigma = (expand_like(c, x0) for c in path_coefficients(process, t))
+  coefficients = kind_coefficients(kind, process, t)
+  alpha, sigma, d_alpha, d_sigma = (c if c is None else expand_like(c, x0) for c in coefficients)
   if kind == 'v':
     return alpha * eps - sigma * x0
   if kind == 'score':
@@ -123,7 +143,7 @@ def target(kind: str, x0, eps, process, t, sigma_data: float = SIGMA_DATA):
   if kind == 'velocity':
     return d_alpha * x0 + d_sigma * eps
   # edm: F_target = (x0 - c_skip x~) / c_out with x~ = x0 + (sigma / alpha) eps.
-  c_skip, c_out, _, _ = (expand_like(c, x0) for c in edm_coefficients(process, t, sigma_data))
+  c_skip, c_out, _, _ = _edm_of_s(sigma / alpha, sigma_data)
   x_tilde = x0 + sigma / alpha * eps
   return (x0 - c_skip * x_tilde) / c_out
 
@@ -139,10 +159,18 @@ def to_x0_eps(kind: str, out, x_t, process, t, sigma_data: float = SIGMA_DATA,
   is by zero: such endpoints are excluded by the processes' `t_min` / `t_max`.
 
   For `consistency`, `x0_hat` is the consistency function `f(x_t, sigma~)`; `sigma_min` defaults
-  to `consistency_sigma_min(process)`.
+  to `consistency_sigma_min(process)`. The schedule is evaluated at `t`'s own shape (a scalar
+  `t` costs the same at any batch size), and differentiated only for 'velocity'.
   """
   _check_kind(kind)
-  alpha, sigma, d_alpha, d_sigma = (expand_like(c, x_t) for c in path_coefficients(process, t))
+  return _to_x0_eps(kind, out, x_t, kind_coefficients(kind, process, t), sigma_data, sigma_min,
+                    process)
+
+
+def _to_x0_eps(kind, out, x_t, coefficients, sigma_data, sigma_min, process):
+  """`to_x0_eps` from `kind_coefficients` at `t` (unexpanded)."""
+  alpha, sigma, d_alpha, d_sigma = (c if c is None else expand_like(c, x_t)
+                                    for c in coefficients)
   if kind == 'consistency':
     sigma_min = consistency_sigma_min(process) if sigma_min is None else sigma_min
     c_skip, c_out, _, _ = consistency_coefficients(sigma / alpha, sigma_min, sigma_data)
@@ -164,7 +192,7 @@ def to_x0_eps(kind: str, out, x_t, process, t, sigma_data: float = SIGMA_DATA,
     # Solve [alpha sigma; alpha' sigma'] [x0; eps] = [x_t; v].
     det = alpha * d_sigma - sigma * d_alpha
     return (d_sigma * x_t - sigma * out) / det, (alpha * out - d_alpha * x_t) / det
-  c_skip, c_out, _, _ = (expand_like(c, x_t) for c in edm_coefficients(process, t, sigma_data))
+  c_skip, c_out, _, _ = _edm_of_s(sigma / alpha, sigma_data)
   x0 = c_skip * (x_t / alpha) + c_out * out
   return x0, (x_t - alpha * x0) / sigma
 
@@ -177,14 +205,21 @@ def denoise(model_fn: ModelFn, process, kind: str, x_t, t, cond: Any = None, *,
   `split_output(out) -> (prediction, extra)` separates channels that are not the prediction
   (e.g. a learned variance, `elbo.split_learned_variance`); without it `extra` is None.
   `clip_x0` and `sigma_min` as in `make_denoiser`.
+
+  The schedule is evaluated once, at `t`'s own shape (a sampler's scalar time stays scalar:
+  nothing but the network scales with the batch), and differentiated only for 'velocity';
+  only the network's time input is broadcast to `[B]`.
   """
-  t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), x_t.shape[:1])
-  out = model_fn(*network_input(kind, x_t, t, process, sigma_data), cond)
+  _check_kind(kind)
+  t = jnp.asarray(t, x_t.dtype)
+  coefficients = kind_coefficients(kind, process, t)
+  x_in, t_in = _network_input(kind, x_t, t, *coefficients[:2], sigma_data)
+  out = model_fn(x_in, jnp.broadcast_to(t_in, x_t.shape[:1]), cond)
   out, extra = split_output(out) if split_output is not None else (out, None)
-  x0, eps = to_x0_eps(kind, out, x_t, process, t, sigma_data, sigma_min)
+  x0, eps = _to_x0_eps(kind, out, x_t, coefficients, sigma_data, sigma_min, process)
   if clip_x0 is not None:
     x0 = jnp.clip(x0, -clip_x0, clip_x0)
-    alpha, sigma = expand_like(process.alpha(t), x_t), expand_like(process.sigma(t), x_t)
+    alpha, sigma = (expand_like(c, x_t) for c in coefficients[:2])
     eps = (x_t - alpha * x0) / sigma
   return x0, eps, extra
 
