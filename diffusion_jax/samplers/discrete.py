@@ -18,30 +18,68 @@ import numpy as np
 from diffusion_jax import parameterization
 from diffusion_jax.parameterization import expand_like
 from diffusion_jax.samplers import _common
+from diffusion_jax.samplers.grids import SPACINGS
 from diffusion_jax.samplers.grids import discrete_timesteps
 from diffusion_jax.samplers.grids import start_step
 
 VARIANCES = ('small', 'large', 'learned')
 
 
-def _steps(process, steps, spacing, denoiser, who, t_max=1.0) -> np.ndarray:
+def _explicit_steps(times, num_train_steps: int, top: int, steps, who) -> np.ndarray:
+  """The integer steps `n = t T` of an explicit grid of times (decreasing, each `n / T` to
+  1e-6, inside `1..top`); `steps`, when given, must be their number."""
+  T = num_train_steps
+  t = np.asarray(times, np.float64)
+  if t.ndim != 1 or t.size == 0 or not np.all(np.isfinite(t)):
+    raise ValueError(f'{who}: grid must be a 1-D sequence of finite times, got {times!r}')
+  n = np.round(t * T)
+  off = np.abs(t - n / T) > 1e-6
+  if np.any(off):
+    raise ValueError(f'{who}: grid time {float(t[off][0])!r} is not an integer step n / T '
+                     f'(T = {T}) to 1e-6; a discrete sampler visits only the training steps')
+  if np.any(np.diff(n) >= 0):
+    raise ValueError(f'{who}: grid times must be strictly decreasing steps, got '
+                     f'{(n / T).tolist()}')
+  if n[-1] < 1 or n[0] > top:
+    raise ValueError(f'{who}: grid runs from step {int(n[0])} to {int(n[-1])}, outside '
+                     f'1..{top} (t in [1/T, t_max], T = {T})')
+  if steps is not None and steps != n.size:
+    raise ValueError(f'{who}: steps={steps} but the grid holds {n.size} times')
+  return n.astype(np.int64)
+
+
+def _steps(process, steps, spacing, denoiser, who, t_max=1.0, grid=None) -> np.ndarray:
   """The integer steps `n` visited (decreasing, numpy), after checking the process and model:
-  `steps` of the `spacing` over `1..N`, `N = t_max T` (`grids.start_step`; T when t_max = 1)."""
+  `steps` of the `spacing` over `1..N`, `N = t_max T` (`grids.start_step`; T when t_max = 1),
+  or those of an explicit `grid` of times `n / T` (a spacing's name is taken as `spacing`)."""
   if not hasattr(process, 'num_steps'):
     raise ValueError(f'{who} runs on the integer steps of a DiscreteVP process; got '
                      f"{type(process).__name__} (use 'euler', 'dpm_solver_pp' or another "
                      'continuous-time sampler)')
   top = start_step(process.num_steps, t_max)
-  n = discrete_timesteps(top, top if steps is None else steps, spacing)
+  if isinstance(grid, str):
+    if grid not in SPACINGS:
+      raise ValueError(f'{who}: grid={grid!r}; a discrete sampler takes a spacing {SPACINGS} '
+                       'or an explicit sequence of times n / T')
+    spacing, grid = grid, None
+  if grid is None:
+    n = discrete_timesteps(top, top if steps is None else steps, spacing)
+  else:
+    n = _explicit_steps(grid, process.num_steps, top, steps, who)
   _common.check_terminal_snr(denoiser, process.alphas_cumprod[n[0] - 1], who)
   return n
 
 
-def _pairs(process, steps, spacing, denoiser, who, t_max=1.0):
-  """`(n, m)` step pairs from the grid down to 0: each update goes from `n` to `m < n`."""
-  n = _steps(process, steps, spacing, denoiser, who, t_max)
+def _pairs(process, steps, spacing, denoiser, who, t_max, grid, dtype):
+  """Each update goes from step `n` to `m < n` (the grid, then 0): returns the times `n / T`
+  in `dtype` (what the denoiser sees) and `abar_n`, `abar_m` (float64 numpy, exact)."""
+  n = _steps(process, steps, spacing, denoiser, who, t_max, grid)
   m = np.concatenate([n[1:], [0]])
-  return jnp.asarray(n, jnp.int32), jnp.asarray(m, jnp.int32)
+  abar = np.concatenate([[1.0], process.alphas_cumprod])
+  dtype = np.dtype(dtype)
+  # float division in dtype, as `process.t_of_step` computes it.
+  t = n.astype(dtype) / dtype.type(process.num_steps)
+  return t, abar[n], abar[m], m
 
 
 def _scan(step_fn, x_T, xs, return_trajectory, denoiser):
@@ -50,8 +88,9 @@ def _scan(step_fn, x_T, xs, return_trajectory, denoiser):
   return x0, _common.make_info(denoiser, xs[0].shape[0], trajectory)
 
 
-def ddim_sample(denoiser, process, x_T, key=None, *, steps: int, eta: float = 0.0, cond=None,
-                spacing: str = 'trailing', t_max: float = 1.0, return_trajectory: bool = False):
+def ddim_sample(denoiser, process, x_T, key=None, *, steps: int | None = None,
+                eta: float = 0.0, cond=None, spacing: str = 'trailing', grid=None,
+                t_max: float = 1.0, return_trajectory: bool = False):
   """DDIM (Song, Meng & Ermon 2021, Eq. 12) from `x_T` at step T down to clean data.
 
   `x_m = sqrt(abar_m) x0_hat + sqrt(1 - abar_m - s²) eps_hat + s z`, with
@@ -59,32 +98,39 @@ def ddim_sample(denoiser, process, x_T, key=None, *, steps: int, eta: float = 0.
   `eta = 0` is deterministic (the probability-flow ODE's first-order solver); `eta = 1` has
   the DDPM posterior variance. `key` is needed only when `eta > 0`. `t_max < 1` starts at step
   `N = t_max T` instead of T (`x_T` lies there; SDEdit, partial inversion): the `steps` of the
-  spacing over `1..N`.
+  spacing over `1..N` (`steps=None`: all N).
+
+  `grid` (instead of `spacing`): an explicit decreasing sequence of times, each an integer step
+  `n / T` (e.g. `grids.diffusers_timesteps` of another library's timesteps); `steps` may be
+  omitted or must equal its length. Every coefficient is computed once in float64 from the
+  exact `alphas_cumprod`; the scan only calls the denoiser and combines.
   """
   if eta < 0:
     raise ValueError(f'eta={eta} must be >= 0')
   if eta > 0:
     _common.need_key(key, 'ddim_sample', 'eta > 0 draws noise')
   _common.check_x_T(x_T, 'ddim_sample')
-  n, m = _pairs(process, steps, spacing, denoiser, 'ddim_sample', t_max)
-  keys = jax.random.split(key, n.shape[0]) if key is not None else jnp.zeros((n.shape[0], 2))
+  t, abar_n, abar_m, _ = _pairs(process, steps, spacing, denoiser, 'ddim_sample', t_max, grid,
+                                x_T.dtype)
+  keys = jax.random.split(key, t.shape[0]) if key is not None else jnp.zeros((t.shape[0], 2))
+  s = eta * np.sqrt((1 - abar_m) / (1 - abar_n) * (1 - abar_n / abar_m))
+  c_eps = np.sqrt(np.maximum(1 - abar_m - s**2, 0.0))
+  coefs = tuple(jnp.asarray(c, x_T.dtype) for c in (np.sqrt(abar_m), c_eps, s))
 
-  def step(x, n, m, k):
-    abar_n = process.alpha_bar_of_step(n, x.dtype)
-    abar_m = process.alpha_bar_of_step(m, x.dtype)
-    x0, eps = denoiser(x, process.t_of_step(n, x.dtype), cond)
-    s = eta * jnp.sqrt((1 - abar_m) / (1 - abar_n) * (1 - abar_n / abar_m))
-    x_m = jnp.sqrt(abar_m) * x0 + jnp.sqrt(jnp.maximum(1 - abar_m - s**2, 0.0)) * eps
+  def step(x, t_n, coefs, k):
+    c_x0, c_eps, s = coefs
+    x0, eps = denoiser(x, t_n, cond)
+    x_m = c_x0 * x0 + c_eps * eps
     if eta > 0:
       x_m = x_m + s * jax.random.normal(k, x.shape, x.dtype)
     return x_m
 
-  return _scan(step, x_T, (n, m, keys), return_trajectory, denoiser)
+  return _scan(step, x_T, (jnp.asarray(t), coefs, keys), return_trajectory, denoiser)
 
 
 def ddpm_sample(denoiser, process, x_T, key, *, steps: int | None = None, cond=None,
-                variance: str = 'small', spacing: str = 'trailing', t_max: float = 1.0,
-                return_trajectory: bool = False):
+                variance: str = 'small', spacing: str = 'trailing', grid=None,
+                t_max: float = 1.0, return_trajectory: bool = False):
   """DDPM ancestral sampling (Ho et al. 2020, Alg. 2), on all T steps or a respaced subset.
 
   Each update draws from `q(x_m | x_n, x0 = x0_hat)`, the Gaussian posterior (Eqs. 6–7) with
@@ -97,6 +143,7 @@ def ddpm_sample(denoiser, process, x_T, key, *, steps: int | None = None, cond=N
   step). All three form the noise scale as `exp(log_var / 2)`, so `v = 1` is 'large' and
   `v = 0` is 'small' bit for bit. The last update (to m = 0) adds no noise and returns `x0_hat`.
   `t_max < 1` starts at step `N = t_max T` (as in `ddim_sample`); `steps=None` is all N steps.
+  `grid`: an explicit sequence of times `n / T` instead of `spacing`, as in `ddim_sample`.
   """
   if variance not in VARIANCES:
     raise ValueError(f'variance={variance!r}; choose from {VARIANCES}')
@@ -107,27 +154,29 @@ def ddpm_sample(denoiser, process, x_T, key, *, steps: int | None = None, cond=N
   if learned and with_variance is None:
     raise ValueError("ddpm_sample(variance='learned') needs a Denoiser with `with_variance` "
                      '(make_denoiser of a learned-variance objective, or learned_variance=True)')
-  n, m = _pairs(process, steps, spacing, denoiser, 'ddpm_sample', t_max)
-  keys = jax.random.split(key, n.shape[0])
+  t, abar_n, abar_m, m = _pairs(process, steps, spacing, denoiser, 'ddpm_sample', t_max, grid,
+                                x_T.dtype)
+  keys = jax.random.split(key, t.shape[0])
+  beta = 1 - abar_n / abar_m
+  c_x0 = np.sqrt(abar_m) * beta / (1 - abar_n)
+  c_x = np.sqrt(1 - beta) * (1 - abar_m) / (1 - abar_n)
+  # beta~ = 0 on the last update (m = 0), which adds no noise: any finite log keeps it clean.
+  log_tilde = np.log(np.where(m > 0, beta * (1 - abar_m) / (1 - abar_n), beta))
+  coefs = tuple(jnp.asarray(c, x_T.dtype) for c in (c_x0, c_x, np.log(beta), log_tilde))
 
-  def step(x, n, m, k):
-    abar_n = process.alpha_bar_of_step(n, x.dtype)
-    abar_m = process.alpha_bar_of_step(m, x.dtype)
-    beta = 1 - abar_n / abar_m
-    t = process.t_of_step(n, x.dtype)
+  def step(x, t_n, last, coefs, k):
+    c_x0, c_x, log_beta, log_tilde = coefs
     if learned:
-      x0, _, v = with_variance(x, t, cond)
+      x0, _, v = with_variance(x, t_n, cond)
     else:
-      (x0, _), v = denoiser(x, t, cond), (0.0 if variance == 'small' else 1.0)
-    mean = (jnp.sqrt(abar_m) * beta / (1 - abar_n)) * x0 \
-        + (jnp.sqrt(1 - beta) * (1 - abar_m) / (1 - abar_n)) * x
-    # beta~ = 0 on the last update (m = 0), which adds no noise: any finite log keeps it clean.
-    log_tilde = jnp.log(jnp.where(m > 0, beta * (1 - abar_m) / (1 - abar_n), beta))
-    log_var = v * jnp.log(beta) + (1 - v) * log_tilde
-    std = jnp.where(m > 0, jnp.exp(0.5 * log_var), 0.0)
+      (x0, _), v = denoiser(x, t_n, cond), (0.0 if variance == 'small' else 1.0)
+    mean = c_x0 * x0 + c_x * x
+    log_var = v * log_beta + (1 - v) * log_tilde
+    std = jnp.where(last, 0.0, jnp.exp(0.5 * log_var))
     return mean + std * jax.random.normal(k, x.shape, x.dtype)
 
-  return _scan(step, x_T, (n, m, keys), return_trajectory, denoiser)
+  return _scan(step, x_T, (jnp.asarray(t), jnp.asarray(m == 0), coefs, keys), return_trajectory,
+               denoiser)
 
 
 # --- inversion: data -> noise along the deterministic sampler's path --------------------------
@@ -165,8 +214,9 @@ def _check_iterations(iterations, who):
   return int(iterations)
 
 
-def ddim_invert(denoiser, process, x0, *, steps: int, cond=None, spacing: str = 'trailing',
-                t_max: float = 1.0, iterations: int = 1, return_trajectory: bool = False):
+def ddim_invert(denoiser, process, x0, *, steps: int | None = None, cond=None,
+                spacing: str = 'trailing', grid=None, t_max: float = 1.0, iterations: int = 1,
+                return_trajectory: bool = False):
   """DDIM inversion: encodes data `x0` into `x_T` along the path `ddim_sample(eta=0)` decodes.
 
   Walks `ddim_sample`'s steps backwards, `0 -> n_{S-1} -> ... -> n_0 = T` (the same `steps`
@@ -179,11 +229,12 @@ def ddim_invert(denoiser, process, x0, *, steps: int, cond=None, spacing: str = 
   that shrinks as 1 / steps; each further sweep shrinks it by the contraction factor
   `(s_n - s_m) |d eps_hat / d (x / sqrt(abar))|` (< 1 for Gaussian data). Deterministic.
   Calls: `steps * iterations`. Returns `(x_T, info)`; the trajectory runs from `x0` to `x_T`.
-  `t_max < 1` inverts only up to step `N = t_max T` (what `ddim_sample(t_max=...)` decodes).
+  `t_max < 1` inverts only up to step `N = t_max T` (what `ddim_sample(t_max=...)` decodes);
+  `grid` as in `ddim_sample`.
   """
   who = 'ddim_invert'
   iterations = _check_iterations(iterations, who)
-  n = _steps(process, steps, spacing, denoiser, who, t_max)
+  n = _steps(process, steps, spacing, denoiser, who, t_max, grid)
   if process.zero_terminal_snr and int(n[0]) == process.num_steps:
     raise ValueError(f'{who}: step T has alpha = 0 (zero terminal SNR), where x_T = sigma eps '
                      'forgets x0 and nothing can be inverted; use a process without it')

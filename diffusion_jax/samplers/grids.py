@@ -68,6 +68,28 @@ def discrete_timesteps(num_train_steps: int, steps: int, spacing: str = 'trailin
   return n
 
 
+def diffusers_timesteps(timesteps, num_train_steps: int) -> np.ndarray:
+  """Our times `t = (k + 1) / T` of diffusers' 0-based integer timesteps `k` (float64 numpy).
+
+  diffusers indexes the T training steps from 0: its timestep `k` has `alphas_cumprod[k]`,
+  which is our step `n = k + 1` (1-based; 0 is clean data), at `t = n / T`. So
+  `[999, 899, ..., 99]` with T = 1000 (a 10-step 'trailing' schedule) becomes
+  `[1.0, 0.9, ..., 0.1]`, an explicit grid for every sampler (`ddim_sample(grid=...)`,
+  `time_grid`). Each `k` must be an integer in `[0, T - 1]`.
+  """
+  k = np.asarray(timesteps)
+  T = int(num_train_steps)
+  if k.ndim != 1 or k.size == 0:
+    raise ValueError(f'diffusers_timesteps: expected a 1-D sequence of timesteps, got '
+                     f'{timesteps!r}')
+  kf = k.astype(np.float64)
+  bad = (kf != np.round(kf)) | (kf < 0) | (kf > T - 1)
+  if np.any(bad):
+    raise ValueError(f'diffusers_timesteps: timestep {k[bad][0].item()!r} is not an integer in '
+                     f'[0, {T - 1}] (0-based, T = {T})')
+  return (kf + 1.0) / T
+
+
 def start_step(num_train_steps: int, t_max: float = 1.0) -> int:
   """The integer step `N = t_max T` a discrete grid starts from (`T` at `t_max = 1`).
 
@@ -157,8 +179,10 @@ def time_grid(process, steps: int, grid: str = 'log_snr', *, t_min: float | None
   """The grid of `steps` update steps for `process` (see the module docstring).
 
   `grid` is a name in `GRIDS` or an explicit sequence of times (`explicit_times`). `t_min`
-  defaults to the process's `t_min` (the smallest time it was trained on). Computed eagerly
-  (also inside `jit`), in `dtype` (float32, or float64 under `jax.enable_x64`).
+  defaults to the process's `t_min` (the smallest time it was trained on). Computed in numpy
+  from the process's float64 twins (`alpha_np`, ...; no jax op, so nothing to trace or compile,
+  also inside `jit`), the times then rounded to `dtype` (float32, or float64 under
+  `jax.enable_x64`) and alpha, sigma, log-SNR evaluated at the rounded times.
   """
   if not isinstance(grid, str):
     return explicit_times(process, steps, grid, t_min=t_min, t_max=t_max, final=final,
@@ -169,48 +193,46 @@ def time_grid(process, steps: int, grid: str = 'log_snr', *, t_min: float | None
     raise ValueError(f'final={final!r}; choose from {FINALS}')
   if int(steps) != steps or steps < 1:
     raise ValueError(f'steps={steps} must be an integer >= 1')
-  dtype = dtype or jnp.result_type(float)
+  dtype = np.dtype(dtype or jnp.result_type(float))
   n = steps if final == 'data' else steps + 1           # grid times with positive noise
-  with jax.ensure_compile_time_eval():
-    if grid in SPACINGS:
-      T = getattr(process, 'num_steps', None)
-      if T is None:
-        raise ValueError(f'grid {grid!r} is an integer DDPM spacing and needs a DiscreteVP '
-                         f'process; got {type(process).__name__} (use t, log_snr or karras)')
-      t = jnp.asarray(discrete_timesteps(start_step(T, t_max), n, grid) / T, dtype)
+  # numpy throughout (the processes' float64 twins): nothing here is traced or compiled.
+  if grid in SPACINGS:
+    T = getattr(process, 'num_steps', None)
+    if T is None:
+      raise ValueError(f'grid {grid!r} is an integer DDPM spacing and needs a DiscreteVP '
+                       f'process; got {type(process).__name__} (use t, log_snr or karras)')
+    t = discrete_timesteps(start_step(T, t_max), n, grid) / T
+  else:
+    t_min = float(process.t_min if t_min is None else t_min)
+    if not 0.0 <= t_min < t_max <= 1.0:
+      raise ValueError(f'need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}')
+    if grid == 't':
+      # If t_min is clean data itself (sigma = 0, e.g. the linear interpolant), the final step
+      # to data lands on it: the n grid times are the first n of n + 1 uniform ones.
+      at_data = final == 'data' and float(process.sigma_np(t_min)) == 0.0
+      t = np.linspace(t_max, t_min, n + 1)[:-1] if at_data else np.linspace(t_max, t_min, n)
     else:
-      t_min = float(process.t_min if t_min is None else t_min)
-      if not 0.0 <= t_min < t_max <= 1.0:
-        raise ValueError(f'need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}')
-      if grid == 't':
-        # If t_min is clean data itself (sigma = 0, e.g. the linear interpolant), the final step
-        # to data lands on it: the n grid times are the first n of n + 1 uniform ones.
-        at_data = final == 'data' and float(process.sigma(jnp.asarray(t_min, dtype))) == 0.0
-        t = jnp.linspace(t_max, t_min, n + 1, dtype=dtype)[:-1] if at_data else \
-            jnp.linspace(t_max, t_min, n, dtype=dtype)
+      lam_raw = process.log_snr_np(np.array([t_max, t_min]))
+      lam_ends = np.clip(lam_raw, -log_snr_clip, log_snr_clip)
+      if grid == 'log_snr':
+        lam = np.linspace(lam_ends[0], lam_ends[1], n)
       else:
-        lam_raw = np.asarray(process.log_snr(jnp.asarray([t_max, t_min], dtype)), np.float64)
-        lam_ends = np.clip(lam_raw, -log_snr_clip, log_snr_clip)
-        if grid == 'log_snr':
-          lam = np.linspace(lam_ends[0], lam_ends[1], n)
-        else:
-          s_max, s_min = np.exp(-0.5 * lam_ends)
-          if grid == 'edm':
-            if not s_min <= EDM_SIGMA_MIN < EDM_SIGMA_MAX <= s_max:
-              raise ValueError(f"grid 'edm' spans sigma/alpha in [{EDM_SIGMA_MIN}, "
-                               f'{EDM_SIGMA_MAX}], outside this process range [{s_min:.4g}, '
-                               f"{s_max:.4g}]; use grid='karras'")
-            s_max, s_min = EDM_SIGMA_MAX, EDM_SIGMA_MIN
-          lam = -2.0 * np.log(karras_sigmas(n, s_min, s_max, rho, exact_ends=False))
-        t = process.t_of_log_snr(jnp.asarray(lam, dtype))
-        if grid != 'edm':   # unclipped end points exactly, not through the inverse
-          if abs(lam_raw[0]) <= log_snr_clip:
-            t = t.at[0].set(t_max)
-          if abs(lam_raw[1]) <= log_snr_clip and n > 1:
-            t = t.at[-1].set(t_min)
-    t = jnp.asarray(t, dtype)
-    alpha, sigma, lam = process.alpha(t), process.sigma(t), process.log_snr(t)
-    out = Grid(*(np.asarray(a) for a in (t, alpha, sigma, lam)), to_data=final == 'data')
+        s_max, s_min = np.exp(-0.5 * lam_ends)
+        if grid == 'edm':
+          # 1e-9: the process's own end points, rounded in float64 (EDM's are 0.002, 80).
+          if not s_min * (1 - 1e-9) <= EDM_SIGMA_MIN < EDM_SIGMA_MAX <= s_max * (1 + 1e-9):
+            raise ValueError(f"grid 'edm' spans sigma/alpha in [{EDM_SIGMA_MIN}, "
+                             f'{EDM_SIGMA_MAX}], outside this process range [{s_min:.4g}, '
+                             f"{s_max:.4g}]; use grid='karras'")
+          s_max, s_min = EDM_SIGMA_MAX, EDM_SIGMA_MIN
+        lam = -2.0 * np.log(karras_sigmas(n, s_min, s_max, rho, exact_ends=False))
+      t = process.t_of_log_snr_np(lam)
+      if grid != 'edm':   # unclipped end points exactly, not through the inverse
+        if abs(lam_raw[0]) <= log_snr_clip:
+          t[0] = t_max
+        if abs(lam_raw[1]) <= log_snr_clip and n > 1:
+          t[-1] = t_min
+  out = _grid_at(process, t, dtype, final)
   if np.any(np.diff(out.t) >= 0):
     raise ValueError(f'grid {grid!r} with steps={steps} is not strictly decreasing in t '
                      f'(t = {out.t}); use fewer steps or another grid')
@@ -218,6 +240,15 @@ def time_grid(process, steps: int, grid: str = 'log_snr', *, t_min: float | None
     raise ValueError(f'grid {grid!r} has a point with sigma <= 0 or non-finite t (sigma = '
                      f"{out.sigma}); use final='data' (it ends at sigma = 0) or raise t_min")
   return out
+
+
+def _grid_at(process, t, dtype, final) -> Grid:
+  """The `Grid` at the times `t` rounded to `dtype` (what the denoiser is called with); alpha,
+  sigma and log-SNR from the process's float64 numpy twins at those times, then in `dtype`."""
+  t = np.asarray(t, np.float64).astype(dtype)
+  t64 = t.astype(np.float64)
+  return Grid(t, *(np.asarray(f(t64)).astype(dtype) for f in (
+      process.alpha_np, process.sigma_np, process.log_snr_np)), to_data=final == 'data')
 
 
 def explicit_times(process, steps: int, times, *, t_min: float | None = None,
@@ -240,11 +271,8 @@ def explicit_times(process, steps: int, times, *, t_min: float | None = None,
   if t[-1] < lo - 1e-9 or t[0] > t_max + 1e-9:
     raise ValueError(f'explicit grid: times run from {t[0]:.6g} to {t[-1]:.6g}, outside '
                      f'[t_min, t_max] = [{lo:.6g}, {t_max:.6g}] of this process')
-  dtype = dtype or jnp.result_type(float)
-  with jax.ensure_compile_time_eval():
-    tj = jnp.asarray(t, dtype)
-    out = Grid(*(np.asarray(a) for a in (tj, process.alpha(tj), process.sigma(tj),
-                                         process.log_snr(tj))), to_data=final == 'data')
+  dtype = np.dtype(dtype or jnp.result_type(float))
+  out = _grid_at(process, t, dtype, final)
   if np.any(np.diff(out.t) >= 0):
     raise ValueError(f'explicit grid: times collide in {np.dtype(dtype).name} '
                      f'(t = {out.t.tolist()})')
