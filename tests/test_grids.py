@@ -160,10 +160,10 @@ def test_final_step_to_sigma_zero_is_the_denoised_state(sampler):
   proc = processes.make_process('vp_linear')
   den = analytic.gaussian_denoiser(jnp.asarray([1.0, -1.0]), jnp.asarray([0.2, 0.5]), proc)
   x_T = jax.random.normal(jax.random.key(1), (16, 2))
-  x_data, info = sampler(den, proc, x_T, steps=8)
-  x_tmin, _ = sampler(den, proc, x_T, steps=7, final='t_min')
-  g = samplers.time_grid(proc, 8, 'karras' if sampler in (samplers.heun_sample,
-                                                          samplers.euler_sample) else 't')
+  name = 'karras' if sampler in (samplers.heun_sample, samplers.euler_sample) else 't'
+  x_data, info = sampler(den, proc, x_T, steps=8, grid=name)
+  x_tmin, _ = sampler(den, proc, x_T, steps=7, final='t_min', grid=name)
+  g = samplers.time_grid(proc, 8, name)
   np.testing.assert_allclose(x_data, den(x_tmin, g.t[-1])[0], rtol=1e-6, atol=1e-6)
   assert np.all(np.isfinite(np.asarray(x_data)))
 

@@ -22,13 +22,21 @@ from diffusion_jax import samplers
 import sampler_testing as st
 
 PROC = processes.DiscreteVP.from_name('linear', 1000)
+# The flow_* samplers refuse a DiscreteVP (their dx/dt jumps at its integer steps): they run on
+# the continuous VP with the same linear beta.
+FLOW_PROC = processes.make_process('vp_linear')
 MU, S2 = jnp.asarray([0.5, -1.0]), jnp.asarray([0.3, 0.05])
 NAMES = sorted(samplers.SAMPLERS)
 
 
+def _proc(name):
+  return FLOW_PROC if name.startswith('flow_') else PROC
+
+
 def _run(name, den, x_T, steps, **kw):
   fn = samplers.SAMPLERS[name]
-  return jax.jit(lambda x, k: fn(den, PROC, x, k, steps=steps, **kw))(x_T, jax.random.key(3))
+  return jax.jit(lambda x, k: fn(den, _proc(name), x, k, steps=steps, **kw))(
+      x_T, jax.random.key(3))
 
 
 def _accepts(name, option):
@@ -71,7 +79,7 @@ def test_nfe_is_exact(name, steps):
   """`info['nfe']` is the method's evaluation count and the calls that really executed."""
   finals = ['data', 't_min'] if _accepts(name, 'final') else [None]
   for final in finals:
-    den, count = st.counting(analytic.gaussian_denoiser(MU, S2, PROC))
+    den, count = st.counting(analytic.gaussian_denoiser(MU, S2, _proc(name)))
     kw = {} if final is None else {'final': final}
     x, info = _run(name, den, jnp.ones((4, 2)), steps, **kw)
     jax.block_until_ready(x)
@@ -93,9 +101,9 @@ def test_trace_cost_does_not_grow_with_steps(name):
 
     def den(x, t, cond=None):
       calls.append(1)
-      return analytic.gaussian_denoiser(MU, S2, PROC)(x, t, cond)
+      return analytic.gaussian_denoiser(MU, S2, _proc(name))(x, t, cond)
     fn = samplers.SAMPLERS[name]
-    jax.make_jaxpr(lambda x: fn(den, PROC, x, jax.random.key(0), steps=steps)[0])(
+    jax.make_jaxpr(lambda x: fn(den, _proc(name), x, jax.random.key(0), steps=steps)[0])(
         jnp.ones((4, 2)))
     return len(calls)
   traced = {steps: count_traces(steps) for steps in (4, 40)}
@@ -121,10 +129,11 @@ def test_every_prediction_kind_samples_the_same(name, kind):
   same samples as the exact denoiser (same noise, float64): the conversions are exact, so the
   difference is rounding, amplified at most by 1 / alpha(1) ~ 150 at the first step."""
   with jax.enable_x64(True):
-    exact = analytic.gaussian_denoiser(MU, S2, PROC)
+    proc = _proc(name)
+    exact = analytic.gaussian_denoiser(MU, S2, proc)
     x_T = jax.random.normal(jax.random.key(0), (8, 2), jnp.float64)
     ref, _ = _run(name, exact, x_T, 6)
-    den = parameterization.make_denoiser(analytic.optimal_model(kind, exact, PROC), PROC, kind)
+    den = parameterization.make_denoiser(analytic.optimal_model(kind, exact, proc), proc, kind)
     x, _ = _run(name, den, x_T, 6)
     np.testing.assert_allclose(x, ref, rtol=1e-7, atol=1e-7, err_msg=f'{name} {kind}')
 

@@ -126,7 +126,7 @@ def test_final_step_to_data_is_x0_hat_at_last_grid_point(name, proc_name):
   with jax.enable_x64(True):
     den = _den(proc)
     x_T = proc.prior_sample(jax.random.key(4), (8, 3), jnp.float64)
-    x, info = fn(den, proc, x_T, key, steps=steps, return_trajectory=True)
+    x, info = fn(den, proc, x_T, key, steps=steps, grid='log_snr', return_trajectory=True)
     g = samplers.time_grid(proc, steps, 'log_snr', dtype=jnp.float64)
     traj = info['trajectory']
     assert traj.shape == (steps + 1, 8, 3) and bool(jnp.all(jnp.isfinite(traj)))

@@ -8,12 +8,14 @@ callables cost 1. `info['nfe'] = calls * evals_per_call` and `info['denoiser_cal
 """
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import parameterization
+from diffusion_jax.samplers import defaults
 from diffusion_jax.samplers import grids as grids_lib
 
 
@@ -52,8 +54,28 @@ def require_finite_log_snr(grid: grids_lib.Grid, who: str):
 
 def make_grid(process, steps, x_T, grid, t_min, t_max, rho, final, log_snr_clip=20.0):
   check_x_T(x_T, 'sampler')
-  return grids_lib.time_grid(process, steps, grid, t_min=t_min, t_max=t_max, rho=rho,
-                             final=final, log_snr_clip=log_snr_clip, dtype=x_T.dtype)
+  if isinstance(grid, str) and grid == 'auto':
+    grid = defaults.auto_times(process, steps, t_min=t_min, t_max=t_max, final=final,
+                               log_snr_clip=log_snr_clip, dtype=x_T.dtype)
+  g = grids_lib.time_grid(process, steps, grid, t_min=t_min, t_max=t_max, rho=rho,
+                          final=final, log_snr_clip=log_snr_clip, dtype=x_T.dtype)
+  warn_if_short_of_data(g, process, t_min)
+  return g
+
+
+def warn_if_short_of_data(g: grids_lib.Grid, process, t_min=None):
+  """Warns when a grid with `final='t_min'` stops above the smallest time asked for (the
+  process's `t_min` unless given): the sampler then returns a state still carrying noise, which
+  a caller expecting data would not notice (e.g. the integer 'trailing' spacing with 10 steps
+  stops at t = 0.1, where sigma / alpha is ~0.35 on DDPM's linear schedule)."""
+  if g.to_data:
+    return
+  lo = float(process.t_min if t_min is None else t_min)
+  if float(g.t[-1]) > lo + 1e-6 * max(lo, 1e-3):
+    warnings.warn(f"final='t_min': the grid stops at t = {float(g.t[-1]):.4g} (sigma / alpha = "
+                  f'{float(g.s[-1]):.3g}), above t_min = {lo:.4g}, so the sampler returns a '
+                  f"state that still carries noise; use final='data' to end at the data",
+                  UserWarning, stacklevel=4)
 
 
 def as_arrays(grid: grids_lib.Grid, dtype):

@@ -26,9 +26,9 @@ applied after the last grid step (that would cost an extra call), so NFE = steps
 `final='data'` the step to sigma = 0 is `x0_hat` at the last grid time (1 call), as in every
 sampler here.
 
-Deviation from the authors' and diffusers' implementations: no lower-order final steps (they
-lower the order over the last steps, `lower_order_final`); every step keeps `min(order, i + 1)`
-to the end, so at low step counts results differ from theirs.
+Lower-order final steps (the authors' `lower_order_final`) are an option here, off by default
+(step i of n then uses `min(order, i + 1, n - i)`); the default grid is 'auto'
+(`samplers.defaults`), on which they measured worse; see `dpm_solver`'s module docstring.
 """
 
 import math
@@ -54,7 +54,7 @@ def _solve_rho(nodes, b):
   return np.linalg.solve(R, np.asarray(b[:nodes.size], np.float64))
 
 
-def unipc_coefficients(grid, order: int, variant: str):
+def unipc_coefficients(grid, order: int, variant: str, lower_order_final: bool = False):
   """Per scan step j (one per grid time but the last): predictor `(ap [N], wp [N, order])`
   from point j to j + 1 on `[m_j, m_(j-1), ...]`, and corrector `(ac, wc, wcn)` of point j
   (from j - 1) on `x_(j-1)`, `[m_(j-1), m_(j-2), ...]` and the new `m_j`; j = 0 is the
@@ -65,10 +65,11 @@ def unipc_coefficients(grid, order: int, variant: str):
   ap, wp = np.zeros(n), np.zeros((n, order))
   ac, wc, wcn = np.zeros(n), np.zeros((n, order)), np.zeros(n)
   ac[:1] = 1.0                      # no corrector at the first point (x_0 = x_T)
+  orders = dpm_solver.step_orders(n, order, lower_order_final)
   for i in range(n):
     h = lh[i + 1] - lh[i]
     hh = -h
-    p = min(order, i + 1)
+    p = int(orders[i])
     a_t = alpha[i + 1]
     base = a_t * h * float(dpm_solver.phi(1, hh))        # -alpha (e^hh - 1) on m_i
     B = hh if variant == 'bh1' else hh * float(dpm_solver.phi(1, hh))
@@ -92,9 +93,9 @@ def unipc_coefficients(grid, order: int, variant: str):
 
 
 def unipc_sample(denoiser, process, x_T, key=None, *, steps: int, order: int = 2,
-                 variant: str = 'bh2', corrector: bool = True, cond=None, grid: str = 'log_snr',
+                 variant: str = 'bh2', corrector: bool = True, cond=None, grid: str = 'auto',
                  t_min=None, t_max: float = 1.0, rho: float = 7.0, final: str = 'data',
-                 return_trajectory: bool = False):
+                 lower_order_final: bool = False, return_trajectory: bool = False):
   """UniPC with UniP-`order` (1-3) and, if `corrector`, UniC (order + 1); see the module.
 
   One call per grid time but the last (`K - 1` for `K` grid times, = steps with
@@ -111,8 +112,8 @@ def unipc_sample(denoiser, process, x_T, key=None, *, steps: int, order: int = 2
   _common.require_finite_log_snr(g, who)
   dtype = x_T.dtype
   t = jnp.asarray(g.t, dtype)
-  pred, corr = jax.tree.map(lambda a: jnp.asarray(a, dtype), unipc_coefficients(g, order,
-                                                                               variant))
+  pred, corr = jax.tree.map(lambda a: jnp.asarray(a, dtype), unipc_coefficients(
+      g, order, variant, lower_order_final))
   hist0 = jnp.zeros((order,) + x_T.shape, dtype)
 
   def step(carry, inputs):

@@ -1,0 +1,141 @@
+"""Few-step defaults (issue 24, item 1): the 'auto' grid, lower-order final steps, the warning
+when a sampler stops short of the data, and the flow solvers' refusal of a DiscreteVP.
+
+The accuracy claim is checked on the sampler benchmark's own problem
+(`experiments/benchmark_samplers.py`): a 2-D mixture of three Gaussians under DDPM's linear
+schedule, its exact denoiser, float64, 2,048 prior draws from key 0; the error is the RMS
+distance to the probability-flow ODE's endpoint from the same draw.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import analytic
+from diffusion_jax import processes
+from diffusion_jax import samplers
+from diffusion_jax.samplers import dpm_solver
+
+PROC = processes.DiscreteVP.from_name('linear', 1000)
+W = np.array([0.5, 0.3, 0.2])
+MEANS = np.array([[-1.0, 0.0], [1.0, 0.5], [0.0, -1.2]])
+S2 = np.full((3, 2), 0.04)
+
+
+def _lam(t):
+  return np.asarray(PROC.log_snr(jnp.asarray(t, jnp.float64)))
+
+
+def test_auto_grid_is_the_rule_written_out():
+  """5 steps: t_max, then 4 times uniform in log-SNR from -4 to 1.5 + 0.4 * 5 = 3.5; with
+  final='t_min', or from 20 steps on, it is the uniform log-SNR grid; a given t_min is kept."""
+  with jax.enable_x64(True):
+    g = samplers.time_grid(PROC, 5, 'log_snr', dtype=jnp.float64)   # for the end points
+    t = samplers.defaults.auto_times(PROC, 5, dtype=jnp.float64)
+    assert t.shape == (5,) and t[0] == 1.0
+    lam = _lam(t[1:])
+    np.testing.assert_allclose(lam, [-4.0, -4.0 + 7.5 / 3, -4.0 + 15 / 3, 3.5], atol=1e-9)
+    # final='t_min' and >= 20 steps: the uniform log-SNR grid from lambda(1) to lambda(1 / T).
+    for steps, final in ((5, 't_min'), (20, 'data')):
+      t = samplers.defaults.auto_times(PROC, steps, final=final, dtype=jnp.float64)
+      n = steps + (final == 't_min')
+      lam = _lam(t)
+      np.testing.assert_allclose(lam, np.linspace(_lam(1.0), _lam(1e-3), n), atol=1e-9)
+    assert g.t[0] == 1.0
+    # An explicit t_min is the end point: 3 times from -4 up to lambda(0.05).
+    t = samplers.defaults.auto_times(PROC, 4, t_min=0.05, dtype=jnp.float64)
+    assert t[-1] == 0.05
+    np.testing.assert_allclose(_lam(t[1:]), np.linspace(-4.0, _lam(0.05), 3),
+                               atol=1e-9)
+
+
+def test_auto_grid_without_a_high_noise_start_has_no_jump():
+  """A run started below log-SNR -4 (SDEdit at t_max = 0.3: lambda ~ 0.4 on this schedule)
+  has nothing to skip: uniform log-SNR from lambda(t_max) to the rule's end 1.5 + 0.4 * 6."""
+  with jax.enable_x64(True):
+    t = samplers.defaults.auto_times(PROC, 6, t_max=0.3, dtype=jnp.float64)
+    assert t[0] == 0.3
+    np.testing.assert_allclose(_lam(t), np.linspace(_lam(0.3), 3.9, 6), atol=1e-9)
+
+
+def test_step_orders_written_out():
+  np.testing.assert_array_equal(dpm_solver.step_orders(6, 3, False), [1, 2, 3, 3, 3, 3])
+  np.testing.assert_array_equal(dpm_solver.step_orders(6, 3, True), [1, 2, 3, 3, 2, 1])
+  np.testing.assert_array_equal(dpm_solver.step_orders(2, 2, True), [1, 1])
+
+
+def test_lower_order_final_makes_the_last_step_ddim():
+  """With lower_order_final the update into the last grid time is DPM-Solver++(1), i.e. DDIM
+  in data form: x_next = (sigma' / sigma) x + alpha' (1 - e^(-h)) x0_hat(x) (Lu et al. 2022b,
+  Eq. 9 with a constant x0_hat), written out here from the trajectory's last two states."""
+  with jax.enable_x64(True):
+    den = analytic.gmm_denoiser(W, MEANS, S2, PROC)
+    x_T = jax.random.normal(jax.random.key(0), (64, 2), jnp.float64)
+    x, info = samplers.dpm_solver_pp_3m_sample(den, PROC, x_T, steps=6, grid='log_snr',
+                                               final='t_min', lower_order_final=True,
+                                               return_trajectory=True)
+    g = samplers.time_grid(PROC, 6, 'log_snr', final='t_min', dtype=jnp.float64)
+    prev = info['trajectory'][-2]
+    h = 0.5 * (g.log_snr[-1] - g.log_snr[-2])
+    ddim = g.sigma[-1] / g.sigma[-2] * prev + g.alpha[-1] * (1 - np.exp(-h)) * den(
+        prev, g.t[-2])[0]
+    np.testing.assert_allclose(x, ddim, rtol=1e-10, atol=1e-10)
+    y, _ = samplers.dpm_solver_pp_3m_sample(den, PROC, x_T, steps=6, grid='log_snr',
+                                            final='t_min')
+    assert float(jnp.max(jnp.abs(y - x))) > 1e-4    # the option changes the result
+    # UniPC evaluates its model at predicted points (not in the trajectory), so its last
+    # predictor row is checked instead: DDIM's coefficients, no history term.
+    (ap, wp), _ = samplers.unipc.unipc_coefficients(g, 3, 'bh2', lower_order_final=True)
+    np.testing.assert_allclose(ap[-1], g.sigma[-1] / g.sigma[-2], rtol=1e-12)
+    np.testing.assert_allclose(wp[-1], [g.alpha[-1] * (1 - np.exp(-h)), 0.0, 0.0], rtol=1e-12,
+                               atol=1e-15)
+
+
+@pytest.fixture(scope='module')
+def benchmark_problem():
+  with jax.enable_x64(True):
+    den = analytic.gmm_denoiser(W, MEANS, S2, PROC)
+    x_T = jax.random.normal(jax.random.key(0), (2048, 2), jnp.float64)
+    # The exact ODE endpoint to ~1e-7: DPM-Solver++(3M) on 400 uniform log-SNR steps (its
+    # 200-step result differs from it by < 1e-6, far below the errors compared here, ~1e-2).
+    ref, _ = jax.jit(lambda x: samplers.dpm_solver_pp_3m_sample(den, PROC, x, steps=400,
+                                                                grid='log_snr'))(x_T)
+    return den, x_T, ref
+
+
+# The old defaults (before 'auto'): uniform log-SNR to t_min = 1 / T, no lower-order final.
+@pytest.mark.parametrize('name', ['dpm_solver_pp_2m',
+                                  pytest.param('dpm_solver_pp_3m', marks=pytest.mark.slow),
+                                  pytest.param('unipc_bh2', marks=pytest.mark.slow)])
+def test_no_option_default_halves_the_old_default_error_at_5_and_10_nfe(benchmark_problem,
+                                                                        name):
+  den, x_T, ref = benchmark_problem
+  fn = samplers.SAMPLERS[name]
+  with jax.enable_x64(True):
+    for nfe in (5, 10):          # 1 call per step, the last being the step to data
+      err_new = float(jnp.sqrt(jnp.mean(jnp.sum((fn(den, PROC, x_T, steps=nfe)[0] - ref) ** 2,
+                                                -1))))
+      err_old = float(jnp.sqrt(jnp.mean(jnp.sum(
+          (fn(den, PROC, x_T, steps=nfe, grid='log_snr')[0] - ref) ** 2, -1))))
+      assert err_new <= 0.5 * err_old, (name, nfe, err_new, err_old)
+
+
+def test_flow_solvers_refuse_a_discrete_process():
+  den = analytic.gaussian_denoiser(jnp.zeros(2), jnp.ones(2), PROC)
+  with pytest.raises(ValueError, match=r'flow_sample\(rk4\).*DiscreteVP.*first order') as e:
+    samplers.flow_rk4_sample(den, PROC, jnp.ones((2, 2)), steps=4)
+  assert '\n' not in str(e.value)
+
+
+def test_warns_when_stopping_short_of_the_data():
+  """'trailing' with 10 steps and final='t_min' stops at t = 0.1, not at t_min = 1e-3."""
+  den = analytic.gaussian_denoiser(jnp.zeros(2), jnp.ones(2), PROC)
+  with pytest.warns(UserWarning, match=r"stops at t = 0.1 .*still carries noise"):
+    samplers.euler_sample(den, PROC, jnp.ones((2, 2)), steps=9, grid='trailing', final='t_min')
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    samplers.euler_sample(den, PROC, jnp.ones((2, 2)), steps=9, grid='log_snr', final='t_min')
+    samplers.euler_sample(den, PROC, jnp.ones((2, 2)), steps=9, grid='trailing')
