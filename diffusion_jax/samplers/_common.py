@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import parameterization
-from diffusion_jax.samplers import defaults
 from diffusion_jax.samplers import grids as grids_lib
 
 
@@ -54,9 +53,6 @@ def require_finite_log_snr(grid: grids_lib.Grid, who: str):
 
 def make_grid(process, steps, x_T, grid, t_min, t_max, rho, final, log_snr_clip=20.0):
   check_x_T(x_T, 'sampler')
-  if isinstance(grid, str) and grid == 'auto':
-    grid = defaults.auto_times(process, steps, t_min=t_min, t_max=t_max, final=final,
-                               log_snr_clip=log_snr_clip, dtype=x_T.dtype)
   g = grids_lib.time_grid(process, steps, grid, t_min=t_min, t_max=t_max, rho=rho,
                           final=final, log_snr_clip=log_snr_clip, dtype=x_T.dtype)
   warn_if_short_of_data(g, process, t_min)

@@ -33,8 +33,6 @@ rule gives on the benchmark mixture for every sampler against the old defaults a
 hand-picked options.
 """
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 AUTO_JUMP_LOG_SNR = -4.0
@@ -64,21 +62,19 @@ def auto_times(process, steps: int, *, t_min=None, t_max: float = 1.0, final: st
   """The times of the 'auto' grid (see the module docstring), decreasing; with
   `final='t_min'` those of 'log_snr'. Infinite end log-SNRs are clipped to +-`log_snr_clip`,
   as `grids.time_grid` does."""
-  dtype = dtype or jnp.result_type(float)
+  del dtype     # float64 numpy throughout; the sampler's grid rounds the times to its dtype
   end_given = t_min is not None
   t_lo = float(process.t_min if t_min is None else t_min)
   if not 0.0 <= t_lo < t_max <= 1.0:
     raise ValueError(f'need 0 <= t_min < t_max <= 1, got t_min={t_lo}, t_max={t_max}')
-  with jax.ensure_compile_time_eval():
-    raw = np.asarray(process.log_snr(jnp.asarray([t_max, t_lo], dtype)), np.float64)
+  raw = np.asarray(process.log_snr_np(np.array([t_max, t_lo])), np.float64)
   ends = np.clip(raw, -log_snr_clip, log_snr_clip)
   n = int(steps) if final == 'data' else int(steps) + 1
   if final == 'data':
     lam = auto_log_snr(float(ends[0]), float(ends[1]), n, end_given=end_given)
   else:
     lam = np.linspace(ends[0], ends[1], n)
-  with jax.ensure_compile_time_eval():
-    t = np.array(process.t_of_log_snr(jnp.asarray(lam, dtype)), np.float64)
+  t = np.array(process.t_of_log_snr_np(lam), np.float64)
   if abs(raw[0]) <= log_snr_clip:          # the end points exactly, not through the inverse
     t[0] = t_max
   if n > 1 and lam[-1] == ends[1] and abs(raw[1]) <= log_snr_clip:

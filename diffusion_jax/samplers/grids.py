@@ -12,7 +12,10 @@ continuous-time sampler takes `grid=` by name:
   'edm'       the 'karras' grid between EDM's published end points s = 80 and s = 0.002;
   'leading', 'trailing', 'linspace'
               the integer DDPM spacings of `discrete_timesteps` (DiscreteVP only), t = n / T,
-              over the steps `1..t_max T` (`start_step`).
+              over the steps `1..t_max T` (`start_step`);
+  'auto'      the few-step default of the multistep solvers and Euler (`samplers.defaults`):
+              below 20 steps, one step from t_max straight down to log-SNR -4, then uniform
+              log-SNR up to 1.5 + 0.4 * steps (or the given t_min); otherwise 'log_snr'.
 
 An explicit grid (any sequence of times instead of a name: a schedule found by search, such as
 WaveGrad's few-iteration noise schedules, `audio.schedules`, or another library's timesteps
@@ -39,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SPACINGS = ('leading', 'trailing', 'linspace')
-GRIDS = ('t', 'log_snr', 'karras', 'edm') + SPACINGS
+GRIDS = ('auto', 't', 'log_snr', 'karras', 'edm') + SPACINGS
 FINALS = ('data', 't_min')
 EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0
 
@@ -184,6 +187,10 @@ def time_grid(process, steps: int, grid: str = 'log_snr', *, t_min: float | None
   also inside `jit`), the times then rounded to `dtype` (float32, or float64 under
   `jax.enable_x64`) and alpha, sigma, log-SNR evaluated at the rounded times.
   """
+  if isinstance(grid, str) and grid == 'auto':    # the few-step default (samplers.defaults)
+    from diffusion_jax.samplers import defaults   # pylint: disable=g-import-not-at-top
+    grid = defaults.auto_times(process, steps, t_min=t_min, t_max=t_max, final=final,
+                               log_snr_clip=log_snr_clip)
   if not isinstance(grid, str):
     return explicit_times(process, steps, grid, t_min=t_min, t_max=t_max, final=final,
                           dtype=dtype)
