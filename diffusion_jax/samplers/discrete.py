@@ -248,7 +248,7 @@ def ddim_invert(denoiser, process, x0, *, steps: int | None = None, cond=None,
   return x_T, _common.make_info(denoiser, calls, trajectory)
 
 
-def euler_invert(denoiser, process, x0, *, steps: int, cond=None, grid: str = 'karras',
+def euler_invert(denoiser, process, x0, *, steps: int, cond=None, grid: str = 'auto',
                  t_min=None, t_max: float = 1.0, rho: float = 7.0, final: str = 'data',
                  iterations: int = 1, return_trajectory: bool = False):
   """The inverse of `samplers.euler_sample` with the same grid arguments: encodes `x0` into the
