@@ -21,6 +21,7 @@ For each source tree (a checkout holding `diffusion_jax/`; the first is "before"
 Prints Markdown tables (docs/benchmark_overhead.md holds a run).
 """
 
+import inspect
 import json
 import os
 import platform
@@ -71,10 +72,13 @@ def _library(name, model_fn, process):
   if name == 'ddim':
     return lambda x: samplers.ddim_sample(denoiser, process, x, steps=STEPS,
                                           spacing='trailing')[0]
-  # Pinned, so that changed defaults do not change what is measured.
-  return lambda x: samplers.dpm_solver_pp_2m_sample(
-      denoiser, process, x, steps=STEPS, grid='log_snr', t_min=process.t_min,
-      lower_order_final=False)[0]
+  # Pinned, so that changed defaults do not change what is measured (older trees have no
+  # lower_order_final: their steps keep their order to the end).
+  pinned = dict(grid='log_snr', t_min=process.t_min)
+  if 'lower_order_final' in inspect.signature(samplers.dpm_solver_pp_sample).parameters:
+    pinned['lower_order_final'] = False
+  return lambda x: samplers.dpm_solver_pp_2m_sample(denoiser, process, x, steps=STEPS,
+                                                    **pinned)[0]
 
 
 def _hand(name, model_fn, process):
