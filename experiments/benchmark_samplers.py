@@ -44,6 +44,10 @@ _SAMPLERS = flags.DEFINE_list('samplers', None, 'names from SAMPLERS (default: a
 _NFES = flags.DEFINE_list('nfes', ['5', '10', '20', '50'], 'target numbers of evaluations')
 _BATCH = flags.DEFINE_integer('batch', 2048, 'samples per run in part 1')
 _OUT = flags.DEFINE_string('out', '', 'also write the tables to this Markdown file')
+_PARTS = flags.DEFINE_list('parts', ['accuracy', 'few_step', 'compiled'],
+                           'which parts to run: accuracy, few_step, compiled')
+_HANDPICKED = flags.DEFINE_bool('handpicked', False, 'few_step: also search the best of the '
+                                'hand-picked options of the old defaults (grids x t_min), slow')
 
 WEIGHTS = np.array([0.5, 0.3, 0.2])
 MEANS = np.array([[-1.0, 0.0], [1.0, 0.5], [0.0, -1.2]])
@@ -62,6 +66,15 @@ NOTES = ('Notes: `consistency` here re-noises and denoises with the exact denois
          'and the converged ODE gives 0.053-0.086 over four x_T draws, so sw differences below '
          '~0.04 are noise and the deterministic samplers\' plateau near 0.085 is this x_T\'s '
          'draw, not a bias; `ode_err` is the precise column.\n')
+
+
+FEW_NOTES = ('Notes: "default now" is each sampler with no options; for DPM-Solver++, UniPC '
+             'and Euler that is `grid=\'auto\'` (`samplers.defaults`: one step from t = 1 '
+             'straight to log-SNR -4, then uniform log-SNR up to 1.5 + 0.4 steps, below 20 '
+             'steps). The DP schedule is searched (GITS cost, Euler steps) on 512 other prior '
+             'draws (key 7) for the step count the default run uses. Hand-picked: every grid, '
+             't_min and Karras rho of the old options (`HAND_GRIDS`, `HAND_T_MINS`), best per '
+             'NFE on these very draws, so it is an optimistic bar.\n')
 
 
 def _timed(fn, *args, repeats=3):
@@ -147,6 +160,111 @@ def accuracy_table(names, nfes, batch):
   return f'sliced-W2 floor (exact vs exact, n = {batch}): {floor:.4f}\n\n' + table
 
 
+# Part 1b: few steps. The defaults before the few-step rules (issue 24) written out, per sampler:
+# the grid each took by default then (lower-order final steps did not exist).
+OLD_DEFAULTS = {'dpm_solver_pp_2m': {'grid': 'log_snr'}, 'dpm_solver_pp_3m': {'grid': 'log_snr'},
+                'unipc_bh1': {'grid': 'log_snr'}, 'unipc_bh2': {'grid': 'log_snr'},
+                'euler': {'grid': 'karras'}, 'ipndm': {'grid': 'karras'}, 'ddim': {},
+                'heun': {'grid': 'karras'}, 'dpm_solver_2': {'grid': 'log_snr'},
+                'dpm_solver_3': {'grid': 'log_snr'}}
+FEW_NFES = (4, 5, 6, 8, 10)
+# The hand-picked options searched: every named grid (the integer spacings on this DiscreteVP),
+# end times t_min, and Karras exponents; DDIM takes only its spacing.
+HAND_GRIDS = ('t', 'log_snr', 'karras', 'leading', 'trailing', 'linspace')
+HAND_T_MINS = (None, 2e-3, 5e-3, 1e-2, 2e-2, 4e-2, 8e-2)
+
+
+def _handpicked(name):
+  params = inspect.signature(samplers.SAMPLERS[name]).parameters
+  if 'spacing' in params:
+    return [{'spacing': sp} for sp in ('leading', 'trailing', 'linspace')]
+  out = []
+  for g in HAND_GRIDS:
+    for tm in (HAND_T_MINS if g not in ('leading', 'trailing', 'linspace') else (None,)):
+      base = {'grid': g, **({} if tm is None else {'t_min': tm})}
+      out += [base] + ([{**base, 'rho': r} for r in (3.0, 5.0)] if g == 'karras' else [])
+  return out
+
+
+def few_step_table(names, batch, handpicked: bool):
+  """Error against the exact ODE endpoint at NFE 4-10: the old defaults, the defaults now (no
+  options), with lower-order final steps, the DP-optimised schedule (`optimized_grids`, searched
+  on other prior draws), and the best hand-picked old options."""
+  from diffusion_jax.samplers import optimized_grids  # pylint: disable=g-import-not-at-top
+  proc = processes.DiscreteVP.from_name('linear', 1000)
+  den = analytic.gmm_denoiser(WEIGHTS, MEANS, S2, proc)
+  x_T = jax.random.normal(jax.random.key(0), (batch, 2), jnp.float64)
+  reference, _ = jax.jit(lambda x: samplers.heun_sample(den, proc, x, steps=4000))(x_T)
+  x_search = jax.random.normal(jax.random.key(7), (512, 2), jnp.float64)
+  dp = {}
+
+  def err(name, target, options):
+    sampler = samplers.SAMPLERS[name]
+    found = _steps_for(sampler, den, proc, x_T, target, options)
+    if found is None:
+      return None
+    x, _ = jax.jit(functools.partial(sampler, den, proc, steps=found[0], **options))(
+        x_T, jax.random.key(4))
+    e = float(jnp.sqrt(jnp.mean(jnp.sum((x - reference) ** 2, -1))))
+    return e if np.isfinite(e) else float('inf')
+
+  def fmt(e):
+    return '—' if e is None else f'{e:.3f}' if e < 10 else f'{e:.3g}'
+
+  rows, ratios = [], []
+  for name in names:
+    params = inspect.signature(samplers.SAMPLERS[name]).parameters
+    settings = [('old default', OLD_DEFAULTS.get(name, {})), ('**default now**', {})]
+    if 'lower_order_final' in params:
+      settings.append(('default + lower_order_final', {'lower_order_final': True}))
+    got = {}
+    for label, options in settings:
+      got[label] = [err(name, n, options) for n in FEW_NFES]
+    if 'grid' in params:           # the DP schedule of the same steps as the default run
+      errs = []
+      for n in FEW_NFES:
+        steps = _steps_for(samplers.SAMPLERS[name], den, proc, x_T, n, {})
+        if steps is None:
+          errs.append(None)
+          continue
+        if steps[0] not in dp:
+          dp[steps[0]] = optimized_grids.dp_schedule(den, proc, x_search, steps=steps[0]).times
+        errs.append(err(name, n, {'grid': dp[steps[0]]}))
+      got['DP schedule (GITS)'] = errs
+    if handpicked:
+      best = [None] * len(FEW_NFES)
+      for options in _handpicked(name):
+        for i, n in enumerate(FEW_NFES):
+          try:
+            e = err(name, n, options)
+          except ValueError:
+            continue
+          if e is not None and (best[i] is None or e < best[i][0]):
+            best[i] = (e, options)
+      got['best hand-picked (old options)'] = [None if b is None else b[0] for b in best]
+      got['  which'] = [None if b is None else b[1] for b in best]
+    for label, errs in got.items():
+      cells = [str(e) if label == '  which' else fmt(e) for e in errs]
+      rows.append((name if label == 'old default' else '', label, *cells))
+      print(f'  {name:18s} {label:32s} ' + ' '.join(f'{c:>8s}' for c in cells), flush=True)
+    old, new = got['old default'], got['**default now**']
+    ratios.append((name, [None if o is None or m is None else m / o
+                          for o, m in zip(old, new, strict=True)]))
+  head = ('| sampler | setting | ' + ' | '.join(f'NFE {n}' for n in FEW_NFES) + ' |\n|---|---|'
+          + '---:|' * len(FEW_NFES) + '\n')
+  table = head + ''.join('| ' + ' | '.join(str(c) for c in r) + ' |\n' for r in rows
+                         if r[1] != '  which')
+  which = ''.join(f'- {name}: ' + '; '.join(
+      f'NFE {n}: {c}' for n, c in zip(FEW_NFES, r[2:], strict=True)) + '\n'
+      for name, r in zip(names, [r for r in rows if r[1] == '  which'], strict=False))
+  ratio = ''.join(f'| {n} | ' + ' | '.join('—' if v is None else f'{v:.2f}' for v in r) + ' |\n'
+                  for n, r in ratios)
+  ratio_head = ('| sampler | ' + ' | '.join(f'NFE {n}' for n in FEW_NFES) + ' |\n|---|'
+                + '---:|' * len(FEW_NFES) + '\n')
+  return (table + '\nDefault now / old default:\n\n' + ratio_head + ratio
+          + ('\nThe best hand-picked options:\n\n' + which if which else ''))
+
+
 def compiled_vs_python(nfe: int = 50, batch: int = 256, dim: int = 64):
   proc = processes.DiscreteVP.from_name('linear', 1000)
   model = MLP(hidden=256, depth=3)
@@ -196,22 +314,36 @@ def main(argv):
   nfes = [int(n) for n in _NFES.value]
   machine = (f'{platform.processor() or platform.machine()}, {jax.devices()[0].platform} '
              f'({jax.device_count()} device(s)), jax {jax.__version__}')
-  print(f'Machine: {machine}\nPart 1: accuracy at fixed NFE (float64)', flush=True)
-  with jax.enable_x64(True):
-    part1 = accuracy_table(names, nfes, _BATCH.value)
-  print(part1, flush=True)
-  print('Part 2: compiled whole loop vs Python stepping (float32)', flush=True)
-  part2 = ('| batch | loop | first call (compile + run) s | run ms | images/s | speed-up |\n'
-           '|---:|---|---:|---:|---:|---:|\n')
-  for batch in (8, 64, 256):
-    part2 += compiled_vs_python(batch=batch)
-  part2 += ('\nEuler/DDIM at NFE 50 with an MLP denoiser (64-D, width 256, depth 3, random '
-            'weights), float32.\n')
-  print(part2)
+  print(f'Machine: {machine}', flush=True)
+  out = f'# Sampler benchmark\n\nMachine: {machine}\n\n'
+  if 'accuracy' in _PARTS.value:
+    print('Part 1: accuracy at fixed NFE (float64)', flush=True)
+    with jax.enable_x64(True):
+      part1 = accuracy_table(names, nfes, _BATCH.value)
+    print(part1, flush=True)
+    out += f'## Accuracy at fixed NFE\n\n{part1}\n{NOTES}\n'
+  if 'few_step' in _PARTS.value:
+    print('Part 1b: few steps, defaults against the old defaults (float64)', flush=True)
+    few = [n for n in (_SAMPLERS.value or OLD_DEFAULTS) if n in OLD_DEFAULTS]
+    with jax.enable_x64(True):
+      part1b = few_step_table(few, _BATCH.value, _HANDPICKED.value)
+    print(part1b, flush=True)
+    out += (f'## Few steps: the defaults, the old defaults, optimised and hand-picked grids\n\n'
+            f'RMS distance to the exact PF-ODE endpoint (same problem and x_T as above).\n\n'
+            f'{part1b}\n{FEW_NOTES}\n')
+  if 'compiled' in _PARTS.value:
+    print('Part 2: compiled whole loop vs Python stepping (float32)', flush=True)
+    part2 = ('| batch | loop | first call (compile + run) s | run ms | images/s | speed-up |\n'
+             '|---:|---|---:|---:|---:|---:|\n')
+    for batch in (8, 64, 256):
+      part2 += compiled_vs_python(batch=batch)
+    part2 += ('\nEuler/DDIM at NFE 50 with an MLP denoiser (64-D, width 256, depth 3, random '
+              'weights), float32.\n')
+    print(part2)
+    out += f'## Compiled whole loop vs Python stepping\n\n{part2}'
   if _OUT.value:
     with open(_OUT.value, 'w', encoding='utf-8') as f:
-      f.write(f'# Sampler benchmark\n\nMachine: {machine}\n\n## Accuracy at fixed NFE\n\n'
-              f'{part1}\n{NOTES}\n## Compiled whole loop vs Python stepping\n\n{part2}')
+      f.write(out)
 
 
 if __name__ == '__main__':

@@ -89,14 +89,11 @@ def _intermediate_points(process, grid, rs, dtype):
   lh = half_log_snr(grid)
   h = np.diff(lh)
   pts = []
-  with jax.ensure_compile_time_eval():
-    for r in rs:
-      lam = 2.0 * (lh[:-1] + r * h)
-      t = jnp.asarray(process.t_of_log_snr(jnp.asarray(lam, dtype)), dtype)
-      alpha, sigma = process.alpha(t), process.sigma(t)
-      l_r = 0.5 * np.asarray(process.log_snr(t), np.float64)
-      pts.append((np.asarray(t), np.asarray(alpha, np.float64), np.asarray(sigma, np.float64),
-                  l_r))
+  for r in rs:     # numpy (the processes' float64 twins) at trace time: nothing compiled
+    t = process.t_of_log_snr_np(2.0 * (lh[:-1] + r * h)).astype(dtype)
+    t64 = t.astype(np.float64)
+    pts.append((t, process.alpha_np(t64), process.sigma_np(t64),
+                0.5 * process.log_snr_np(t64)))
   return pts
 
 
