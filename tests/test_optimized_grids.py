@@ -149,8 +149,8 @@ def gaussian_case(proc, den):
     cand = og.candidate_times(proc, 41, dtype=jnp.float64)
     teacher = (jnp.asarray(_exact_state(proc, x_opt, cand)),
                jnp.asarray(_exact_state(proc, x_opt, [0.0])[0]))
-  return dict(x_opt=x_opt, x_test=x_test, ref_test=_exact_state(proc, x_test, [0.0])[0],
-              cand=cand, teacher=teacher)
+    ref_test = _exact_state(proc, x_test, [0.0])[0]
+  return dict(x_opt=x_opt, x_test=x_test, ref_test=ref_test, cand=cand, teacher=teacher)
 
 
 def _held_out_error(proc, den, case, times, solver):
