@@ -139,3 +139,22 @@ def test_warns_when_stopping_short_of_the_data():
     warnings.simplefilter('error')
     samplers.euler_sample(den, PROC, jnp.ones((2, 2)), steps=9, grid='log_snr', final='t_min')
     samplers.euler_sample(den, PROC, jnp.ones((2, 2)), steps=9, grid='trailing')
+
+
+def test_a_stored_schedule_is_a_grid(tmp_path):
+  """`grid=<path>.json` samples with the schedule's times (what a config's
+  `sample.options.grid` can name); one for another step count is refused naming the file."""
+  from diffusion_jax.samplers import optimized_grids
+  times = (1.0, 0.3, 0.05)
+  sched = optimized_grids.Schedule(times, 'dp', 'dpm_solver_pp_2m', 3,
+                                   optimized_grids.fingerprint(PROC), 'rms', 1.0, 0.5, {})
+  path = str(tmp_path / 'schedule.json')
+  optimized_grids.save_schedule(path, sched)
+  den = analytic.gaussian_denoiser(jnp.zeros(2), jnp.ones(2), PROC)
+  x_T = jnp.ones((2, 2))
+  a, _ = samplers.dpm_solver_pp_2m_sample(den, PROC, x_T, steps=3, grid=path)
+  b, _ = samplers.dpm_solver_pp_2m_sample(den, PROC, x_T, steps=3, grid=times)
+  np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match=r'schedule .*schedule.json: has 3 times for steps=3, '
+                                       r'not steps=4'):
+    samplers.dpm_solver_pp_2m_sample(den, PROC, x_T, steps=4, grid=path)

@@ -17,6 +17,11 @@ continuous-time sampler takes `grid=` by name:
               below 20 steps, one step from t_max straight down to log-SNR -4, then uniform
               log-SNR up to 1.5 + 0.4 * steps (or the given t_min); otherwise 'log_snr'.
 
+A path ending in '.json' is a schedule stored by `optimized_grids.save_schedule` (searched for
+a denoiser and a step count): `load_schedule` refuses one made for another process or step
+count, or with times out of order or range, and its times are then used as an explicit grid —
+so `--config.sample.options.grid=<workdir>/schedules/<file>.json` samples a run with it.
+
 An explicit grid (any sequence of times instead of a name: a schedule found by search, such as
 WaveGrad's few-iteration noise schedules, `audio.schedules`, or another library's timesteps
 divided by T) is used as given: it must be strictly decreasing, inside `[t_min, t_max]` (the
@@ -187,6 +192,13 @@ def time_grid(process, steps: int, grid: str = 'log_snr', *, t_min: float | None
   also inside `jit`), the times then rounded to `dtype` (float32, or float64 under
   `jax.enable_x64`) and alpha, sigma, log-SNR evaluated at the rounded times.
   """
+  if isinstance(grid, str) and grid.endswith('.json'):   # a stored schedule, checked on load
+    if final != 'data':
+      raise ValueError(f"grid {grid!r}: a stored schedule's times end with the step to data; "
+                       f"final={final!r} is not supported with it")
+    from diffusion_jax.samplers import optimized_grids   # pylint: disable=g-import-not-at-top
+    grid = optimized_grids.load_schedule(grid, process=process, steps=steps, t_min=t_min,
+                                         t_max=t_max).times
   if isinstance(grid, str) and grid == 'auto':    # the few-step default (samplers.defaults)
     from diffusion_jax.samplers import defaults   # pylint: disable=g-import-not-at-top
     grid = defaults.auto_times(process, steps, t_min=t_min, t_max=t_max, final=final,
