@@ -37,14 +37,16 @@ with `lower_order_final=True` (the last interval first order, the one before at 
   `k = 0..p-1` (exact for polynomials of degree < p). On a grid uniform in `s`, `r_j = -j` and
   the `c_j` are the constant ones above, so both variants agree there.
 
-Few steps (measured at NFE 5-10 on Gaussian mixtures in 2-D and 8-D, DiscreteVP linear and
-VP-cosine, against the converged PF-ODE endpoint): on the log-SNR grid 'fixed' is 1.2-4.3x more
-accurate than 'variable' at NFE 8-10 on every problem, and the best iPNDM setting overall; on
-the Karras and uniform-t grids neither variant wins consistently. A reading: eps_hat varies
-smoothly in log s rather than in s; on a grid geometric in s the constant weights interpolate in
-the step index, i.e. in log s, while the polynomial in s through nodes whose steps are 3-11
-times longer than the current one extrapolates poorly. 'variable' has the stated order as the
-steps grow; 'fixed' converges with order 2 on non-uniform grids (above).
+Few steps (measured at NFE 4-10 on Gaussian mixtures in 2-D and 8-D, DiscreteVP linear and
+VP-cosine, against the converged PF-ODE endpoint): on the log-SNR grid and on the few-step grid
+'auto', 'fixed' is 1.2-5x more accurate than 'variable' at NFE 8-10 on every problem (on 'auto'
+also at NFE 4-6, by 1.1-2.1x), and 'fixed' on 'auto' (order 4, no lower-order final steps) is
+the best iPNDM setting measured; on the Karras and uniform-t grids neither variant wins
+consistently. A reading: eps_hat varies smoothly in log s rather than in s; on a grid geometric
+in s the constant weights interpolate in the step index, i.e. in log s, while the polynomial in
+s through nodes whose steps are 3-11 times longer than the current one extrapolates poorly.
+'variable' has the stated order as the steps grow; 'fixed' converges with order 2 on
+non-uniform grids (above).
 
 Every coefficient depends only on the grid: computed once in float64 numpy at trace time (as
 `dpm_solver.lagrange_weights`), fed to the scan, whose body evaluates the denoiser once and
