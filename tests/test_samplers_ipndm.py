@@ -115,6 +115,7 @@ def ref_ipndm(x, g, order, variant, lower_order_final=False):
 
 
 def _sample(proc, x_T, **kw):
+  kw.setdefault('grid', 'karras')     # the reference loops below are written on Karras grids
   return ipndm.ipndm_sample(_den(proc), proc, x_T, steps=STEPS, return_trajectory=True, **kw)
 
 

@@ -22,14 +22,14 @@ of order `p_i` is
 with `p_i = min(order, i + 1)` (warm-up), or `min(order, i + 1, n - i)` over the `n` scan steps
 with `lower_order_final=True` (the last interval first order, the one before at most second ...).
 
-* variant='fixed' (iPNDM as published): the constant-step Adams-Bashforth coefficients
+* variant='fixed' (iPNDM as published; the default): the constant-step Adams-Bashforth coefficients
   (Hairer, Nørsett & Wanner 1993, §III.1) times the actual step, `w_ij = h_i b_j`: order 1
   `(1)`, 2 `(3, -1) / 2`, 3 `(23, -16, 5) / 12`, 4 `(55, -59, 37, -9) / 24`. On a grid not
   uniform in `s` (Karras, log-SNR) the weights no longer integrate the interpolating
   polynomial: the local error keeps a term `h_i (h_i - h_(i-1)) f' / 2` (`f = eps_hat` along
   the path), O(h³) on a smoothly graded grid, so orders 2-4 all converge with order 2
   (measured on Gaussian data, Karras rho 7, 16..128 steps: 2.00, 1.88, 2.11).
-* variant='variable' (the default): variable-step Adams-Bashforth (HNW §III.5): `w_ij =
+* variant='variable': variable-step Adams-Bashforth (HNW §III.5): `w_ij =
   int_(s_i)^(s_(i+1)) L_j(s) ds` for the Lagrange basis `L_j` of the nodes `s_i, s_(i-1), ...,
   s_(i-p+1)`, i.e. the polynomial through the past slopes at their actual `s`, integrated
   exactly over the step. In units `u = (s - s_i) / h_i`, with nodes `r_j = (s_(i-j) - s_i) /
@@ -58,7 +58,7 @@ Differences from the published code (DEIS's iPNDM and the EDM-form `ipndm` sampl
 from it): (1) they take the last step, to sigma = 0, with the same multistep formula (a
 higher-order step over `[s_min, 0]` at no extra call); here it is `x0_hat` at the last grid
 time, i.e. first order over that last interval. (2) Their default is the 'fixed' coefficients on
-non-uniform grids; here 'variable'. (3) Warm-up and `lower_order_final` as above; NFE = `steps`.
+non-uniform grids, as here (the default grid is 'auto', `samplers.defaults`). (3) Warm-up and `lower_order_final` as above; NFE = `steps`.
 """
 
 import jax.numpy as jnp
@@ -111,7 +111,7 @@ def ipndm_coefficients(s, order: int, variant: str, lower_order_final: bool = Fa
 
 
 def ipndm_sample(denoiser, process, x_T, key=None, *, steps: int, order: int = 4,
-                 variant: str = 'variable', cond=None, grid: str = 'karras', t_min=None,
+                 variant: str = 'fixed', cond=None, grid: str = 'auto', t_min=None,
                  t_max: float = 1.0, rho: float = 7.0, final: str = 'data',
                  lower_order_final: bool = False, return_trajectory: bool = False):
   """iPNDM of order `order` (1-4): Adams-Bashforth in `s = sigma / alpha` on `dy/ds = eps_hat`
