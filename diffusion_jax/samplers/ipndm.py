@@ -58,7 +58,8 @@ Differences from the published code (DEIS's iPNDM and the EDM-form `ipndm` sampl
 from it): (1) they take the last step, to sigma = 0, with the same multistep formula (a
 higher-order step over `[s_min, 0]` at no extra call); here it is `x0_hat` at the last grid
 time, i.e. first order over that last interval. (2) Their default is the 'fixed' coefficients on
-non-uniform grids, as here (the default grid is 'auto', `samplers.defaults`). (3) Warm-up and `lower_order_final` as above; NFE = `steps`.
+non-uniform grids, as here (on the default grid 'auto', `samplers.defaults`). (3) Warm-up and
+`lower_order_final` as above; NFE = `steps`.
 """
 
 import jax.numpy as jnp
