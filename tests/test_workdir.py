@@ -91,7 +91,7 @@ def test_a_resume_may_change_num_steps_sampling_and_evaluation(tmp_path, changes
     ({'model.hidden': 16}, 'model.hidden', '16', '32'),
     ({'train.batch_size': 64}, 'train.batch_size', '64', '32'),
     ({'optim.lr': 0.1}, 'optim.lr', '0.1', '0.002'),
-    ({'objective.name': 'ddpm_x0'}, 'objective.name', '"ddpm_x0"', '"ddpm_eps"'),
+    ({'objective.name': 'ddpm_x0'}, 'objective.name', '"ddpm_x0"', '"edm"'),   # the default's
 ])
 def test_any_other_change_is_refused_naming_the_key(tmp_path, changes, key, here, there):
   workdir_lib.write_config(_config(), str(tmp_path))
