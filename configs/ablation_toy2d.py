@@ -14,7 +14,7 @@ from configs import digits
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = digits.get_config()
+  c = digits.get_config('eps')
   c.data = digits.data_section(name='toy2d', toy='eight_gaussians')
   c.model = digits.model_section(name='mlp', hidden=128, depth=3)
   c.train.update(num_steps=3000, batch_size=512, log_every=250, checkpoint_every=500)

@@ -29,7 +29,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   variants = digits.parse_variants('configs/controlnet_digits.py', variant, OWN_VARIANTS)
   smoke = 'smoke' in variants
   # The base's own config (smoke: the smoke U-Net), so model / process / objective match it.
-  c = digits.get_config('smoke' if smoke else None)
+  c = digits.get_config('eps,smoke' if smoke else 'eps')
   c.base = dict(workdir='', best=False, step=-1)
   c.control = dict(operator='ink' if 'ink' in variants else 'edges',
                    threshold=config_dict.placeholder(float), hint_channels=(16, 16),

@@ -21,7 +21,7 @@ from configs import digits
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   variants = [v for v in (variant or '').split(',') if v]
   own = [v for v in variants if v == 'vq']
-  c = digits.get_config(','.join(v for v in variants if v not in own))
+  c = digits.get_config(','.join(['eps'] + [v for v in variants if v not in own]))
   c.data.image_size = 32
   c.sample.clip_x0 = 0.0          # latents are not bounded to [-1, 1]
   ae = autoencoder_digits.get_config(','.join(own + (['smoke'] if 'smoke' in variants else [])))

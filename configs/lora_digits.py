@@ -34,7 +34,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       raise ValueError(f'configs/lora_digits.py: unknown variant {v!r}; choose from '
                        f"['base', 'smoke']")
   smoke = 'smoke' in variants
-  c = digits.get_config('smoke' if smoke else None)
+  c = digits.get_config('eps,smoke' if smoke else 'eps')
   c.eval.enabled = False
   c.sample.grid_size = 0 if smoke else 64
   if 'base' in variants:

@@ -36,7 +36,7 @@ VARIANTS = ('fixed', 'constant', 'smoke')
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   variants = digits.parse_variants('configs/progressive_digits.py', variant, VARIANTS)
-  c = digits.get_config('smoke' if 'smoke' in variants else '')
+  c = digits.get_config('eps,smoke' if 'smoke' in variants else 'eps')
   c.data.image_size = 16
   c.model.attn_resolutions = ()
   # The same EMA for both arms, a half-life in images (62 steps at batch 64): the default

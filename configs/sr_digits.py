@@ -34,7 +34,7 @@ OWN_VARIANTS = ('noaug',)
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   variants = [v for v in (variant or '').split(',') if v]
-  c = digits.get_config(','.join(v for v in variants if v not in OWN_VARIANTS))
+  c = digits.get_config(','.join(['eps'] + [v for v in variants if v not in OWN_VARIANTS]))
   c.data.image_size = 16
   if c.model.name == 'unet':
     c.model.attn_resolutions = ()   # attention only in the middle block, at 8 x 8

@@ -51,5 +51,5 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   variants = [v for v in (variant or '').split(',') if v]
   if 'cond' in variants:
     raise ValueError('configs/text_digits.py: the class comes from the caption; no `cond`')
-  c = digits.get_config(','.join(variants))
+  c = digits.get_config(','.join(['eps', *variants]))
   return ml_collections.ConfigDict(add_text(c, smoke='smoke' in variants))

@@ -234,8 +234,9 @@ def test_config_errors_are_one_line(tmp_path, cache_dir, override, expected):
     ('sample', dict(steps=0), 'config.sample.steps=0: must be > 0'),
     ('sample', dict(options=dict(eta=0.5)),
      "config.sample.options.eta=0.5: sampler 'ddpm' takes no 'eta'; its options are "
-     "['spacing', 'variance']"),
-    ('sample', dict(options=dict(grid='karras')), "sampler 'ddpm' takes no 'grid'"),
+     "['grid', 'spacing', 'variance']"),
+    ('sample', dict(options=dict(grid='karras')),
+     "ddpm_sample: grid='karras'; a discrete sampler takes a spacing"),
     ('sample', dict(options=dict(etta=0.5)), "config.sample.options.etta=0.5: sampler 'ddpm'"),
     ('train', dict(batch_size=0), 'config.train.batch_size=0: must be > 0'),
     # Found by tests/bad_input_check.py (docs/bad_inputs.txt); each used to run silently
