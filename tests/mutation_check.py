@@ -68,6 +68,7 @@ WG, T_WG = 'diffusion_jax/models/wavegrad.py', 'tests/test_wavegrad.py'
 ASC, T_ASC = 'diffusion_jax/audio/schedules.py', 'tests/test_audio_schedules.py'
 ACO, T_ARUN = 'diffusion_jax/audio/conditioning.py', 'tests/test_audio_run.py'
 
+T_IPNDM = 'tests/test_samplers_ipndm.py'
 MUTATIONS = [
     # --- processes (processes.py, processes_continuous.py) ----------------------------------
     # (The base `Process.log_snr` is overridden by every family: a change there is dead code.)
@@ -634,6 +635,44 @@ MUTATIONS = [
     (ACO, 'idx = np.arange(num) % len(take0)', 'idx = np.arange(num) % len(take0) + 1', [T_ARUN]),
     ('diffusion_jax/samplers/grids.py', '  t = np.asarray(t, np.float64).astype(dtype)\n',
      '  t = np.asarray(t, np.float64)[::-1].astype(dtype)\n', [T_GRIDS]),
+    # Issue 24: the few-step 'auto' grid, lower-order final steps, the flow refusal, the
+    # stop-short warning; iPNDM (its own reference-loop and convergence tests).
+    (S + 'defaults.py', 'AUTO_JUMP_LOG_SNR = -4.0',
+     'AUTO_JUMP_LOG_SNR = -5.0', ['tests/test_low_nfe.py']),
+    (S + 'defaults.py', 'AUTO_END_OFFSET, AUTO_END_SLOPE = 1.5, 0.4',
+     'AUTO_END_OFFSET, AUTO_END_SLOPE = 1.5, 0.5', ['tests/test_low_nfe.py']),
+    (S + 'defaults.py', 'return np.concatenate([[lam_start], np.linspace(lam_a, lam_end, n - 1)])',
+     'return np.linspace(lam_start, lam_end, n)', ['tests/test_low_nfe.py']),
+    (S + 'dpm_solver.py', 'return np.minimum(p, n - i) if lower_order_final else p',
+     'return np.minimum(p, n - i + 1) if lower_order_final else p', ['tests/test_low_nfe.py']),
+    (S + 'ode.py', "if hasattr(process, 'num_steps'):",
+     "if hasattr(process, 'num_stepz'):", ['tests/test_low_nfe.py']),
+    (S + '_common.py', 'if float(g.t[-1]) > lo + 1e-6 * max(lo, 1e-3):',
+     'if float(g.t[-1]) > lo + 1.0:', ['tests/test_low_nfe.py']),
+    (S + 'ipndm.py', '    4: (55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0),',
+     '    4: (55.0 / 24.0, -59.0 / 24.0, -37.0 / 24.0, -9.0 / 24.0),', [T_IPNDM]),
+    (S + 'ipndm.py', '    3: (23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0),',
+     '    3: (23.0 / 12.0, 16.0 / 12.0, 5.0 / 12.0),', [T_IPNDM]),
+    (S + 'ipndm.py', '    2: (3.0 / 2.0, -1.0 / 2.0),',
+     '    2: (3.0 / 2.0, 1.0 / 2.0),', [T_IPNDM]),
+    (S + 'ipndm.py', '  p = np.minimum(order, i + 1)\n',
+     '  p = np.full(n, order)\n', [T_IPNDM]),
+    (S + 'ipndm.py', '    h = s[i + 1] - s[i]\n',
+     '    h = s[i] - s[i - 1] if i else s[i + 1] - s[i]\n', [T_IPNDM]),
+    (S + 'ipndm.py', '  w_x = jnp.asarray(alpha[1:, None] * w, dtype)',
+     '  w_x = jnp.asarray(alpha[:-1, None] * w, dtype)', [T_IPNDM]),
+    (S + 'ipndm.py', '  a = jnp.asarray(alpha[1:] / alpha[:-1], dtype)',
+     '  a = jnp.asarray(np.ones_like(alpha[1:]), dtype)', [T_IPNDM]),
+    (S + 'ipndm.py', '      c = variable_ab_weights([(s[i - j] - s[i]) / h for j in range(p)])',
+     '      c = variable_ab_weights([(s[i] - s[i - j]) / h for j in range(p)])', [T_IPNDM]),
+    (S + 'ipndm.py', '  return np.linalg.solve(vander, 1.0 / (k + 1.0))',
+     '  return np.linalg.solve(vander, 1.0 / (k + 2.0))', [T_IPNDM]),
+    (S + 'ipndm.py', '  return np.minimum(p, n - i) if lower_order_final else p',
+     '  return np.minimum(p, n - i + 1) if lower_order_final else p', [T_IPNDM]),
+    (S + 'ipndm.py', '    return x_next, (jnp.stack(es[:order - 1]) if order > 1 else hist)',
+     '    return x_next, (jnp.stack(es[1:order]) if order > 1 else hist)', [T_IPNDM]),
+    (S + 'ipndm.py', "    if variant == 'fixed':\n      c = np.asarray",
+     "    if variant == 'nope':\n      c = np.asarray", [T_IPNDM]),
 ]
 
 
