@@ -17,7 +17,9 @@ import pytest
 from diffusion_jax import analytic
 from diffusion_jax import processes
 from diffusion_jax import samplers
+from diffusion_jax.samplers import defaults
 from diffusion_jax.samplers import dpm_solver
+from diffusion_jax.samplers import unipc
 
 PROC = processes.DiscreteVP.from_name('linear', 1000)
 W = np.array([0.5, 0.3, 0.2])
@@ -34,19 +36,19 @@ def test_auto_grid_is_the_rule_written_out():
   final='t_min', or from 20 steps on, it is the uniform log-SNR grid; a given t_min is kept."""
   with jax.enable_x64(True):
     g = samplers.time_grid(PROC, 5, 'log_snr', dtype=jnp.float64)   # for the end points
-    t = samplers.defaults.auto_times(PROC, 5, dtype=jnp.float64)
+    t = defaults.auto_times(PROC, 5, dtype=jnp.float64)
     assert t.shape == (5,) and t[0] == 1.0
     lam = _lam(t[1:])
     np.testing.assert_allclose(lam, [-4.0, -4.0 + 7.5 / 3, -4.0 + 15 / 3, 3.5], atol=1e-9)
     # final='t_min' and >= 20 steps: the uniform log-SNR grid from lambda(1) to lambda(1 / T).
     for steps, final in ((5, 't_min'), (20, 'data')):
-      t = samplers.defaults.auto_times(PROC, steps, final=final, dtype=jnp.float64)
+      t = defaults.auto_times(PROC, steps, final=final, dtype=jnp.float64)
       n = steps + (final == 't_min')
       lam = _lam(t)
       np.testing.assert_allclose(lam, np.linspace(_lam(1.0), _lam(1e-3), n), atol=1e-9)
     assert g.t[0] == 1.0
     # An explicit t_min is the end point: 3 times from -4 up to lambda(0.05).
-    t = samplers.defaults.auto_times(PROC, 4, t_min=0.05, dtype=jnp.float64)
+    t = defaults.auto_times(PROC, 4, t_min=0.05, dtype=jnp.float64)
     assert t[-1] == 0.05
     np.testing.assert_allclose(_lam(t[1:]), np.linspace(-4.0, _lam(0.05), 3),
                                atol=1e-9)
@@ -56,7 +58,7 @@ def test_auto_grid_without_a_high_noise_start_has_no_jump():
   """A run started below log-SNR -4 (SDEdit at t_max = 0.3: lambda ~ 0.4 on this schedule)
   has nothing to skip: uniform log-SNR from lambda(t_max) to the rule's end 1.5 + 0.4 * 6."""
   with jax.enable_x64(True):
-    t = samplers.defaults.auto_times(PROC, 6, t_max=0.3, dtype=jnp.float64)
+    t = defaults.auto_times(PROC, 6, t_max=0.3, dtype=jnp.float64)
     assert t[0] == 0.3
     np.testing.assert_allclose(_lam(t), np.linspace(_lam(0.3), 3.9, 6), atol=1e-9)
 
@@ -88,7 +90,7 @@ def test_lower_order_final_makes_the_last_step_ddim():
     assert float(jnp.max(jnp.abs(y - x))) > 1e-4    # the option changes the result
     # UniPC evaluates its model at predicted points (not in the trajectory), so its last
     # predictor row is checked instead: DDIM's coefficients, no history term.
-    (ap, wp), _ = samplers.unipc.unipc_coefficients(g, 3, 'bh2', lower_order_final=True)
+    (ap, wp), _ = unipc.unipc_coefficients(g, 3, 'bh2', lower_order_final=True)
     np.testing.assert_allclose(ap[-1], g.sigma[-1] / g.sigma[-2], rtol=1e-12)
     np.testing.assert_allclose(wp[-1], [g.alpha[-1] * (1 - np.exp(-h)), 0.0, 0.0], rtol=1e-12,
                                atol=1e-15)

@@ -8,6 +8,7 @@ evaluations; `info['trajectory']` (with `return_trajectory=True`) stacks the sta
 `likelihood.log_likelihood` gives log-densities (and bits/dim) from the probability-flow ODE.
 """
 
+from diffusion_jax.samplers import defaults
 from diffusion_jax.samplers import grids
 from diffusion_jax.samplers import likelihood
 from diffusion_jax.samplers.adaptive import adaptive_sample
