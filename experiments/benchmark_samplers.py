@@ -68,8 +68,8 @@ NOTES = ('Notes: `consistency` here re-noises and denoises with the exact denois
          'draw, not a bias; `ode_err` is the precise column.\n')
 
 
-FEW_NOTES = ('Notes: "default now" is each sampler with no options; for DPM-Solver++, UniPC '
-             'and Euler that is `grid=\'auto\'` (`samplers.defaults`: one step from t = 1 '
+FEW_NOTES = ('Notes: "default now" is each sampler with no options; for DPM-Solver (1-3), '
+             'DPM-Solver++, UniPC, iPNDM (also variant fixed) and Euler that is `grid=\'auto\'` (`samplers.defaults`: one step from t = 1 '
              'straight to log-SNR -4, then uniform log-SNR up to 1.5 + 0.4 steps, below 20 '
              'steps). The DP schedule is searched (GITS cost, Euler steps) on 512 other prior '
              'draws (key 7) for the step count the default run uses. Hand-picked: every grid, '
@@ -164,7 +164,8 @@ def accuracy_table(names, nfes, batch):
 # the grid each took by default then (lower-order final steps did not exist).
 OLD_DEFAULTS = {'dpm_solver_pp_2m': {'grid': 'log_snr'}, 'dpm_solver_pp_3m': {'grid': 'log_snr'},
                 'unipc_bh1': {'grid': 'log_snr'}, 'unipc_bh2': {'grid': 'log_snr'},
-                'euler': {'grid': 'karras'}, 'ipndm': {'grid': 'karras'}, 'ddim': {},
+                'euler': {'grid': 'karras'}, 'ipndm': {'grid': 'karras', 'variant': 'variable'},
+                'ddim': {},
                 'heun': {'grid': 'karras'}, 'dpm_solver_2': {'grid': 'log_snr'},
                 'dpm_solver_3': {'grid': 'log_snr'}}
 FEW_NFES = (4, 5, 6, 8, 10)
