@@ -71,10 +71,11 @@ NOTES = ('Notes: `consistency` here re-noises and denoises with the exact denois
 FEW_NOTES = ('Notes: "default now" is each sampler with no options; for DPM-Solver (1-3), '
              'DPM-Solver++, UniPC, iPNDM (also variant fixed) and Euler that is '
              '`grid=\'auto\'` (`samplers.defaults`: one step from t = 1 straight to log-SNR '
-             '-4, then uniform log-SNR up to 1.5 + 0.4 steps, below 20 steps). The DP schedule is searched (GITS cost, Euler steps) on 512 other prior '
-             'draws (key 7) for the step count the default run uses. Hand-picked: every grid, '
-             't_min and Karras rho of the old options (`HAND_GRIDS`, `HAND_T_MINS`), best per '
-             'NFE on these very draws, so it is an optimistic bar.\n')
+             '-4, then uniform log-SNR up to 1.5 + 0.4 steps, below 20 steps). The DP schedule '
+             'is searched (GITS cost, Euler steps) on 512 other prior draws (key 7) for the '
+             'step count the default run uses. Hand-picked: every grid, t_min and Karras rho '
+             'of the old options (`HAND_GRIDS`, `HAND_T_MINS`), best per NFE on these very '
+             'draws, so it is an optimistic bar.\n')
 
 
 def _timed(fn, *args, repeats=3):
