@@ -24,7 +24,7 @@ NUM_STEPS = 4
 
 
 def config(mode: str):
-  c = digits_config.get_config('smoke,mlp')   # few ops: compiles in about a second
+  c = digits_config.get_config('eps,smoke,mlp')   # few ops: compiles in about a second
   c.train.update(num_steps=NUM_STEPS, batch_size=16, checkpoint_every=NUM_STEPS // 2,
                  log_every=2,
                  keep_checkpoints=5)

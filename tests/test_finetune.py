@@ -19,7 +19,7 @@ from diffusion_jax.data import sources
 
 
 def _smoke(steps=4):
-  c = digits_config.get_config('smoke')
+  c = digits_config.get_config('eps,smoke')
   c.train.update(num_steps=steps, checkpoint_every=steps, log_every=1)
   c.eval.enabled = False
   c.sample.grid_size = 0

@@ -87,7 +87,8 @@ def test_replacement_keeps_known_region_on_its_forward_path():
   n = samplers.discrete_timesteps(1000, 8, 'trailing')
   abar = PROC.alphas_cumprod[n - 1][:, None, None]
   z_ddim = (info['trajectory'][:8, :, :2] - np.sqrt(abar) * KNOWN4[:2]) / np.sqrt(1 - abar)
-  _, info = samplers.euler_sample(wrapped, PROC, x_T, steps=8, return_trajectory=True)
+  _, info = samplers.euler_sample(wrapped, PROC, x_T, steps=8, grid='karras',
+                                  return_trajectory=True)
   g = samplers.time_grid(PROC, 8, 'karras')
   a, sg = g.alpha[:, None, None], g.sigma[:, None, None]
   z_euler = (info['trajectory'][:8, :, :2] - a * KNOWN4[:2]) / sg

@@ -31,7 +31,7 @@ CASES = {
 
 
 def _config(case):
-  config = digits_config.get_config('smoke')
+  config = digits_config.get_config('eps,smoke')
   config.model.update(ch=8, num_groups=4)
   config.train.update(num_steps=4, batch_size=8, log_every=2, checkpoint_every=4)
   config.eval.enabled = False
