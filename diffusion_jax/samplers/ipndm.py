@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.samplers import _common
+from diffusion_jax.samplers import dpm_solver
 
 VARIANTS = ('variable', 'fixed')
 ORDERS = (1, 2, 3, 4)
@@ -76,14 +77,6 @@ AB_COEFFICIENTS = {
     3: (23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0),
     4: (55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0),
 }
-
-
-def step_orders(n: int, order: int, lower_order_final: bool = False) -> np.ndarray:
-  """The order of each of the `n` scan steps: `min(order, i + 1)` (warm-up), and with
-  `lower_order_final` also `<= n - i` (the last step first order)."""
-  i = np.arange(n)
-  p = np.minimum(order, i + 1)
-  return np.minimum(p, n - i) if lower_order_final else p
 
 
 def variable_ab_weights(nodes) -> np.ndarray:
@@ -101,7 +94,7 @@ def ipndm_coefficients(s, order: int, variant: str, lower_order_final: bool = Fa
   s = np.asarray(s, np.float64)
   n = s.size - 1
   w = np.zeros((n, order))
-  for i, p in enumerate(step_orders(n, order, lower_order_final)):
+  for i, p in enumerate(dpm_solver.step_orders(n, order, lower_order_final)):
     h = s[i + 1] - s[i]
     if variant == 'fixed':
       c = np.asarray(AB_COEFFICIENTS[p])

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from diffusion_jax.samplers import dpm_solver
 from diffusion_jax.samplers import grids as grids_lib
 
 # Solvers with a differentiable twin here (`solve`), name -> (kind, order).
@@ -219,13 +220,6 @@ def _dot(weights, terms):
   return out
 
 
-def step_orders(n: int, order: int, lower_order_final: bool = False) -> list[int]:
-  """`min(order, i + 1)` for step `i` of `n` (warm-up), and `<= n - i` with
-  `lower_order_final` (the library's multistep rule)."""
-  p = [min(order, i + 1) for i in range(n)]
-  return [min(q, n - i) for i, q in enumerate(p)] if lower_order_final else p
-
-
 def _solve_small(nodes, b):
   """`rho` with `sum_k rho_k nodes_k^(n-1) = b_n` (UniPC); one unknown: its limit 1/2."""
   if len(nodes) == 0:
@@ -254,7 +248,7 @@ def solve(denoiser, process, x_T, times, solver: str = 'dpm_solver_pp_2m', *, co
   alpha, sigma = process.alpha(t), process.sigma(t)
   lh = 0.5 * process.log_snr(t)
   n = t.shape[0] - 1
-  orders = step_orders(n, order, lower_order_final)
+  orders = dpm_solver.step_orders(n, order, lower_order_final).tolist()
   x = x_T
   hist = []                      # [m_i, m_(i-1), ...]
   corr = None                    # UniPC: (x_(i-1), its factor, weights on hist, on the new m)
