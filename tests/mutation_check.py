@@ -667,8 +667,10 @@ MUTATIONS = [
      '      c = variable_ab_weights([(s[i] - s[i - j]) / h for j in range(p)])', [T_IPNDM]),
     (S + 'ipndm.py', '  return np.linalg.solve(vander, 1.0 / (k + 1.0))',
      '  return np.linalg.solve(vander, 1.0 / (k + 2.0))', [T_IPNDM]),
-    (S + 'ipndm.py', '    return x_next, (jnp.stack(es[:order - 1]) if order > 1 else hist)',
-     '    return x_next, (jnp.stack(es[1:order]) if order > 1 else hist)', [T_IPNDM]),
+    (S + 'ipndm.py', 'order, return_trajectory, prediction=1)',
+     'order, return_trajectory, prediction=0)', [T_IPNDM]),
+    (S + 'dpm_solver.py', '    new_hist = jnp.stack(ms[:order - 1]) if order > 1 else hist',
+     '    new_hist = jnp.stack(ms[1:order]) if order > 1 else hist', [T_IPNDM, T_DPM]),
     (S + 'ipndm.py', "    if variant == 'fixed':\n      c = np.asarray",
      "    if variant == 'nope':\n      c = np.asarray", [T_IPNDM]),
 ]

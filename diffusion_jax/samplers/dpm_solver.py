@@ -191,11 +191,14 @@ def lagrange_weights(nodes, h, order_dim: int) -> np.ndarray:
   return np.pad(w, (0, order_dim - nodes.size))
 
 
-def multistep_scan(denoiser, x_T, cond, t, coefs, order, return_trajectory, keys=None):
-  """One scan over the grid intervals `i -> i + 1` of a data-prediction multistep method:
+def multistep_scan(denoiser, x_T, cond, t, coefs, order, return_trajectory, keys=None,
+                   prediction: int = 0):
+  """One scan over the grid intervals `i -> i + 1` of a linear multistep method:
 
-  `x_(i+1) = a_i x_i + sum_j w_ij m_(i-j) + c_i z_i`, with `m_k = x0_hat(x_k, t_k)` (1 call a
-  step) and `z_i ~ N(0, I)` where `keys` is given. `coefs = (a [N], w [N, order], c [N])`.
+  `x_(i+1) = a_i x_i + sum_j w_ij m_(i-j) + c_i z_i`, with `m_k` the denoiser's output
+  `prediction` at `(x_k, t_k)` (0: `x0_hat`, the data-prediction methods here; 1: `eps_hat`,
+  iPNDM), 1 call a step, and `z_i ~ N(0, I)` where `keys` is given.
+  `coefs = (a [N], w [N, order], c [N])`.
   """
   a, w, c = coefs
   hist0 = jnp.zeros((order - 1,) + x_T.shape, x_T.dtype)
@@ -204,7 +207,7 @@ def multistep_scan(denoiser, x_T, cond, t, coefs, order, return_trajectory, keys
   def step(carry, inputs):
     x, hist = carry
     t_i, a_i, w_i, c_i = inputs[:4]
-    m, _ = denoiser(x, t_i, cond)
+    m = denoiser(x, t_i, cond)[prediction]
     ms = [m] + [hist[j] for j in range(order - 1)]
     x_next = a_i * x + weighted_sum([w_i[j] for j in range(order)], ms)
     if keys is not None:

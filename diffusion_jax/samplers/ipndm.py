@@ -131,18 +131,7 @@ def ipndm_sample(denoiser, process, x_T, key=None, *, steps: int, order: int = 4
   a = jnp.asarray(alpha[1:] / alpha[:-1], dtype)                # [n]
   w_x = jnp.asarray(alpha[1:, None] * w, dtype)                 # [n, order], in x units
   t = jnp.asarray(g.t, dtype)
-  hist0 = jnp.zeros((order - 1,) + x_T.shape, dtype)           # e_(i-1), e_(i-2), ...
-
-  def step(carry, inputs):
-    x, hist = carry
-    t_i, a_i, w_i = inputs
-    _, e = denoiser(x, t_i, cond)
-    es = [e] + [hist[j] for j in range(order - 1)]
-    x_next = a_i * x
-    for j in range(order):
-      x_next = x_next + w_i[j] * es[j]
-    return x_next, (jnp.stack(es[:order - 1]) if order > 1 else hist)
-
-  (x, _), traj = _common.scan(step, (x_T, hist0), (t[:-1], a, w_x), return_trajectory,
-                              x_of=lambda c: c[0])
+  # x_(i+1) = a_i x_i + sum_j w_ij e_(i-j): the multistep scan of DPM-Solver++, on eps_hat.
+  x, traj = dpm_solver.multistep_scan(denoiser, x_T, cond, t, (a, w_x, jnp.zeros_like(a)),
+                                      order, return_trajectory, prediction=1)
   return _common.finish(denoiser, x, t[-1], cond, g, traj, return_trajectory, t.shape[0] - 1, x_T)
