@@ -103,10 +103,12 @@ def _jsonable(v):
   return json.loads(json.dumps(v, default=list))
 
 
-def check_same_network(config, base_config, workdir: str, defaults: dict) -> None:
-  """The first key of `config.model/process/objective` that differs from the base run's
-  (`defaults`: dotted key -> what an absent key means) is a one-line `ConfigError`."""
-  for section in COMPARED:
+def check_same_network(config, base_config, workdir: str, defaults: dict,
+                       compared=COMPARED) -> None:
+  """The first key of the `compared` sections (model, process, objective, text) that differs
+  from the base run's (`defaults`: dotted key -> what an absent key means) is a one-line
+  `ConfigError`."""
+  for section in compared:
     mine = _flat(config.get(section, {}), f'{section}.')
     theirs = _flat(base_config.get(section, {}), f'{section}.')
     for key, value in defaults.items():
@@ -123,8 +125,8 @@ def check_same_network(config, base_config, workdir: str, defaults: dict) -> Non
                           f'adapter or fine-tune needs the base\'s own network and process')
 
 
-def build_base(section, config, defaults: dict) -> BaseParts:
-  """Validates `config.base` against the run's config (`defaults` as for
+def build_base(section, config, defaults: dict, compared=COMPARED) -> BaseParts:
+  """Validates `config.base` against the run's config (`defaults` and `compared` as for
   `check_same_network`); the returned parts load the parameters lazily."""
   base = configuration.from_section(BaseConfig, 'base', section)
   if not base.workdir:
@@ -139,7 +141,7 @@ def build_base(section, config, defaults: dict) -> BaseParts:
     if section_name in base_config:
       raise ConfigError(f'config.base.workdir={base.workdir!r} is itself a fine-tune '
                         f'(config.{section_name}); start from the plain run it was built on')
-  check_same_network(config, base_config, workdir, defaults)
+  check_same_network(config, base_config, workdir, defaults, compared)
   return BaseParts(base, base_config, workdir)
 
 

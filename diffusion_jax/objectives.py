@@ -408,11 +408,11 @@ def consistency_training(process, total_steps: int, sigma_data: float = param.SI
                    sigma_data=float(sigma_data), takes_step=True)
 
 
-def consistency_distillation(process, teacher_denoiser, sigma_data: float = param.SIGMA_DATA,
+def consistency_distillation(process, teacher, sigma_data: float = param.SIGMA_DATA,
                              **kwargs) -> Objective:
-  """Consistency distillation (`consistency.consistency_distillation`) from a teacher
+  """Consistency distillation (`consistency.consistency_distillation`) from a `teacher`
   denoiser; the loss takes `step=` (unused) and an optional EMA `target_model_fn`."""
-  loss = consistency.consistency_distillation(process, teacher_denoiser, sigma_data=sigma_data,
+  loss = consistency.consistency_distillation(process, teacher, sigma_data=sigma_data,
                                               **kwargs)
   return Objective('consistency_distillation', loss, process, 'consistency',
                    sigma_data=float(sigma_data), takes_step=True)
@@ -443,6 +443,9 @@ OBJECTIVES = {
     'ddpm_vlb': ddpm_vlb,
     'ddpm_hybrid': ddpm_hybrid,
     'consistency_training': consistency_training,
-    # Needs a trained teacher's denoiser (not config-buildable).
     'consistency_distillation': consistency_distillation,
 }
+
+# The objectives that learn from a trained model: their constructors take the teacher's
+# `parameterization.Denoiser` as `teacher=` (a run gets it from `config.teacher`).
+NEEDS_TEACHER = frozenset({'consistency_distillation'})

@@ -29,6 +29,7 @@ from diffusion_jax import parallel
 from diffusion_jax import processes
 from diffusion_jax import progressive
 from diffusion_jax import samplers
+from diffusion_jax import teacher as teacher_lib
 from diffusion_jax import training
 from diffusion_jax.configuration import ConfigError
 from diffusion_jax.data import derived
@@ -49,9 +50,11 @@ CONDITION_BUILDERS = {
 
 # `latent`: a latent diffusion run's autoencoder stage (`latent_pipeline`); `build` ignores it.
 # `base`: the trained run a fine-tune or an adapter starts from (`finetune`); `lora`: low-rank
-# adapters on it (`models.lora`).
+# adapters on it (`models.lora`); `teacher`: the trained run a distillation learns from
+# (`teacher`).
 SECTIONS = ('seed', 'data', 'process', 'objective', 'model', 'optim', 'train', 'sample',
-            'eval', 'latent', 'profile', 'log', 'text', 'base', 'lora', *CONDITION_BUILDERS)
+            'eval', 'latent', 'profile', 'log', 'text', 'base', 'lora', 'teacher',
+            *CONDITION_BUILDERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +182,7 @@ class Setup:
   log: LogConfig = LogConfig()
   text: Any = None               # text_conditioning.TextParts of a text-conditioned run
   base: Any = None               # finetune.BaseParts of a run that starts from a trained one
+  teacher: Any = None            # teacher.TeacherParts of a distillation's teacher run
   condition: Any = None          # data.derived.ImageCondition (control map, low-res image)
 
   @property
@@ -251,11 +255,21 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
     image_shape = source.image_shape
   image_shape = tuple(image_shape)
   process = _build_process(config.process)
-  objective = _build_objective(config.objective, process)
+  teacher = None
+  if 'teacher' in config:
+    teacher = teacher_lib.build_teacher(config.teacher, config,
+                                        section_defaults(config.model.get('name')),
+                                        _teacher_parts)
+  objective = _build_objective(config.objective, process, teacher)
   model = build_model(config.model)
   base = None
   if 'base' in config:
-    base = finetune.build_base(config.base, config, section_defaults(config.model.get('name')))
+    # A distillation's student may start from the teacher's weights with its own objective.
+    compared = finetune.COMPARED if teacher is None else ('model', 'process', 'text')
+    base = finetune.build_base(config.base, config, section_defaults(config.model.get('name')),
+                               compared=compared)
+    if teacher is not None:
+      teacher_lib.check_student_kind(objective.kind, teacher, base.workdir)
   text = None
   if 'text' in config:
     text = text_conditioning.build_parts(text_conditioning.build_text(config.text))
@@ -300,7 +314,18 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
                data=data, image_shape=image_shape, source=source,
                profile=build_profile(config.get('profile', {})),
                log=build_log(config.get('log', {})), text=text, base=base,
-               condition=condition)
+               condition=condition, teacher=teacher)
+
+
+def _teacher_parts(run_config):
+  """`(process, objective, model)` of a teacher run's config, each one-line error naming
+  the teacher."""
+  try:
+    process = _build_process(run_config.process)
+    objective = _build_objective(run_config.objective, process)
+    return process, objective, build_model(run_config.model)
+  except ConfigError as e:
+    raise ConfigError(f'config.teacher: the teacher run\'s {e}') from None
 
 
 def _build_adapter(config, model, base, image_shape, condition):
@@ -408,13 +433,19 @@ def _build_process(section):
     raise ConfigError(f'config.process: {str(e).splitlines()[0]}') from None
 
 
-def _build_objective(section, process) -> objectives.Objective:
+def _build_objective(section, process, teacher=None) -> objectives.Objective:
+  """The configured objective; a distillation (`objectives.NEEDS_TEACHER`) gets the
+  `teacher` run's denoiser (`teacher.TeacherParts`) as `teacher=`."""
   values = dict(section)
   name = configuration.choice('objective.name', values.pop('name'), objectives.OBJECTIVES)
-  if name == 'consistency_distillation':
-    # It needs a trained teacher's denoiser, which a from-scratch run does not have.
-    raise ConfigError("config.objective.name='consistency_distillation' needs a teacher "
-                      'denoiser; call objectives.make_objective from the library with one')
+  if name in objectives.NEEDS_TEACHER:
+    if teacher is None:
+      raise ConfigError(f'config.objective.name={name!r} distils a trained model: set '
+                        f'config.teacher.workdir to the teacher run')
+    values['teacher'] = teacher.denoiser()
+  elif teacher is not None:
+    raise ConfigError(f'config.teacher is set but config.objective.name={name!r} learns from '
+                      f'data alone; distillations are {sorted(objectives.NEEDS_TEACHER)}')
   try:
     return objectives.make_objective(name, process, **values)
   except (TypeError, ValueError) as e:

@@ -62,6 +62,7 @@ from diffusion_jax import parallel
 from diffusion_jax import preemption
 from diffusion_jax import progressive
 from diffusion_jax import run_config
+from diffusion_jax import teacher as teacher_lib
 from diffusion_jax import training
 from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.configuration import ConfigError
@@ -157,6 +158,7 @@ def checkpoint_meta(config, setup: Setup, step: int, mesh) -> dict:
                    'param_sharding': setup.train.param_sharding},
       'config': json.loads(config.to_json_best_effort()),
       **finetune.base_meta(getattr(setup, 'base', None)),
+      **teacher_lib.teacher_meta(getattr(setup, 'teacher', None)),
   }
 
 
