@@ -126,13 +126,20 @@ def check_same_process(config, teacher_config, workdir: str, defaults: dict) -> 
                         f'distillation needs the teacher\'s own process')
 
 
+# (teacher kind, student kind) whose network outputs mean the same but for the output's
+# combination: a consistency model's `c_in`, `c_noise` are EDM's, and Song et al. 2023 (§6)
+# start consistency distillation from the EDM teacher's weights.
+CARRY_OVER = frozenset({('edm', 'consistency')})
+
+
 def check_student_kind(student_kind: str, parts: TeacherParts, base_workdir: str | None):
-  """A student that starts from the teacher's weights must predict the teacher's kind."""
+  """A student that starts from the teacher's weights must predict the teacher's kind (or a
+  kind in `CARRY_OVER` with it)."""
   if base_workdir is None:
     return
   if os.path.abspath(os.path.expanduser(base_workdir)) != parts.workdir:
     return
-  if student_kind != parts.kind:
+  if student_kind != parts.kind and (parts.kind, student_kind) not in CARRY_OVER:
     raise ConfigError(f'config.objective predicts {student_kind!r} but the teacher in '
                       f'{parts.workdir} (also config.base) predicts {parts.kind!r}: a student '
                       f'that starts from the teacher\'s weights must predict the same kind')

@@ -97,10 +97,13 @@ def test_teacher_sections_must_match_the_objective(tmp_path):
 
 
 def test_a_student_starting_from_the_teacher_must_predict_its_kind(tmp_path):
-  teacher = _written(tmp_path, _toy())
+  teacher = _toy()
+  teacher.objective = dict(name='dsm')       # a score network on the EDM process
   c = _toy(objective=dict(name='consistency_distillation'))
-  c.teacher = dict(workdir=teacher)
-  c.base = dict(workdir=teacher)
+  c.teacher = c.base = dict(workdir=_written(tmp_path / 'score', teacher))
   with pytest.raises(ConfigError, match=r"config.objective predicts 'consistency' but the "
-                     r"teacher .* predicts 'edm'"):
+                     r"teacher .* predicts 'score'"):
     run_config.build(c)
+  # An EDM teacher's weights carry over to a consistency student (CM's initialisation).
+  c.teacher = c.base = dict(workdir=_written(tmp_path / 'edm', _toy()))
+  assert run_config.build(c).base.workdir == str(tmp_path / 'edm')
