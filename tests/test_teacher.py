@@ -63,6 +63,7 @@ def test_a_distillation_uses_the_teacher_runs_ema_denoiser(teacher_run, tmp_path
 
 
 def _written(tmp_path, config):
+  os.makedirs(tmp_path, exist_ok=True)
   workdir_lib.write_config(config, str(tmp_path))
   return str(tmp_path)
 
