@@ -1,0 +1,57 @@
+"""Few-step generation: distillations and one-step models at NFE 1, 2, 4 and 8 (issue 22).
+
+`python -m experiments.ablate_few_step --config=configs/ablation_few_step.py --workdir=DIR`
+(digits), or `--config=configs/ablation_few_step.py:toy2d` (the 2-D mixture of 8 Gaussians).
+
+One teacher, the quick start's recipe (EDM process and objective, `configs/digits.py`), is
+trained once (`ablation.teacher_steps`) and sampled by `ablation.teacher_sampler` at each NFE
+and by its own default sampler at `ablation.teacher_nfe` (its best). Every method then trains
+`ablation.student_steps` steps at the base batch ("equal student compute": the same number of
+student updates on the same examples; what one update costs differs by method and is reported
+as training seconds), from the teacher where it needs one, for each of `ablation.seeds`, and
+is sampled at each of `ablation.nfes`. Progressive distillation spends the same steps over
+its rounds (each round halves the sampling steps; round r is measured at its own NFE).
+
+Methods (`ablation.runs`; pick some with `--config.ablation.methods=cd,ct`):
+  cd           consistency distillation (Song et al. 2023), Heun teacher steps, from the
+               teacher's weights
+  ct           improved consistency training (Song & Dhariwal 2023), from data
+"""
+
+import ml_collections
+
+from configs import digits
+
+RUNS = {
+    'cd': dict(objective=dict(name='consistency_distillation'), teacher=True, init=True,
+               sampler='consistency'),
+    'ct': dict(objective=dict(name='consistency_training'), sampler='consistency'),
+}
+
+
+def get_config(arg: str = 'digits') -> ml_collections.ConfigDict:
+  if arg not in ('digits', 'toy2d'):
+    raise ValueError(f"configs/ablation_few_step.py:{arg}: choose 'digits' or 'toy2d'")
+  c = digits.get_config()          # the quick start's EDM recipe: the shared teacher
+  teacher_steps, student_steps, num = 6000, 2000, 1000
+  if arg == 'toy2d':
+    c.data = digits.data_section(name='toy2d', toy='eight_gaussians')
+    c.model = digits.model_section(name='mlp', hidden=128, depth=3)
+    c.train.update(batch_size=512, log_every=250)
+    c.sample.update(clip_x0=0.0, batch_size=5000, grid_size=2000)
+    teacher_steps, student_steps, num = 3000, 1500, 5000
+  c.train.update(num_steps=teacher_steps, checkpoint_every=500)
+  c.eval.enabled = False
+  c.ablation = ml_collections.ConfigDict(dict(
+      methods=','.join(RUNS),          # which of `runs`, comma-separated
+      seeds='0',                       # several ('0,1,2'): mean +- std over seeds
+      nfes='1,2,4,8',
+      teacher_steps=teacher_steps,
+      teacher_seed=0,
+      teacher_sampler='dpm_solver_pp_2m',   # the teacher's row at each NFE
+      teacher_nfe=50,                  # and its best: its own default sampler at this NFE
+      student_steps=student_steps,
+      num_samples=num,                 # generated per (run, NFE)
+      runs=RUNS,
+  ))
+  return c
