@@ -23,6 +23,7 @@ from diffusion_jax.processes_continuous import VE
 from diffusion_jax.processes_continuous import LinearInterpolant
 from diffusion_jax.processes_continuous import Process
 from diffusion_jax.processes_continuous import SubVP
+from diffusion_jax.processes_continuous import TrigFlow
 from diffusion_jax.processes_continuous import VPCosine
 from diffusion_jax.processes_continuous import VPLinear
 from diffusion_jax.processes_continuous import as_float
@@ -267,4 +268,5 @@ PROCESSES = {
     've': VE,
     'edm': EDM,
     'linear': LinearInterpolant,
+    'trigflow': TrigFlow,
 }

@@ -3,8 +3,9 @@
 `Process` derives the SDE view from `alpha` and `sigma` by autodiff, once for every family (the
 discrete VP of `processes` included). The families: VP SDE with linear beta (`VPLinear`),
 sub-VP SDE (`SubVP`), cosine in log-SNR form with resolution shift (`VPCosine`), VE SDE (`VE`),
-EDM (`EDM`) and the linear interpolant / rectified flow (`LinearInterpolant`). Import them from
-`diffusion_jax.processes`, which re-exports them and holds `PROCESSES`.
+EDM (`EDM`), the linear interpolant / rectified flow (`LinearInterpolant`) and sCM's TrigFlow
+(`TrigFlow`). Import them from `diffusion_jax.processes`, which re-exports them and holds
+`PROCESSES`.
 
 Every method accepts scalar or array `t`, works under `jit` / `vmap`, and computes in the
 input's float dtype (float32 for integer or float16 input, float64 under `jax.enable_x64`).
@@ -527,3 +528,50 @@ class LinearInterpolant(Process):
 
   def _t_of_log_snr(self, lam, xp):
     return sigmoid(-0.5 * lam, xp)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrigFlow(Process):
+  """TrigFlow (Lu & Song 2024, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency
+  Models", §3): `x_tau = cos(tau) x0 + sin(tau) z`, `z ~ N(0, sigma_data² I)`, tau in [0, pi/2].
+
+  On the library's convention `tau = pi t / 2` and `eps = z / sigma_data`: `alpha = cos(pi t/2)`
+  (written `sin(pi (1 - t) / 2)`, so that `alpha(1) = 0` exactly in floating point), `sigma =
+  sigma_data sin(pi t / 2)`, `lambda = 2 log(cot(pi t / 2) / sigma_data)` and
+  `t(lambda) = (2 / pi) atan(exp(-lambda / 2) / sigma_data)`. With `sigma_data = 1` it is the
+  full-range cosine VP schedule; otherwise it is not variance preserving
+  (`alpha² + sigma² / sigma_data² = 1`). t_min = 0; prior N(0, sigma_data² I).
+  The sCM objectives and the 'trigflow' prediction kind live in `diffusion_jax.distill.trigflow`.
+  """
+  sigma_data: float = 0.5
+  t_min: float = 0.0
+
+  def __post_init__(self):
+    _floats(self, 'sigma_data', 't_min')
+    _check(self.sigma_data > 0, type(self), f'need sigma_data > 0, got {self.sigma_data}')
+
+  @property
+  def prior_std(self) -> float:
+    return self.sigma_data
+
+  def _alpha(self, t, xp):
+    return xp.sin(0.5 * math.pi * (1.0 - t))
+
+  def _log_alpha(self, t, xp):
+    return xp.log(self._alpha(t, xp))
+
+  def _sigma(self, t, xp):
+    return self.sigma_data * xp.sin(0.5 * math.pi * t)
+
+  def _sigma_squared(self, t, xp):
+    return self._sigma(t, xp) ** 2
+
+  def _log_snr(self, t, xp):
+    return 2.0 * (xp.log(self._alpha(t, xp)) - xp.log(self._sigma(t, xp)))
+
+  def _t_of_log_snr(self, lam, xp):
+    """`(2 / pi) atan(exp(-x / 2))` with `x = lambda + 2 log sigma_data`, as `VPCosine` does it:
+    the acute angle from `exp(-|x| / 2)`, so neither side overflows."""
+    x = lam + 2.0 * math.log(self.sigma_data)
+    acute = xp.arctan(xp.exp(-0.5 * xp.abs(x)))
+    return xp.where(x >= 0, acute, 0.5 * math.pi - acute) / (0.5 * math.pi)
