@@ -75,7 +75,9 @@ def test_loss_written_out_and_straight_minimiser(t_sampling):
     if t_sampling == 'one_step':
       np.testing.assert_array_equal(t, 1.0)
     else:
-      assert 0.0 <= t.min() and t.max() < 1.0 and t.std() > 0.2
+      # U(0, 1): mean 1/2, std 1/sqrt(12) = 0.29; over 32 draws the mean's std is 0.05, so 0.12
+      # is 2.4 of them (a fixed key: deterministic), and t² (mean 1/3) or t = 0.99 fail it.
+      assert 0.0 <= t.min() and t.max() < 1.0 and abs(t.mean() - 0.5) < 0.12
     np.testing.assert_allclose(seen['x'], (1 - t[:, None]) * (MU + S * z) + t[:, None] * z,
                                atol=1e-6)
     expected = np.mean(((1 - S) * z - MU) ** 2, axis=-1)
