@@ -250,10 +250,48 @@ class Denoiser:
     return self.fn(x_t, t, cond)
 
 
+FLOW_MAP_KINDS = ('mean_velocity', 'shortcut')   # kinds sampled by jumps, not by a denoiser
+
+
+def flow_map_refusal(kind) -> str:
+  """The one-line refusal of a flow-map model where a denoiser is expected."""
+  return (f'a {kind!r} model is a flow map (x_t, t, s) -> x_s, not a denoiser (x_t, t) -> '
+          '(x0_hat, eps_hat): sample it with samplers.flow_map_sample')
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowMap:
+  """A few-step model that jumps along the probability-flow ODE: `fn(x_t, t, s, cond) -> x_s`.
+
+  `t`, `s` (scalars or `[B]`, `s < t`) are times of the process; `kind` is the network's
+  prediction kind ('mean_velocity': MeanFlow's average velocity, Geng et al. 2025;
+  'shortcut': a shortcut model, Frans et al. 2024); `evals_per_call` the network evaluations
+  one jump costs. Built by the method's `make_flow_map` (`diffusion_jax.distill.meanflow`,
+  `diffusion_jax.distill.shortcut`) and sampled by `samplers.flow_map_sample`.
+
+  It is not a denoiser: calling it as one (every plain sampler calls `denoiser(x_t, t, cond)`)
+  or passing it to `as_denoiser` raises the one-line `flow_map_refusal`; jump with `jump`.
+  """
+  fn: Callable[..., jax.Array]
+  kind: str
+  evals_per_call: int = 1
+
+  def jump(self, x_t, t, s, cond: Any = None):
+    return self.fn(x_t, t, s, cond)
+
+  def __call__(self, *args, **kwargs):
+    raise ValueError(flow_map_refusal(self.kind))
+
+
 def as_denoiser(denoiser) -> Denoiser:
-  """`denoiser` itself if it is a `Denoiser`, else a plain callable wrapped into one."""
+  """`denoiser` itself if it is a `Denoiser`, else a plain callable wrapped into one.
+
+  A `FlowMap` is refused in one line (sample it with `samplers.flow_map_sample`).
+  """
   if isinstance(denoiser, Denoiser):
     return denoiser
+  if isinstance(denoiser, FlowMap):
+    raise ValueError(flow_map_refusal(denoiser.kind))
   if not callable(denoiser):
     raise TypeError(f'a denoiser must be callable as (x_t, t, cond) -> (x0_hat, eps_hat); '
                     f'got {type(denoiser).__name__}')

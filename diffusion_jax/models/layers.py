@@ -4,8 +4,10 @@ Conditioning (`cond` in `model_fn(x_t, t, cond)`) is one of
   * `None`: unconditional (a class-conditional model then uses its null label);
   * integer class labels `[B]` in `[0, num_classes]`, where `num_classes` is the null label;
   * a dict with any of `'label'` (`[B]` ints), `'context'` (`[B, L, context_dim]`, a sequence the
-    network cross-attends to, e.g. text-encoder states) and `'context_mask'` (`[B, L]` bool,
-    True = attend).
+    network cross-attends to, e.g. text-encoder states), `'context_mask'` (`[B, L]` bool,
+    True = attend) and `'delta'` (`[B]` float, a second time input: MeanFlow's `t - r`, a
+    shortcut model's step size `d`; only for a model built with `delta_input=True`, which then
+    requires it; `with_delta` merges it into any cond).
 Every field is optional and shape-checked by `parse_cond`, whose errors name the offending shape.
 Classifier-free guidance needs an unconditional branch: class labels get a learned null
 embedding (Ho & Salimans 2022) and `label_dropout` replaces a label by it during training; a
@@ -85,20 +87,49 @@ class Cond(NamedTuple):
   labels: jax.Array | None          # [B] int, num_classes = null
   context: jax.Array | None         # [B, L, context_dim]
   context_mask: jax.Array | None    # [B, L] bool
+  delta: jax.Array | None = None    # [B] float32, the second time input (delta_input models)
 
 
-def parse_cond(name: str, cond: Any, batch: int, num_classes: int, context_dim: int) -> Cond:
-  """Checks `cond` against what the model takes; errors name the model, field and shape."""
+def with_delta(cond: Any, delta) -> dict:
+  """`cond` (None, class labels `[B]` or a dict) with the second time input `'delta'` set."""
+  if cond is None:
+    return {'delta': delta}
+  if isinstance(cond, dict):
+    return {**cond, 'delta': delta}
+  return {'label': cond, 'delta': delta}
+
+
+def parse_cond(name: str, cond: Any, batch: int, num_classes: int, context_dim: int, *,
+               delta_input: bool = False) -> Cond:
+  """Checks `cond` against what the model takes; errors name the model, field and shape.
+
+  `delta_input`: the model takes a second time input `cond['delta']` (`[B]` or a scalar,
+  returned as `[B]` float32), which is then required; without it a given delta is refused.
+  """
   if cond is None:
     fields = {}
   elif isinstance(cond, dict):
     fields = dict(cond)
-    unknown = set(fields) - {'label', 'context', 'context_mask'}
+    unknown = set(fields) - {'label', 'context', 'context_mask', 'delta'}
     if unknown:
       raise ValueError(f'{name}: unknown cond keys {sorted(unknown)}; use label, context, '
-                       f'context_mask')
+                       f'context_mask, delta')
   else:
     fields = {'label': cond}
+
+  delta = fields.get('delta')
+  if delta is not None and not delta_input:
+    raise ValueError(f'{name}: cond["delta"] (a second time input) was given but the model has '
+                     f'delta_input=False.')
+  if delta_input:
+    if delta is None:
+      raise ValueError(f'{name}: delta_input=True needs cond["delta"] of shape [B] = ({batch},) '
+                       f'(layers.with_delta(cond, delta)).')
+    delta = jnp.asarray(delta)
+    if delta.shape not in ((batch,), ()) or not jnp.issubdtype(delta.dtype, jnp.floating):
+      raise ValueError(f'{name}: cond["delta"] must be floating of shape [B] = ({batch},) or a '
+                       f'scalar, got {delta.dtype} {delta.shape}.')
+    delta = jnp.broadcast_to(delta, (batch,)).astype(jnp.float32)
 
   labels = fields.get('label')
   if labels is not None:
@@ -131,7 +162,7 @@ def parse_cond(name: str, cond: Any, batch: int, num_classes: int, context_dim: 
   elif context_dim > 0:
     raise ValueError(f'{name}: context_dim={context_dim} needs cond["context"] of shape '
                      f'[B, L, {context_dim}] (zeros for the unconditional branch).')
-  return Cond(labels, context, mask)
+  return Cond(labels, context, mask, delta)
 
 
 def check_fields(name: str, module: nn.Module, *, positive=(), non_negative=(),

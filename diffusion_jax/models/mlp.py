@@ -21,6 +21,10 @@ class MLP(nn.Module):
   learned null label `num_classes` and `label_dropout` (classifier-free guidance); see
   `layers.parse_cond`. The output layer is zero-initialised, so the network outputs exactly
   zero at init. `dtype` is the compute dtype (parameters stay float32).
+
+  `delta_input=True` adds a second time input `cond['delta']` (`[B]`, required then; MeanFlow's
+  `t - r`, a shortcut model's step size), embedded like `t` by its own two Dense layers
+  (`delta_dense_0/1`) and added to the time embedding; False leaves the network as it was.
   """
   hidden: int = 128
   depth: int = 3
@@ -30,6 +34,7 @@ class MLP(nn.Module):
   num_classes: int = 0
   label_dropout: float = 0.0
   dtype: Any = 'float32'
+  delta_input: bool = False
 
   @nn.compact
   def __call__(self, x, t, cond=None, *, train: bool = False):
@@ -40,7 +45,8 @@ class MLP(nn.Module):
     shape = x.shape
     x = x.reshape(shape[0], -1)  # [B, D]
     t = layers.check_inputs('MLP', x, t, ndim=2)
-    c = layers.parse_cond('MLP', cond, shape[0], self.num_classes, 0)
+    c = layers.parse_cond('MLP', cond, shape[0], self.num_classes, 0,
+                          delta_input=self.delta_input)
     dtype = layers.canonical_dtype('MLP', self.dtype)
     temb = layers.noise_embedding(t, self.hidden, self.embedding, self.time_scale,
                                   self.fourier_scale)
@@ -48,6 +54,12 @@ class MLP(nn.Module):
     dense = lambda features, init=kernel_init: nn.Dense(features, dtype=dtype, kernel_init=init)
     temb = dense(self.hidden)(temb)
     temb = dense(self.hidden)(nn.silu(temb))                                       # [B, H]
+    if self.delta_input:
+      demb = layers.noise_embedding(c.delta, self.hidden, self.embedding, self.time_scale,
+                                    self.fourier_scale)
+      demb = nn.Dense(self.hidden, dtype=dtype, kernel_init=kernel_init, name='delta_dense_0')(demb)
+      temb = temb + nn.Dense(self.hidden, dtype=dtype, kernel_init=kernel_init,
+                             name='delta_dense_1')(nn.silu(demb))
     if self.num_classes > 0:
       labels = layers.drop_labels(self, c.labels, self.num_classes, self.label_dropout,
                                   train=train)

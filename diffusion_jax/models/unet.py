@@ -181,6 +181,9 @@ class UNet(nn.Module):
       the null label with that probability (classifier-free guidance).
     context_dim: if > 0, `cond['context']` `[B, L, context_dim]` is cross-attended at every
       attention site; `context_dropout` zeroes a training example's context.
+    delta_input: a second time input `cond['delta']` (`[B]`, required then: MeanFlow's
+      `t - r`, a shortcut model's step size), embedded like `t` by its own Dense layers
+      (`delta_dense_0/1`) and added to the time embedding. False leaves the network unchanged.
     dtype: compute dtype ('float32', 'bfloat16'); parameters are float32, the output float32.
     remat: rematerialise every block in the backward pass (`jax.checkpoint`): less memory,
       one more forward.
@@ -209,6 +212,7 @@ class UNet(nn.Module):
   context_dropout: float = 0.0
   dtype: Any = 'float32'
   remat: bool = False
+  delta_input: bool = False
 
   def _check_config(self):
     if not self.ch_mult or min(self.ch_mult) < 1:
@@ -262,7 +266,8 @@ class UNet(nn.Module):
     """
     self._check_config()
     t = self._check_inputs(x, t)
-    c = layers.parse_cond('UNet', cond, x.shape[0], self.num_classes, self.context_dim)
+    c = layers.parse_cond('UNet', cond, x.shape[0], self.num_classes, self.context_dim,
+                          delta_input=self.delta_input)
     c = layers.drop_context(self, c, self.context_dropout, train=train)
     dtype = layers.canonical_dtype('UNet', self.dtype)
     num_levels = len(self.ch_mult)
@@ -289,6 +294,12 @@ class UNet(nn.Module):
     temb = nn.Dense(4 * self.ch, dtype=dtype, kernel_init=dense_init, name='temb_dense_0')(temb)
     temb = nn.Dense(4 * self.ch, dtype=dtype, kernel_init=dense_init,
                     name='temb_dense_1')(nn.silu(temb))  # [B, E]
+    if self.delta_input:   # the second time input, embedded like t (own layers)
+      demb = layers.noise_embedding(c.delta, self.ch, self.embedding, self.time_scale,
+                                    self.fourier_scale)
+      demb = nn.Dense(4 * self.ch, dtype=dtype, kernel_init=dense_init, name='delta_dense_0')(demb)
+      temb = temb + nn.Dense(4 * self.ch, dtype=dtype, kernel_init=dense_init,
+                             name='delta_dense_1')(nn.silu(demb))
     if self.num_classes > 0:
       # Row `num_classes` is the null label (the unconditional branch of guidance).
       labels = layers.drop_labels(self, c.labels, self.num_classes, self.label_dropout,
