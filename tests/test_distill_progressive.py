@@ -215,3 +215,44 @@ def test_student_learns_2n_teacher_steps_in_n_on_a_mixture():
   baseline = rms(x_teacher2, x_teacher4)
   assert rms(x_student, x_teacher4) < min(0.05, 0.2 * baseline), (rms(x_student, x_teacher4),
                                                                   baseline)
+
+
+def test_karras_grid_on_edm_a_perfect_edm_student_equals_2n_teacher_steps():
+  # EDM's t is sigma / sigma_max, so S&H's t = i / N puts the steps uniformly in sigma; the
+  # 'karras' grid puts them at Karras et al.'s (2022, Eq. 5) levels, rho = 7, written out here:
+  # s_j = (s_min^(1/7) + (j / 2N) (s_max^(1/7) - s_min^(1/7)))^7, j = 2N..0, t = s / sigma_max.
+  # A student of kind 'edm' (one that starts from an EDM teacher's weights) whose x0_hat is the
+  # target, sampled on the N-step grid, lands where 2N hand-written teacher DDIM steps land.
+  # float64; 1e-10 as in the test above.
+  process = processes.PROCESSES['edm']()
+  n = 4
+  s_max, s_min = float(process.sigma_np(np.array(1.0))), float(
+      process.sigma_np(np.array(float(process.t_min))))
+  levels = (s_min ** (1 / 7) + np.arange(2 * n, -1, -1) / (2 * n)
+            * (s_max ** (1 / 7) - s_min ** (1 / 7))) ** 7                   # s_2N .. s_0
+  fine = levels / s_max
+  np.testing.assert_allclose(progressive.student_times(process, n, 'karras'), fine[:-1:2],
+                             rtol=1e-12)
+  with jax.enable_x64(True):
+    teacher = analytic.gaussian_denoiser(MU, S2, process)
+
+    def student(z, t, cond=None):
+      x0 = progressive.two_step_target(teacher, process, z, t, n, cond, grid='karras')
+      sigma = param.expand_like(process.sigma(jnp.asarray(t)), z)
+      return x0, (z - x0) / sigma
+
+    z = s_max * jax.random.normal(jax.random.key(1), (B, 2), jnp.float64)
+    sampler, options = progressive.student_sampler(process, n, 'karras')
+    x_student, _ = samplers.SAMPLERS[sampler](param.Denoiser(student, kind='edm'), process, z,
+                                              steps=n, **options)
+    # 2N teacher DDIM steps (alpha = 1: z_s = x0_hat + s eps_hat) through every fine level.
+    x = np.asarray(z)
+    for j in range(2 * n):
+      x0, eps = (np.asarray(a) for a in teacher(jnp.asarray(x), jnp.full((B,), fine[j])))
+      x = x0 if j == 2 * n - 1 else x0 + levels[j + 1] * eps
+    np.testing.assert_allclose(np.asarray(x_student), x, atol=1e-10, rtol=0)
+    # The loss reads the student's output as kind 'edm' and carries sigma_data.
+    objective = progressive.progressive_distillation(process, teacher=teacher, student_steps=n,
+                                                     grid='karras', kind='edm',
+                                                     sigma_data=0.5)
+    assert (objective.kind, objective.sigma_data) == ('edm', 0.5)

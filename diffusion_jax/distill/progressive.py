@@ -65,31 +65,57 @@ def _is_discrete(process) -> bool:
   return hasattr(process, 'num_steps')
 
 
-def student_times(process, steps: int) -> np.ndarray:
-  """THE grid a student of `steps` steps is trained and sampled on: `t = i / N`, i = N..1
-  (float64, decreasing), followed by the samplers' `final='data'` step to sigma = 0.
+GRIDS = ('uniform', 'karras')
 
-  On a DiscreteVP each `i / N` must be an integer step `n / T` (`T % N == 0`); elsewhere the
-  smallest time `1 / N` must not lie below the process's `t_min`.
+
+def grid_times(process, u, grid: str = 'uniform', rho: float = 7.0) -> np.ndarray:
+  """The time at grid position `u in (0, 1]` (float64): `u` itself for 'uniform' (S&H's
+  `t = i / N`), or for 'karras' the time whose noise level `s = sigma / alpha` is Karras et
+  al.'s (2022, Eq. 5) `s(u) = (s_min^(1/rho) + u (s_max^(1/rho) - s_min^(1/rho)))^rho`, with
+  `s_max`, `s_min` the process's at `t = 1` and `t_min`. Any such `t = g(u)` nests: the grid of
+  `N` steps is every other time of the grid of `2N`, as the rounds need."""
+  u = np.asarray(u, np.float64)
+  if grid == 'uniform':
+    return u
+  if grid != 'karras':
+    raise ValueError(f'grid={grid!r}; choose from {GRIDS}')
+  ends = np.array([1.0, float(process.t_min)])
+  lam = process.log_snr_np(ends)
+  s_max, s_min = np.exp(-0.5 * lam)
+  s = (s_min ** (1 / rho) + u * (s_max ** (1 / rho) - s_min ** (1 / rho))) ** rho
+  return np.clip(process.t_of_log_snr_np(-2.0 * np.log(s)), float(process.t_min), 1.0)
+
+
+def student_times(process, steps: int, grid: str = 'uniform') -> np.ndarray:
+  """THE grid a student of `steps` steps is trained and sampled on: `t = g(i / N)`, i = N..1
+  (float64, decreasing; `grid_times`), followed by the samplers' `final='data'` step to
+  sigma = 0.
+
+  On a DiscreteVP each `i / N` must be an integer step `n / T` (`T % N == 0`, 'uniform' only);
+  elsewhere the smallest time must not lie below the process's `t_min`.
   """
   if int(steps) != steps or steps < 1:
     raise ValueError(f'student_times: steps={steps!r} must be an integer >= 1')
   steps = int(steps)
   if _is_discrete(process):
+    if grid != 'uniform':
+      raise ValueError(f"student_times: grid={grid!r} on a DiscreteVP; its integer steps need "
+                       f"grid='uniform'")
     if process.num_steps % steps:
       raise ValueError(f'student_times: steps={steps} does not divide the DiscreteVP steps '
                        f'T={process.num_steps}, so i / N is not an integer step n / T')
-  elif 1.0 / steps < float(process.t_min):
-    raise ValueError(f'student_times: steps={steps} puts 1/N = {1.0 / steps:.4g} below the '
-                     f'process t_min = {float(process.t_min):.4g}')
-  return np.arange(steps, 0, -1, dtype=np.float64) / steps
+  times = grid_times(process, np.arange(steps, 0, -1, dtype=np.float64) / steps, grid)
+  if not _is_discrete(process) and times[-1] < float(process.t_min):
+    raise ValueError(f'student_times: steps={steps} puts the last time {times[-1]:.4g} below '
+                     f'the process t_min = {float(process.t_min):.4g}')
+  return times
 
 
-def student_sampler(process, steps: int) -> tuple[str, dict]:
+def student_sampler(process, steps: int, grid: str = 'uniform') -> tuple[str, dict]:
   """`(name in samplers.SAMPLERS, options)` sampling a student of `steps` steps on exactly
   `student_times`: DDIM on a DiscreteVP's integer steps, else 'euler' (DDIM in sigma / alpha);
   call it as `SAMPLERS[name](denoiser, process, x_T, steps=steps, **options)`."""
-  times = tuple(float(t) for t in student_times(process, steps))
+  times = tuple(float(t) for t in student_times(process, steps, grid))
   return ('ddim' if _is_discrete(process) else 'euler'), {'grid': times}
 
 
@@ -121,17 +147,22 @@ def check_teacher(process, teacher, who: str, teacher_process=None):
   return teacher
 
 
-def two_step_target(teacher, process, z_t, t, student_steps, cond=None):
+def two_step_target(teacher, process, z_t, t, student_steps, cond=None, grid: str = 'uniform'):
   """Salimans & Ho (2022), Alg. 2: the x-target `x~` at student time `t [B]` (on the grid
-  `i / N`, rounded to it), from two deterministic DDIM steps of `teacher` (a `Denoiser`).
+  `g(i / N)`, rounded to it), from two deterministic DDIM steps of `teacher` (a `Denoiser`)
+  through `t' = g((2i - 1) / 2N)` to `t'' = g((i - 1) / N)`.
 
   Not differentiated: the caller wraps it in `stop_gradient` (the loss does). At i = 1 the second
-  step is the step to data and `x~` is the teacher's `x0_hat` at `t' = 1/(2N)`.
+  step is the step to data and `x~` is the teacher's `x0_hat` at `t' = g(1/(2N))`.
   """
-  n = float(student_steps)
+  n = int(student_steps)
+  fine = grid_times(process, np.arange(2 * n + 1) / (2.0 * n), grid)    # g(j / 2N), j = 0..2N
+  fine = jnp.asarray(fine, z_t.dtype)
   t = jnp.broadcast_to(jnp.asarray(t, z_t.dtype), z_t.shape[:1])
-  i = jnp.round(t * n)
-  t, t1, t2 = i / n, (2.0 * i - 1.0) / (2.0 * n), (i - 1.0) / n   # t, t', t''
+  coarse = fine[2::2]                                              # g(i / N), i = 1..N
+  i = 1 + jnp.argmin(jnp.abs(t[:, None] - coarse[None, :]), axis=1)
+  t, t1, t2 = fine[2 * i], fine[2 * i - 1], fine[2 * i - 2]        # t, t', t''
+  i = i.astype(z_t.dtype)
   alpha, sigma = process.alpha_sigma(t)
   a1, s1 = process.alpha_sigma(t1)
   a2, s2 = process.alpha_sigma(t2)
@@ -151,43 +182,57 @@ def _weight(weighting, alpha, sigma):
 
 
 def progressive_distillation(process, *, teacher=None, student_steps: int,
-                             weighting: str = 'truncated_snr',
+                             weighting: str = 'truncated_snr', grid: str = 'uniform',
+                             kind: str = 'v', sigma_data: float = param.SIGMA_DATA,
                              teacher_process=None) -> objectives.Objective:
   """Salimans & Ho (2022), Alg. 2: one round distilling `2N`-step DDIM of `teacher` into an
-  `N`-step v-prediction student (`N = student_steps`), as an Objective of kind 'v'.
+  `N`-step student (`N = student_steps`), as an Objective of the student's `kind` ('v', the
+  paper's, by default).
 
-  Per example: `i ~ U{1..N}`, `t = i / N`, `eps ~ N(0, I)`, `z_t = alpha x0 + sigma eps`, and
+  Per example: `i ~ U{1..N}`, `t = g(i / N)` (`grid`: 'uniform', the paper's `t = i / N`, or
+  'karras', Karras et al.'s noise levels, for processes such as EDM whose `t` is not spread in
+  noise level; `grid_times`), `eps ~ N(0, I)`, `z_t = alpha x0 + sigma eps`, and
   `w(t) mean_d (x~ - x^_eta(z_t))²` with `x~ = two_step_target(...)` under stop_gradient and
-  `w = max(SNR, 1)` ('truncated_snr', §4) or `SNR + 1` ('snr_plus_one', §4). The
-  student is sampled with `student_sampler(process, N)`.
+  `w = max(SNR, 1)` ('truncated_snr', §4) or `SNR + 1` ('snr_plus_one', §4). The student's
+  `x^_eta` is its output read as `kind` (`parameterization.to_x0_eps`; 'edm' with
+  `sigma_data` lets a student start from an EDM teacher's weights). The student is sampled
+  with `student_sampler(process, N, grid)`.
   """
   who = 'progressive_distillation'
   if weighting not in WEIGHTINGS:
     raise ValueError(f'{who}: weighting={weighting!r}; choose from {WEIGHTINGS}')
-  times = student_times(process, student_steps)
+  if kind not in param.KINDS:
+    raise ValueError(f'{who}: kind={kind!r}; choose from {param.KINDS}')
+  if grid not in GRIDS:
+    raise ValueError(f'{who}: grid={grid!r}; choose from {GRIDS}')
+  times = student_times(process, student_steps, grid)
   n_steps = times.shape[0]
   if _is_discrete(process) and process.num_steps % (2 * n_steps):
     raise ValueError(f'{who}: student_steps={n_steps}: the teacher half steps need 2N = '
                      f'{2 * n_steps} to divide the DiscreteVP steps T={process.num_steps}')
-  if not _is_discrete(process) and 0.5 / n_steps < float(process.t_min):
-    raise ValueError(f'{who}: student_steps={n_steps}: the teacher step 1/(2N) lies below the '
+  if not _is_discrete(process) and grid_times(process, 0.5 / n_steps, grid) < float(
+      process.t_min):
+    raise ValueError(f'{who}: student_steps={n_steps}: the teacher step g(1/(2N)) lies below the '
                      f'process t_min = {float(process.t_min):.4g}')
+  coarse = jnp.asarray(times[::-1].copy())                        # g(i / N), i = 1..N
   teacher = check_teacher(process, teacher, who, teacher_process)
 
   def loss(model_fn, x0, key, cond=None, **kwargs):
     del kwargs   # step= from a loop that passes it
     key_i, key_eps = jax.random.split(key)
     i = jax.random.randint(key_i, (x0.shape[0],), 1, n_steps + 1)
-    t = i.astype(x0.dtype) / n_steps                                   # [B]
+    t = coarse.astype(x0.dtype)[i - 1]                                 # [B]
     eps = jax.random.normal(key_eps, x0.shape, x0.dtype)
     z_t = process.marginal(x0, eps, t)
-    x_tilde = jax.lax.stop_gradient(two_step_target(teacher, process, z_t, t, n_steps, cond))
-    out = model_fn(z_t, t, cond)
-    x_hat, _ = param.to_x0_eps('v', out, z_t, process, t)
+    x_tilde = jax.lax.stop_gradient(two_step_target(teacher, process, z_t, t, n_steps, cond,
+                                                    grid))
+    out = model_fn(*param.network_input(kind, z_t, t, process, sigma_data), cond)
+    x_hat, _ = param.to_x0_eps(kind, out, z_t, process, t, sigma_data)
     alpha, sigma = process.alpha_sigma(t)
     w = _weight(weighting, alpha, sigma)
     per_example = w * jnp.mean(jnp.square(x_hat - x_tilde).reshape(x0.shape[0], -1), axis=-1)
     aux = {'loss_per_example': per_example, 't': t, 'log_snr': process.log_snr(t)}
     return jnp.mean(per_example), aux
 
-  return objectives.Objective('progressive_distillation', loss, process, 'v')
+  return objectives.Objective('progressive_distillation', loss, process, kind,
+                              sigma_data=float(sigma_data))
