@@ -254,12 +254,12 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
     source = open_source(data) if source is None else source
     image_shape = source.image_shape
   image_shape = tuple(image_shape)
-  process = _build_process(config.process)
+  process = build_process(config.process)
   teacher = None
   if 'teacher' in config:
-    teacher = teacher_lib.build_teacher(config.teacher, config,
-                                        section_defaults(config.model.get('name')),
-                                        _teacher_parts)
+    teacher = teacher_lib.build_teacher(
+        config.teacher, config, section_defaults(config.model.get('name')), _teacher_parts,
+        same_process=config.objective.get('name') not in objectives.ANY_TEACHER_PROCESS)
   objective = _build_objective(config.objective, process, teacher)
   model = build_model(config.model)
   base = None
@@ -321,7 +321,7 @@ def _teacher_parts(run_config):
   """`(process, objective, model)` of a teacher run's config, each one-line error naming
   the teacher."""
   try:
-    process = _build_process(run_config.process)
+    process = build_process(run_config.process)
     objective = _build_objective(run_config.objective, process)
     return process, objective, build_model(run_config.model)
   except ConfigError as e:
@@ -424,7 +424,7 @@ def open_source(data: sources.DataConfig):
     raise ConfigError(str(e).splitlines()[0]) from None
 
 
-def _build_process(section):
+def build_process(section):
   values = dict(section)
   name = configuration.choice('process.name', values.pop('name'), processes.PROCESSES)
   try:
@@ -443,6 +443,8 @@ def _build_objective(section, process, teacher=None) -> objectives.Objective:
       raise ConfigError(f'config.objective.name={name!r} distils a trained model: set '
                         f'config.teacher.workdir to the teacher run')
     values['teacher'] = teacher.denoiser()
+    if name in objectives.ANY_TEACHER_PROCESS:
+      values['teacher_process'] = teacher.process
   elif teacher is not None:
     raise ConfigError(f'config.teacher is set but config.objective.name={name!r} learns from '
                       f'data alone; distillations are {sorted(objectives.NEEDS_TEACHER)}')

@@ -15,9 +15,10 @@ step (fine for the models this library trains on one host; a teacher too large f
 passed as an argument instead).
 
 A distillation needs the teacher's process: `config.process` must equal the teacher run's,
-key by key, else a one-line `ConfigError` names the first difference. A student that starts
-from the teacher's weights (`config.base.workdir` = the teacher's) must also predict what the
-teacher predicts (the same prediction kind).
+key by key, else a one-line `ConfigError` names the first difference (reflow, which uses only
+the teacher's whole noise -> data map, solves the teacher on its own process instead). A
+student that starts from the teacher's weights (`config.base.workdir` = the teacher's) must
+also predict what the teacher predicts (the same prediction kind).
 """
 
 import dataclasses
@@ -82,10 +83,12 @@ class TeacherParts:
     return dataclasses.replace(template, fn=fn, with_variance=None)
 
 
-def build_teacher(section, config, defaults: dict, build_parts) -> TeacherParts:
+def build_teacher(section, config, defaults: dict, build_parts, *,
+                  same_process: bool = True) -> TeacherParts:
   """Validates `config.teacher` against the run's `config`; `build_parts(run_config) ->
   (process, objective, model)` builds the teacher's own pieces (run_config's builders).
-  `defaults` (dotted key -> value an absent key means) as for `finetune.check_same_network`."""
+  `defaults` (dotted key -> value an absent key means) as for `finetune.check_same_network`.
+  `same_process=False` (`objectives.ANY_TEACHER_PROCESS`) lets the teacher's process differ."""
   teacher = configuration.from_section(TeacherConfig, 'teacher', section)
   if not teacher.workdir:
     raise ConfigError('config.teacher.workdir is empty: name the trained run to distil from')
@@ -104,7 +107,8 @@ def build_teacher(section, config, defaults: dict, build_parts) -> TeacherParts:
       raise ConfigError(f'config.teacher.workdir={teacher.workdir!r} is a run with '
                         f'config.{name}: a teacher must be a plain (class-conditional or '
                         f'unconditional) diffusion run')
-  check_same_process(config, run_config, workdir, defaults)
+  if same_process:
+    check_same_process(config, run_config, workdir, defaults)
   process, objective, model = build_parts(run_config)
   return TeacherParts(teacher, run_config, workdir, process, objective, model)
 

@@ -19,6 +19,7 @@ from diffusion_jax import run_config
 from diffusion_jax import samplers
 from diffusion_jax import train_loop
 from diffusion_jax.configuration import ConfigError
+from diffusion_jax.distill import progressive
 from experiments import ablation_lib as alib
 
 SPEC_KEYS = ('process', 'objective', 'model', 'sample', 'train', 'teacher', 'init', 'sampler',
@@ -124,6 +125,10 @@ def make_plan(config, workdir: str) -> list[Stage]:
         steps //= 2
         c = _student_config(base, spec, seed, per_round, previous, steps)
         c.objective[spec.get('steps_key', 'student_steps')] = steps
+        # The student samples on exactly the grid it was distilled on.
+        grid = progressive.student_times(run_config.build_process(c.process), steps,
+                                         c.objective.get('grid', 'uniform'))
+        c.sample.options.grid = tuple(float(x) for x in grid)
         run_dir = os.path.join(runs_dir, f'{name}_s{seed}_r{r}')
         measured = tuple((spec['sampler'], n, steps) for n in method_nfes if n == steps)
         plan.append(Stage(f'{name}_s{seed}_r{r}', name, seed, c, run_dir, measured))
@@ -169,9 +174,11 @@ def run_plan(plan: list[Stage], config, cache_dir: str) -> list[dict]:
           steps, _ = alib.steps_for_nfe(sampler, setup, nfe)
         if not steps:
           continue
+        keep = 'grid' in stage.config.sample.get('options', {})   # a progressive round's grid
         result = alib.cached(
             os.path.join(stage.run_dir, f'eval_{sampler}_{steps}.json'), final,
-            lambda: alib.measure(stage.run_dir, stage.config, sampler, steps, num, cache_dir))
+            lambda: alib.measure(stage.run_dir, stage.config, sampler, steps, num, cache_dir,
+                                 keep_options=keep))
         rows.append({'method': stage.method, 'seed': stage.seed, 'stage': stage.name,
                      'sampler': sampler, 'nfe_budget': nfe, **result,
                      'ratio': result[metric] / result[f'{metric}_floor']})

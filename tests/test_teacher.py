@@ -108,3 +108,20 @@ def test_a_student_starting_from_the_teacher_must_predict_its_kind(tmp_path):
   # An EDM teacher's weights carry over to a consistency student (CM's initialisation).
   c.teacher = c.base = dict(workdir=_written(tmp_path / 'edm', _toy()))
   assert run_config.build(c).base.workdir == str(tmp_path / 'edm')
+
+
+def test_reflow_may_straighten_a_teacher_of_another_process(tmp_path):
+  # Reflow uses only the teacher's noise -> data map (solved on the teacher's own process), so
+  # an EDM teacher serves a student on the linear interpolant; progressive distillation, which
+  # calls the teacher on the student's path, still refuses it.
+  teacher = _written(tmp_path, _toy())
+  c = _toy(objective=dict(name='reflow'))
+  c.process = dict(name='linear')
+  c.teacher = dict(workdir=teacher)
+  setup = run_config.build(c)
+  assert (setup.objective.name, setup.objective.kind) == ('reflow', 'velocity')
+  assert type(setup.teacher.process).__name__ == 'EDM'
+  c.objective = dict(name='progressive_distillation', student_steps=4)
+  with pytest.raises(ConfigError, match=r"config.process.name='linear' but the teacher run .* "
+                     r"has 'edm'"):
+    run_config.build(c)

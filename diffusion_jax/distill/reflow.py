@@ -15,7 +15,10 @@ noise; `processes.LinearInterpolant`, alpha = 1 - t, sigma = t):
 ('velocity', ...)` on the linear interpolant is exactly `z - x0^`). The teacher is any
 `parameterization.Denoiser` of a model trained on this process, solved with
 `samplers.SAMPLERS[teacher_sampler]` in `teacher_steps` steps; every teacher output is under
-`stop_gradient`, so the teacher is never differentiated.
+`stop_gradient`, so the teacher is never differentiated. The coupling needs only the teacher's
+noise -> data map, so the teacher may be trained on another process: given its own
+`teacher_process`, its ODE is solved there, from its own prior `x_T = prior_std z` (an EDM
+teacher from `sigma_max z`), and the pair is still `(z, x0^)`.
 
 The coupling is generated inside the loss, from the loss's key, so the batch's `x0` only gives
 the shape, dtype (and `cond`, passed to the teacher as the condition of each example): the
@@ -53,13 +56,14 @@ def _frozen(teacher: param.Denoiser) -> param.Denoiser:
 
 def reflow_coupling(teacher, process, z, *, steps: int, sampler: str, cond=None,
                     options: dict | None = None):
-  """`x0^` = the teacher's PF-ODE solve from the noise `z` (at t = 1) to the data, with
-  `samplers.SAMPLERS[sampler]` in `steps` steps (Liu et al. 2022, Alg. 1, the reflow coupling).
+  """`x0^` = the teacher's PF-ODE solve on its `process` from the unit noise `z` (the prior
+  draw `process.prior_std * z` at t = 1) to the data, with `samplers.SAMPLERS[sampler]` in
+  `steps` steps (Liu et al. 2022, Alg. 1, the reflow coupling).
 
   Not differentiated w.r.t. the teacher (its outputs are under stop_gradient)."""
   solve = samplers.SAMPLERS[sampler]
-  x0, _ = solve(_frozen(param.as_denoiser(teacher)), process, z, steps=steps, cond=cond,
-                **(options or {}))
+  x0, _ = solve(_frozen(param.as_denoiser(teacher)), process, process.prior_std * z,
+                steps=steps, cond=cond, **(options or {}))
   return x0
 
 
@@ -71,7 +75,8 @@ def reflow(process, *, teacher=None, teacher_steps: int = 16,
   coupling of Alg. 1), an Objective of kind 'velocity'; see the module docstring.
 
   `teacher_sampler` / `teacher_steps` / `teacher_options`: the deterministic library sampler
-  that generates the coupling (`reflow_coupling`). `t_sampling`: 'uniform' (their choice),
+  that generates the coupling (`reflow_coupling`) on `teacher_process` (the process the
+  teacher was trained on; default `process`). `t_sampling`: 'uniform' (their choice),
   'logit_normal' (Esser et al. 2024, `logit_mean`, `logit_std`) or 'one_step' (t = 1 only, §2.3
   distillation).
   """
@@ -87,7 +92,8 @@ def reflow(process, *, teacher=None, teacher_steps: int = 16,
     raise ValueError(f'{who}: teacher_steps={teacher_steps!r} must be an integer >= 1')
   if t_sampling not in T_SAMPLINGS:
     raise ValueError(f'{who}: t_sampling={t_sampling!r}; choose from {T_SAMPLINGS}')
-  teacher = progressive.check_teacher(process, teacher, who, teacher_process)
+  teacher_process = process if teacher_process is None else teacher_process
+  teacher = progressive.check_teacher(teacher_process, teacher, who)
   options = dict(teacher_options or {})
 
   def draw_t(key, batch, dtype):
@@ -101,7 +107,7 @@ def reflow(process, *, teacher=None, teacher_steps: int = 16,
     del kwargs   # step= from a loop that passes it
     key_z, key_t = jax.random.split(key)
     z = jax.random.normal(key_z, x0.shape, x0.dtype)                  # [B, ...] noise, t = 1
-    x0_hat = reflow_coupling(teacher, process, z, steps=int(teacher_steps),
+    x0_hat = reflow_coupling(teacher, teacher_process, z, steps=int(teacher_steps),
                              sampler=teacher_sampler, cond=cond, options=options)
     t = draw_t(key_t, x0.shape[0], x0.dtype)                          # [B]
     x_t = process.marginal(x0_hat, z, t)                              # (1 - t) x0^ + t z
