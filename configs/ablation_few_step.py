@@ -16,6 +16,11 @@ Methods (`ablation.runs`; pick some with `--config.ablation.methods=cd,ct`):
   cd           consistency distillation (Song et al. 2023), Heun teacher steps, from the
                teacher's weights
   ct           improved consistency training (Song & Dhariwal 2023), from data
+  progressive  progressive distillation (Salimans & Ho 2022): 16 teacher steps -> 8, 4, 2, 1
+               in four rounds on Karras' nested grid, an EDM-kind student from the teacher's
+               weights, each round the teacher of the next
+  reflow       reflow (Liu et al. 2022): a flow on the linear interpolant trained on the
+               teacher's (noise, 8-step DPM-Solver++ 2M sample) pairs, sampled with Euler
 """
 
 import ml_collections
@@ -26,6 +31,13 @@ RUNS = {
     'cd': dict(objective=dict(name='consistency_distillation'), teacher=True, init=True,
                sampler='consistency'),
     'ct': dict(objective=dict(name='consistency_training'), sampler='consistency'),
+    'progressive': dict(objective=dict(name='progressive_distillation', grid='karras',
+                                       kind='edm'),
+                        teacher=True, init=True, rounds=4, start_steps=16, sampler='euler'),
+    'reflow': dict(process=dict(name='linear'),
+                   objective=dict(name='reflow', teacher_steps=8,
+                                  teacher_sampler='dpm_solver_pp_2m'),
+                   teacher=True, sampler='flow_euler'),
 }
 
 

@@ -137,9 +137,11 @@ def build_base(section, config, defaults: dict, compared=COMPARED) -> BaseParts:
   if base.step < -1:
     raise ConfigError(f'config.base.step={base.step}: a checkpoint step, or -1 for the newest')
   base_config = read_run_config(workdir)
-  for section_name in ('base', 'lora', 'control'):
+  # An adapter run's checkpoints hold the adapter only; a whole-network fine-tune (config.base
+  # alone, e.g. a distillation round started from its teacher) holds a whole network.
+  for section_name in ('lora', 'control'):
     if section_name in base_config:
-      raise ConfigError(f'config.base.workdir={base.workdir!r} is itself a fine-tune '
+      raise ConfigError(f'config.base.workdir={base.workdir!r} is itself an adapter run '
                         f'(config.{section_name}); start from the plain run it was built on')
   check_same_network(config, base_config, workdir, defaults, compared)
   return BaseParts(base, base_config, workdir)

@@ -319,10 +319,17 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
 
 def _teacher_parts(run_config):
   """`(process, objective, model)` of a teacher run's config, each one-line error naming
-  the teacher."""
+  the teacher. A teacher that was itself distilled (a progressive round) has its own teacher,
+  whose parts are built the same way (its parameters are never read)."""
   try:
     process = build_process(run_config.process)
-    objective = _build_objective(run_config.objective, process)
+    grand = None
+    if 'teacher' in run_config:
+      grand = teacher_lib.build_teacher(
+          run_config.teacher, run_config, section_defaults(run_config.model.get('name')),
+          _teacher_parts,
+          same_process=run_config.objective.get('name') not in objectives.ANY_TEACHER_PROCESS)
+    objective = _build_objective(run_config.objective, process, grand)
     return process, objective, build_model(run_config.model)
   except ConfigError as e:
     raise ConfigError(f'config.teacher: the teacher run\'s {e}') from None

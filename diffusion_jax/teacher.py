@@ -102,11 +102,12 @@ def build_teacher(section, config, defaults: dict, build_parts, *,
     run_config = finetune.read_run_config(workdir)
   except ConfigError as e:
     raise ConfigError(str(e).replace('config.base.workdir', 'config.teacher.workdir')) from None
-  for name in ('base', 'lora', 'control', 'text'):
+  # A plain fine-tune (config.base alone) or an earlier distillation is a whole network.
+  for name in ('lora', 'control', 'superres', 'mel', 'text', 'latent'):
     if name in run_config:
       raise ConfigError(f'config.teacher.workdir={teacher.workdir!r} is a run with '
-                        f'config.{name}: a teacher must be a plain (class-conditional or '
-                        f'unconditional) diffusion run')
+                        f'config.{name}: a teacher must be a whole class-conditional or '
+                        f'unconditional network (no adapter, no text encoder)')
   if same_process:
     check_same_process(config, run_config, workdir, defaults)
   process, objective, model = build_parts(run_config)
