@@ -330,6 +330,11 @@ def test_denoiser_of_a_diffusion_model_is_the_posterior_mean(process):
     want = exact(x, t)
     np.testing.assert_allclose(got[0], want[0], atol=1e-13)
     np.testing.assert_allclose(got[1], want[1], atol=1e-13)
+    # clip_x0 clips x0_hat and keeps x = cos x0_hat + SD sin eps_hat.
+    x0, eps = trigflow.trigflow_denoiser(model_fn, process, clip_x0=0.5)(x, t)
+    np.testing.assert_allclose(x0, np.clip(want[0], -0.5, 0.5), atol=1e-13)
+    tau = np.asarray(_tau(t))[:, None]
+    np.testing.assert_allclose(np.cos(tau) * x0 + SD * np.sin(tau) * eps, x, atol=1e-13)
 
 
 def test_sample_times():
@@ -362,3 +367,46 @@ def test_bad_inputs(process):
     trigflow.trigflow_denoiser(_exact_model(), process, sigma_d=1.0)
   with pytest.raises(ValueError, match='steps'):
     trigflow.sample_times(0)
+
+
+# --- a tiny run -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_scd_learns_the_2d_mixture():
+  # sCD from the mixture's exact denoiser: after 3,000 steps one network evaluation lands within
+  # 2x the real-vs-real sliced Wasserstein floor (measured 0.033 against 0.024, the prior 0.43).
+  # The network's time embedding sees t itself (time_scale=1): sCM §4.1's stable time
+  # conditioning; with the MLP's default 1000 t the same run ends at 0.82, worse than the prior.
+  import optax   # pylint: disable=g-import-not-at-top
+  from diffusion_jax.data import toy2d   # pylint: disable=g-import-not-at-top
+  from diffusion_jax.metrics.sliced import sliced_wasserstein   # pylint: disable=g-import-not-at-top
+  from diffusion_jax.models.mlp import MLP   # pylint: disable=g-import-not-at-top
+  steps = 3000
+  proc = processes.make_process('trigflow', sigma_data=SD)
+  mix = toy2d.default_mixture()
+  model = trigflow.TimeWeighted(MLP(hidden=128, depth=3, time_scale=1.0))
+  params = model.init(jax.random.key(0), jnp.zeros((4, 2)), jnp.full(4, 0.5))
+  teacher = analytic.gmm_denoiser(mix.weights, mix.means, mix.stds**2, proc)
+  objective = trigflow.scm_distillation(proc, teacher=teacher)
+  opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 2e-3, 200, steps, 1e-5))
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, i):
+    key_data, key_loss = jax.random.split(jax.random.fold_in(jax.random.key(1), i))
+    x0 = mix.sample(key_data, 512)
+    grads = jax.grad(lambda p: objective(lambda x, t, c: model.apply(p, x, t, c), x0,
+                                         key_loss, step=i)[0])(params)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  for i in range(steps):
+    params, state = step(params, state, i)
+  denoiser = trigflow.trigflow_denoiser(lambda x, t, c: model.apply(params, x, t, c), proc)
+  real, other = mix.sample(jax.random.key(7), 4000), mix.sample(jax.random.key(8), 4000)
+  x_T = proc.prior_sample(jax.random.key(9), (4000, 2))
+  floor = float(sliced_wasserstein(jax.random.key(3), real, other))
+  for n in (1, 2):
+    x, _ = samplers.consistency_multistep_sample(denoiser, proc, x_T, jax.random.key(10),
+                                                 times=trigflow.sample_times(n))
+    assert float(sliced_wasserstein(jax.random.key(3), x, real)) < 2.0 * floor

@@ -137,23 +137,32 @@ def to_x0_eps(out, x_t, process, t):
   return cos * x_t - sin * sd * out, sin * x_t / sd + cos * out
 
 
-def trigflow_denoiser(model_fn, process, sigma_d: float | None = None) -> param.Denoiser:
+def trigflow_denoiser(model_fn, process, sigma_d: float | None = None, *,
+                      clip_x0: float | None = None) -> param.Denoiser:
   """The `Denoiser` of a 'trigflow' network: `x0_hat = f(x_t, tau)`, the consistency function
   (a sample, for an sCM model; `E[x0 | x_t]` for a TrigFlow diffusion model), sigma_min = 0.
 
   Sample an sCM model with `samplers.consistency_multistep_sample(denoiser, process, x_T, key,
   times=sample_times(steps))`; x_T ~ N(0, sigma_d² I) is `process.prior_sample`. `sigma_d`,
-  if given, must be the process's.
+  if given, must be the process's. `clip_x0` as in `parameterization.make_denoiser` (eps_hat
+  recomputed from the clipped x0_hat, t > 0).
   """
   sd = _require_trigflow(process, 'trigflow_denoiser')
   if sigma_d is not None and float(sigma_d) != sd:
     raise ValueError(f'trigflow_denoiser: sigma_d={sigma_d} differs from the process\'s '
                      f'sigma_data={sd}')
+  if clip_x0 is not None and not clip_x0 > 0:
+    raise ValueError(f'trigflow_denoiser: clip_x0={clip_x0} must be > 0 (None: no clipping)')
 
   def fn(x_t, t, cond=None):
     t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), x_t.shape[:1])
     out = model_fn(x_t / sd, t, cond)      # c_noise = t = 2 tau / pi
-    return to_x0_eps(out, x_t, process, t)
+    x0, eps = to_x0_eps(out, x_t, process, t)
+    if clip_x0 is not None:
+      x0 = jnp.clip(x0, -clip_x0, clip_x0)
+      cos, sin = _cos_sin(process, t, x_t)
+      eps = (x_t - cos * x0) / (sin * sd)
+    return x0, eps
 
   return param.Denoiser(fn, kind=KIND, sigma_min=0.0)
 
