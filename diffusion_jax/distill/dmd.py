@@ -127,27 +127,32 @@ def part_fn(model_fn, part: str):
 # --- the generator's times ---------------------------------------------------------------------
 
 
-def generator_times(process, steps: int = 1) -> np.ndarray:
+def generator_times(process, steps: int = 1, t_max: float | None = None) -> np.ndarray:
   """The decreasing times the generator is trained and sampled at: `t_max (steps - i) / steps`.
 
   One step is `[t_max]` (DMD); four are `[1, .75, .5, .25]` (DMD2 §4.5, timesteps 999, 749,
-  499, 249). Pass them as `times=` to `samplers.consistency_multistep_sample`.
+  499, 249). Pass them as `times=` to `samplers.consistency_multistep_sample`. `t_max`
+  defaults to the process's (1); an eps- or score-prediction teacher on a VP process whose
+  `alpha(1)` is ~0 divides by it there (`x0 = (x - sigma eps) / alpha`), so give it `t_max < 1`
+  (DMD's Stable Diffusion teachers start at t = 999 / 1000 where alpha is ~0.07).
   """
   if int(steps) != steps or steps < 1:
     raise ValueError(f'generator_times: steps={steps} must be an integer >= 1')
-  t_max = float(getattr(process, 't_max', 1.0))
+  t_max = float(getattr(process, 't_max', 1.0) if t_max is None else t_max)
+  if not 0.0 < t_max <= 1.0:
+    raise ValueError(f'generator_times: t_max={t_max} must lie in (0, 1]')
   return t_max * (int(steps) - np.arange(int(steps))) / int(steps)
 
 
 def sample(denoiser, process, x_T, key=None, *, steps: int = 1, cond=None,
-           return_trajectory: bool = False):
+           t_max: float | None = None, return_trajectory: bool = False):
   """Samples a DMD generator in `steps` calls on `generator_times(process, steps)`: its x0_hat
   at `t_0 = 1`, then `x <- alpha_i x0_hat + sigma_i z` and x0_hat again (DMD2 §4.5; this is
   `samplers.consistency_multistep_sample` with those times). A generator trained with
   `steps = S` is trained at exactly the times of every `steps` dividing `S`."""
   from diffusion_jax.samplers import consistency    # pylint: disable=import-outside-toplevel
   return consistency.consistency_multistep_sample(
-      denoiser, process, x_T, key, times=generator_times(process, steps), cond=cond,
+      denoiser, process, x_T, key, times=generator_times(process, steps, t_max), cond=cond,
       return_trajectory=return_trajectory)
 
 
@@ -263,9 +268,18 @@ def _chain_inputs(gen_x0, process, times, x_T, key, cond):
   return jnp.stack(inputs)
 
 
-def dmd(process, *, teacher, steps: int = 1, t_min: float = 0.02, t_max: float = 0.98,
-        dm_time: str | None = None, fake_objective=None, dm_weight: float = 1.0,
-        fake_weight: float = 1.0, regression_weight: float = 0.0,
+def _check_process(process, teacher_process):
+  if teacher_process is None:
+    return
+  if type(teacher_process) is not type(process) or repr(teacher_process) != repr(process):
+    raise ValueError(f'dmd: the teacher was trained on {teacher_process!r} but the student '
+                     f'runs on {process!r}; DMD needs the teacher\'s own process')
+
+
+def dmd(process, *, teacher, teacher_process=None, steps: int = 1,
+        generator_t_max: float | None = None, t_min: float = 0.02,
+        t_max: float = 0.98, dm_time: str | None = None, fake_objective=None,
+        dm_weight: float = 1.0, fake_weight: float = 1.0, regression_weight: float = 0.0,
         regression_fn: Callable | None = None, fake_updates: int = 0,
         backward_simulation: bool = True):
   """DMD / DMD2 as one `objectives.Objective` (DMD Alg. 1; DMD2 Alg. 1); `takes_step`.
@@ -278,11 +292,15 @@ def dmd(process, *, teacher, steps: int = 1, t_min: float = 0.02, t_max: float =
   - `L_DM = 0.5 mean_d (x - sg(x - grad))²`, `grad = distribution_matching_grad(x, mu_real,
     mu_fake)` at `x_t = alpha(t) x + sigma(t) eps`, `t` from `dm_time_sampler` (DMD Eqs. 7-8),
     `x = G(x_in, t_i)`: the generator's x0_hat from the input at one of its `steps` times
-    (`generator_times`; drawn uniformly per example, DMD2 §4.5);
+    (`generator_times(process, steps, generator_t_max)`; drawn uniformly per example, DMD2
+    §4.5; sample with `sample(..., steps, t_max=generator_t_max)`);
   - `L_fake`: `fake_objective`'s loss of the fake network on `sg(x)` (DMD Eq. 6; default the
     library's preset for the teacher's kind, pass the teacher's own training objective);
   - `L_reg = mean_d (G(x_T) - sg(regression_fn(x_T, cond)))²` (DMD Eq. 9, MSE for LPIPS);
   - `gen_step = 1` when `step % (fake_updates + 1) == 0`, else 0 (DMD2 §4.2, TTUR).
+
+  `teacher_process`: the process the teacher was trained on (a `Denoiser` does not carry it);
+  when given it must be `process` (a one-line error names both).
 
   The generator term's gradient reaches only generator parameters (`mu_real`, `mu_fake` and
   the target are under stop_gradient) and the fake term's only fake parameters (it sees
@@ -292,7 +310,8 @@ def dmd(process, *, teacher, steps: int = 1, t_min: float = 0.02, t_max: float =
   """
   from diffusion_jax import objectives    # pylint: disable=import-outside-toplevel
   kind = _check_teacher(teacher, fake_objective)
-  times = generator_times(process, steps)
+  _check_process(process, teacher_process)
+  times = generator_times(process, steps, generator_t_max)
   if regression_weight < 0 or dm_weight < 0 or fake_weight < 0:
     raise ValueError(f'dmd: weights must be >= 0, got dm_weight={dm_weight}, '
                      f'fake_weight={fake_weight}, regression_weight={regression_weight}')
