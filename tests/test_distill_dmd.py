@@ -155,6 +155,53 @@ def test_gradients_reach_only_their_networks():
     assert zero(tg)
 
 
+def test_gan_term_against_a_linear_discriminator():
+  """DMD2's GAN term (§4.3) with `D(x_t) = mean_d(A x_t + C)`: `L_G = softplus(-D(x_t))`, whose
+  gradient through `x_t = alpha x + sigma eps`, `x = m + s z` is written out; a constant `D`
+  (A = 0) gives `L_D = softplus(-C) + softplus(C)` (real and fake alike)."""
+  a_, c_ = 0.7, -0.3
+  with jax.enable_x64(True):
+    def model_fn_of_gan(params, a):
+      base = model_fn_of(params)
+
+      def model_fn(x, t, cond=None, part='generator'):
+        return a * x + c_ if part == 'discriminator' else base(x, t, cond, part)
+      return model_fn
+    obj = dmd.dmd(LIN, teacher=teacher(), dm_weight=0.0, fake_weight=0.0, gan_weight=2.0,
+                  discriminator_weight=0.0)
+    f = lambda p, a: obj(model_fn_of_gan(p, a), x0_batch(), jax.random.PRNGKey(10))
+    (_, aux), grads = jax.value_and_grad(f, has_aux=True)(params_of(M_G, S_G**2), a_)
+    logit = a_ * aux['x_t'].mean(1) + c_
+    np.testing.assert_allclose(aux['loss_gan_generator'], jax.nn.softplus(-logit), rtol=1e-12)
+    alpha = 1 - aux['t']
+    dx = 2.0 * (-jax.nn.sigmoid(-logit)) * a_ * alpha / 3 / B          # [B]: d loss / d x_j
+    np.testing.assert_allclose(grads['generator']['m'], jnp.full(3, jnp.sum(dx)), rtol=1e-9)
+    _, aux = f(params_of(M_G, S_G**2), 0.0)
+    np.testing.assert_allclose(aux['loss_discriminator'],
+                               jax.nn.softplus(-c_) + jax.nn.softplus(c_), rtol=1e-12)
+
+
+def test_gan_gradients_reach_only_their_networks():
+  with jax.enable_x64(True):
+    params = generic_params(jax.random.PRNGKey(11))
+    params['discriminator'] = generic_params(jax.random.PRNGKey(12))['fake']
+    x0 = x0_batch() + 0.5
+
+    def grads(gan_weight, discriminator_weight, step):
+      obj = dmd.dmd(LIN, teacher=teacher(), dm_weight=0.0, fake_weight=0.0, fake_updates=1,
+                    gan_weight=gan_weight, discriminator_weight=discriminator_weight)
+      return jax.grad(lambda p: obj(generic_model_fn(p), x0, jax.random.PRNGKey(13),
+                                    step=step)[0])(params)
+    gen_term, disc_term = grads(1.0, 0.0, 0), grads(1.0, 1.0, 1)   # step 1: no generator term
+    norm = lambda tree: float(sum(jnp.sum(jnp.abs(leaf)) for leaf in
+                                  jax.tree_util.tree_leaves(tree)))
+    # The generator's GAN loss trains the generator only: its two terms' gradients on D's
+    # parameters are the same numbers with opposite signs (round-off at most).
+    assert norm(gen_term['generator']) > 1e-3 and norm(gen_term['discriminator']) < 1e-12
+    assert norm(disc_term['discriminator']) > 1e-3 and norm(disc_term['generator']) == 0
+    assert norm(gen_term['fake']) == 0 and norm(disc_term['fake']) == 0
+
+
 def test_two_time_scale_masking_and_optimizer():
   with jax.enable_x64(True):
     params = generic_params(jax.random.PRNGKey(4))
@@ -281,6 +328,18 @@ def test_model_wrapper_and_init_from_teacher():
     dmd.init_from_teacher(params, Tiny(4).init(jax.random.PRNGKey(1), x, t)['params'])
   with pytest.raises(ValueError, match='part='):
     model.apply({'params': both}, x, t, part='teacher')
+  # A discriminator of the teacher's architecture starts from the teacher; another keeps its own.
+  for disc, from_teacher in ((Tiny(), True), (Tiny(5), False)):
+    model = dmd.dmd_model(net, discriminator=disc)
+    params = model.init(jax.random.PRNGKey(0), x, t)['params']
+    assert set(params) == {'generator', 'fake', 'discriminator'}
+    got = dmd.init_from_teacher(params, teacher_params)['discriminator']
+    want = teacher_params if from_teacher else params['discriminator']
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+      np.testing.assert_array_equal(a, b)
+    opt = dmd.ttur_optimizer(optax.sgd(1.0), optax.sgd(1.0))
+    updates, _ = opt.update(jax.tree_util.tree_map(jnp.ones_like, params), opt.init(params))
+    assert float(updates['discriminator']['Dense_0']['bias'][0]) == -1.0
 
 
 def test_bad_inputs():

@@ -50,11 +50,14 @@ Options:
   running the current generator itself from noise (as at inference) rather than by noising
   real data (`False`: `alpha_i x0 + sigma_i eps` from the batch).
 
-Left out: DMD2's GAN term (§4.3: a classification head on the fake score network's bottleneck
-features, trained with a non-saturating loss on real vs. generated `x_t`). It needs a network
-that exposes intermediate features; the library's networks return only their prediction, so
-there is no head to attach without changing every architecture. The classifier-free-guided
-teacher of text-to-image DMD is the teacher `Denoiser` wrapped by `guidance` (not done here).
+- `gan_weight > 0`: DMD2's GAN term (§4.3), with one deviation: DMD2's discriminator is a
+  classification head on the fake score network's bottleneck features; the library's networks
+  return only their prediction, so here the discriminator is a network of its own (a third
+  part, `dmd_model(network, discriminator=...)`), its output averaged to a logit.
+
+Left out: DMD2's shared-feature discriminator head (above); LPIPS (MSE instead); DMD's fixed
+precomputed regression pairs (fresh teacher solves instead); the classifier-free-guided teacher
+of text-to-image DMD is the teacher `Denoiser` wrapped by `guidance` (not done here).
 """
 
 from typing import Callable
@@ -67,54 +70,75 @@ import optax
 
 from diffusion_jax import parameterization as param
 
-PARTS = ('generator', 'fake')
+PARTS = ('generator', 'fake')      # the two networks every DMD model has
+DISCRIMINATOR = 'discriminator'    # the optional third (the GAN term, `gan_weight > 0`)
 
 
 # --- one parameter tree for both networks ------------------------------------------------------
 
 
 class DMDModel(nn.Module):
-  """`{'generator': ..., 'fake': ...}`: two networks of the teacher's architecture.
+  """`{'generator': ..., 'fake': ...}` (and `'discriminator'` if given): the teacher's
+  architecture twice (and a discriminator network for the GAN term).
 
   `apply(params, x, t, cond, part=...)` calls one of them (default the generator, so sampling
-  code that knows nothing of DMD samples the generator); `init` creates both. Build it with
+  code that knows nothing of DMD samples the generator); `init` creates all. Build it with
   `dmd_model(network)`.
   """
   generator: nn.Module
   fake: nn.Module
+  discriminator: nn.Module | None = None
+
+  def _parts(self):
+    return PARTS + ((DISCRIMINATOR,) if self.discriminator is not None else ())
 
   def __call__(self, x, t, cond=None, *, train: bool = False, part: str = 'generator'):
-    if part not in PARTS:
-      raise ValueError(f'DMDModel: part={part!r}; choose from {PARTS}')
+    if part not in self._parts():
+      raise ValueError(f'DMDModel: part={part!r}; choose from {self._parts()}')
     if self.is_initializing() and part == 'generator':
-      self.fake(x, t, cond, train=train)     # init creates both parameter subtrees
+      for other in self._parts()[1:]:    # init creates every parameter subtree
+        getattr(self, other)(x, t, cond, train=train)
     return getattr(self, part)(x, t, cond, train=train)
 
 
-def dmd_model(network: nn.Module) -> DMDModel:
-  """A `DMDModel` whose generator and fake score both have `network`'s architecture."""
-  return DMDModel(generator=network.clone(), fake=network.clone())
+def dmd_model(network: nn.Module, discriminator: nn.Module | None = None) -> DMDModel:
+  """A `DMDModel` whose generator and fake score both have `network`'s architecture; a
+  `discriminator` network (any `(x, t, cond) -> [B, ...]`; its output's mean over non-batch
+  dimensions is the logit) enables the GAN term, e.g. `network` itself."""
+  return DMDModel(generator=network.clone(), fake=network.clone(),
+                  discriminator=None if discriminator is None else discriminator.clone())
 
 
 def init_from_teacher(params, teacher_params):
   """`{'generator': teacher, 'fake': teacher}` (DMD §3.1, §3.2: both start from the teacher).
 
-  `params` is a `DMDModel`'s parameter tree (`{'generator', 'fake'}`), `teacher_params` the
-  teacher network's; each part must have the teacher's tree structure and leaf shapes.
+  `params` is a `DMDModel`'s parameter tree (`{'generator', 'fake'}` and maybe
+  `'discriminator'`), `teacher_params` the teacher network's; the two parts must have the
+  teacher's tree structure and leaf shapes. A discriminator of the teacher's architecture
+  starts from the teacher too (DMD2 §4.3 puts its classifier on the fake score, which does);
+  another keeps its own initialisation.
   """
-  if not isinstance(params, dict) or set(params) != set(PARTS):
+  allowed = (set(PARTS), set(PARTS) | {DISCRIMINATOR})
+  if not isinstance(params, dict) or set(params) not in allowed:
     keys = sorted(params) if isinstance(params, dict) else type(params).__name__
-    raise ValueError(f'init_from_teacher: params must have keys {PARTS}, got {keys}')
+    raise ValueError(f'init_from_teacher: params must have keys {PARTS} (and maybe '
+                     f'{DISCRIMINATOR!r}), got {keys}')
   t_struct = jax.tree_util.tree_structure(teacher_params)
   t_shapes = [jnp.shape(leaf) for leaf in jax.tree_util.tree_leaves(teacher_params)]
+
+  def like_teacher(tree):
+    return (jax.tree_util.tree_structure(tree) == t_struct and
+            [jnp.shape(leaf) for leaf in jax.tree_util.tree_leaves(tree)] == t_shapes)
   for part in PARTS:
-    same = (jax.tree_util.tree_structure(params[part]) == t_struct and
-            [jnp.shape(leaf) for leaf in jax.tree_util.tree_leaves(params[part])] == t_shapes)
-    if not same:
+    if not like_teacher(params[part]):
       raise ValueError(f'init_from_teacher: params[{part!r}] does not have the teacher '
                        f'network\'s tree and shapes')
   copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)
-  return {'generator': copy(teacher_params), 'fake': copy(teacher_params)}
+  out = {'generator': copy(teacher_params), 'fake': copy(teacher_params)}
+  if DISCRIMINATOR in params:
+    disc = params[DISCRIMINATOR]
+    out[DISCRIMINATOR] = copy(teacher_params if like_teacher(disc) else disc)
+  return out
 
 
 def part_fn(model_fn, part: str):
@@ -281,7 +305,8 @@ def dmd(process, *, teacher, teacher_process=None, steps: int = 1,
         t_max: float = 0.98, dm_time: str | None = None, fake_objective=None,
         dm_weight: float = 1.0, fake_weight: float = 1.0, regression_weight: float = 0.0,
         regression_fn: Callable | None = None, fake_updates: int = 0,
-        backward_simulation: bool = True):
+        backward_simulation: bool = True, gan_weight: float = 0.0,
+        discriminator_weight: float = 1.0):
   """DMD / DMD2 as one `objectives.Objective` (DMD Alg. 1; DMD2 Alg. 1); `takes_step`.
 
   `loss(model_fn, x0, key, cond=None, *, step=0)` with `model_fn(x, t, cond, part=...)` (a
@@ -297,7 +322,18 @@ def dmd(process, *, teacher, teacher_process=None, steps: int = 1,
   - `L_fake`: `fake_objective`'s loss of the fake network on `sg(x)` (DMD Eq. 6; default the
     library's preset for the teacher's kind, pass the teacher's own training objective);
   - `L_reg = mean_d (G(x_T) - sg(regression_fn(x_T, cond)))²` (DMD Eq. 9, MSE for LPIPS);
-  - `gen_step = 1` when `step % (fake_updates + 1) == 0`, else 0 (DMD2 §4.2, TTUR).
+  - `gen_step = 1` when `step % (fake_updates + 1) == 0`, else 0 (DMD2 §4.2, TTUR);
+  - `gan_weight > 0` (DMD2 §4.3, Eq. 5): `+ gen_step * gan_weight * L_G + discriminator_weight *
+    L_D` with the non-saturating GAN losses on the logit `D(x_t, t)` (the `'discriminator'`
+    part's output averaged over dimensions, fed `network_input` of the teacher's kind):
+    `L_G = softplus(-D(x_t))` for generated `x_t = alpha x + sigma eps` (the DM's `t`, `eps`),
+    `L_D = softplus(-D(alpha x0 + sigma eps')) + softplus(D(sg(x_t)))` for real `x0`.
+    DMD2 puts `D` as a head on the fake score's bottleneck features; the library's networks
+    expose no features, so `D` is a network of its own (e.g. the teacher's architecture, started
+    from the teacher by `init_from_teacher`): a deviation from the paper. `L_G` is written as
+    `f(x_t) - f(sg(x_t)) + sg(f(x_t))`, `f = softplus(-D(.))`: same value, same gradient on `x`,
+    and the two terms' gradients on D's parameters cancel (the generator's loss must not train
+    the discriminator).
 
   `teacher_process`: the process the teacher was trained on (a `Denoiser` does not carry it);
   when given it must be `process` (a one-line error names both).
@@ -305,7 +341,8 @@ def dmd(process, *, teacher, teacher_process=None, steps: int = 1,
   The generator term's gradient reaches only generator parameters (`mu_real`, `mu_fake` and
   the target are under stop_gradient) and the fake term's only fake parameters (it sees
   `sg(x)`); the teacher never receives one. `aux`: 'loss_per_example', 't' (the DM time),
-  'loss_dm', 'loss_fake', 'loss_regression' (per example), 'generator_step', 'x' (the
+  'loss_dm', 'loss_fake', 'loss_regression', 'loss_gan_generator', 'loss_discriminator' (per
+  example), 'generator_step', 'x' (the
   generator's samples), 'x_t' and 'generator_time'.
   """
   from diffusion_jax import objectives    # pylint: disable=import-outside-toplevel
@@ -321,6 +358,9 @@ def dmd(process, *, teacher, teacher_process=None, steps: int = 1,
   if regression_weight > 0 and steps != 1:
     raise ValueError(f'dmd: the regression loss (DMD Eq. 9) is for a one-step generator; '
                      f'steps={steps}')
+  if gan_weight < 0 or discriminator_weight < 0:
+    raise ValueError(f'dmd: gan_weight={gan_weight} and discriminator_weight='
+                     f'{discriminator_weight} must be >= 0')
   if int(fake_updates) != fake_updates or fake_updates < 0:
     raise ValueError(f'dmd: fake_updates={fake_updates} must be an integer >= 0')
   period = int(fake_updates) + 1
@@ -335,7 +375,7 @@ def dmd(process, *, teacher, teacher_process=None, steps: int = 1,
     def gen_x0(x_in, t):
       return param.denoise(generator, process, kind, x_in, t, cond, sigma_data=sigma_data)[0]
 
-    k_prior, k_chain, k_i, k_t, k_eps, k_fake = jax.random.split(key, 6)
+    k_prior, k_chain, k_i, k_t, k_eps, k_fake, k_real = jax.random.split(key, 7)
     batch = x0.shape[0]
     x_T = process.prior_sample(k_prior, x0.shape, x0.dtype)
     if steps == 1:
@@ -369,11 +409,26 @@ def dmd(process, *, teacher, teacher_process=None, steps: int = 1,
 
     _, fake_aux = fake_objective.loss(fake, jax.lax.stop_gradient(x), k_fake, cond)
     l_fake = fake_aux['loss_per_example']
+    if gan_weight > 0:
+      disc = part_fn(model_fn, DISCRIMINATOR)
+
+      def logit(y):                                                               # [B]
+        out = disc(*param.network_input(kind, y, t, process, sigma_data), cond)
+        return jnp.mean(out.reshape(batch, -1), axis=-1)
+      x_t_g = process.marginal(x, eps, t)                  # gradient reaches the generator
+      real_t = process.marginal(x0, jax.random.normal(k_real, x0.shape, x0.dtype), t)
+      f_fake, f_fake_sg = jax.nn.softplus(-logit(x_t_g)), jax.nn.softplus(-logit(x_t))
+      l_gan = f_fake - f_fake_sg + jax.lax.stop_gradient(f_fake_sg)
+      l_disc = jax.nn.softplus(-logit(real_t)) + jax.nn.softplus(logit(x_t))
+    else:
+      l_gan = l_disc = jnp.zeros_like(l_dm)
     gen_step = (jnp.asarray(step) % period == 0).astype(x0.dtype)
-    per_example = (gen_step * (dm_weight * l_dm + regression_weight * l_reg)
-                   + fake_weight * l_fake)
+    per_example = (gen_step * (dm_weight * l_dm + regression_weight * l_reg
+                               + gan_weight * l_gan)
+                   + fake_weight * l_fake + discriminator_weight * l_disc)
     aux = {'loss_per_example': per_example, 't': t, 'log_snr': process.log_snr(t),
            'loss_dm': l_dm, 'loss_fake': l_fake, 'loss_regression': l_reg,
+           'loss_gan_generator': l_gan, 'loss_discriminator': l_disc,
            'generator_step': gen_step, 'x': x, 'x_t': x_t, 'generator_time': t_in}
     return jnp.mean(per_example), aux
 
@@ -419,11 +474,16 @@ def skip_zero_updates(inner: optax.GradientTransformation) -> optax.GradientTran
 
 
 def ttur_optimizer(generator_opt: optax.GradientTransformation,
-                   fake_opt: optax.GradientTransformation) -> optax.GradientTransformation:
+                   fake_opt: optax.GradientTransformation,
+                   discriminator_opt: optax.GradientTransformation | None = None
+                   ) -> optax.GradientTransformation:
   """DMD2's two time-scale update (§4.2) on a `{'generator', 'fake'}` tree: the fake score's
   optimizer every step, the generator's only on the steps where `dmd(fake_updates=k)`'s loss
-  has its generator term (`step % (k + 1) == 0`; its gradient is exactly zero otherwise)."""
+  has its generator term (`step % (k + 1) == 0`; its gradient is exactly zero otherwise).
+  A `'discriminator'` part is updated every step by `discriminator_opt` (default `fake_opt`)."""
   def labels(params):
-    return {part: jax.tree_util.tree_map(lambda _, p=part: p, params[part]) for part in PARTS}
+    return {part: jax.tree_util.tree_map(lambda _, p=part: p, tree)
+            for part, tree in params.items()}
   return optax.multi_transform({'generator': skip_zero_updates(generator_opt),
-                                'fake': fake_opt}, labels)
+                                'fake': fake_opt,
+                                DISCRIMINATOR: discriminator_opt or fake_opt}, labels)
