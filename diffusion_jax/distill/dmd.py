@@ -3,7 +3,7 @@
 DMD = "One-step Diffusion with Distribution Matching Distillation" (CVPR 2024); DMD2 =
 "Improved Distribution Matching Distillation for Fast Image Synthesis" (NeurIPS 2024).
 
-A generator `G_theta` maps prior noise to data in one call (or a few, DMD2 §4.5). It is trained
+A generator `G_theta` maps prior noise to data in one call (or a few, DMD2 §4.4). It is trained
 to make the distribution of its samples match the teacher's: the gradient of
 `KL(p_fake || p_real)` after diffusing both to time `t` (DMD Eq. 7) is
 `E[ -(s_real(x_t, t) - s_fake(x_t, t)) dG/dtheta ]`, with `s_real` the frozen teacher's score
@@ -14,7 +14,7 @@ Here, on the library's one convention (DESIGN §1-3):
 
 - The generator is a network of the TEACHER's prediction kind, read as its `x0_hat` at fixed
   times: `x = x0_hat(x_{t_i}, t_i)`, `t_0 = t_max = 1` (one step: `x = G(x_T)`), DMD2's few-step
-  times `generator_times(process, steps)` = `t_max (steps - i) / steps` (DMD2 §4.5: timesteps
+  times `generator_times(process, steps)` = `t_max (steps - i) / steps` (DMD2 §4.4: timesteps
   999, 749, 499, 249 of 1000 for 4 steps). It starts from the teacher's weights (DMD §3.1), so
   at initialisation it is the teacher's one-step prediction. It is sampled by
   `make_denoiser(generator_fn, process, objective)` and `samplers.consistency_multistep_sample(
@@ -22,8 +22,8 @@ Here, on the library's one convention (DESIGN §1-3):
 - The real score is the teacher `Denoiser`; the fake score is a network of the teacher's kind
   and architecture, trained by the teacher's own objective (`fake_objective`) on
   `stop_gradient(x)` (DMD Eq. 6; DMD2 §4.1).
-- Both networks live in one parameter tree `{'generator': ..., 'fake': ...}` (`DMDModel`); the
-  loss calls `model_fn(x, t, cond, part='generator' | 'fake')`.
+- Both networks live in one parameter tree `{'generator': ..., 'fake': ...}` (`DMDModel`, plus
+  `'discriminator'` for the GAN option); the loss calls `model_fn(x, t, cond, part=...)`.
 
 Scores and denoisers: `s(x_t, t) = -(x_t - alpha mu(x_t, t)) / sigma²` (DMD Eq. 3), so
 `s_fake - s_real = alpha (mu_fake - mu_real) / sigma²`; with DMD's weighting (Eq. 8)
@@ -43,13 +43,12 @@ Options:
   DMD precomputes a fixed set of noise-image pairs; here the teacher's ODE is solved for fresh
   noise inside the loss (the same target law, at the cost of the teacher's steps per batch).
 - `fake_updates = k > 0`: DMD2's two time-scale update rule (§4.2): the fake score is updated
-  `k` times per generator update (DMD2 uses 5 for ImageNet, 10 for SDXL). On steps with
+  `k` times per generator update (DMD2 uses 5). On steps with
   `step % (k + 1) != 0` the generator term is multiplied by 0; the generator's optimizer must
   then not move it either (Adam's momentum would): `ttur_optimizer` does that.
 - `backward_simulation` (DMD2 §4.5): the few-step generator's input at `t_i < t_0` is made by
   running the current generator itself from noise (as at inference) rather than by noising
   real data (`False`: `alpha_i x0 + sigma_i eps` from the batch).
-
 - `gan_weight > 0`: DMD2's GAN term (§4.3), with one deviation: DMD2's discriminator is a
   classification head on the fake score network's bottleneck features; the library's networks
   return only their prediction, so here the discriminator is a network of its own (a third
@@ -154,7 +153,7 @@ def part_fn(model_fn, part: str):
 def generator_times(process, steps: int = 1, t_max: float | None = None) -> np.ndarray:
   """The decreasing times the generator is trained and sampled at: `t_max (steps - i) / steps`.
 
-  One step is `[t_max]` (DMD); four are `[1, .75, .5, .25]` (DMD2 §4.5, timesteps 999, 749,
+  One step is `[t_max]` (DMD); four are `[1, .75, .5, .25]` (DMD2 §4.4, timesteps 999, 749,
   499, 249). Pass them as `times=` to `samplers.consistency_multistep_sample`. `t_max`
   defaults to the process's (1); an eps- or score-prediction teacher on a VP process whose
   `alpha(1)` is ~0 divides by it there (`x0 = (x - sigma eps) / alpha`), so give it `t_max < 1`
@@ -171,7 +170,7 @@ def generator_times(process, steps: int = 1, t_max: float | None = None) -> np.n
 def sample(denoiser, process, x_T, key=None, *, steps: int = 1, cond=None,
            t_max: float | None = None, return_trajectory: bool = False):
   """Samples a DMD generator in `steps` calls on `generator_times(process, steps)`: its x0_hat
-  at `t_0 = 1`, then `x <- alpha_i x0_hat + sigma_i z` and x0_hat again (DMD2 §4.5; this is
+  at `t_0 = 1`, then `x <- alpha_i x0_hat + sigma_i z` and x0_hat again (DMD2 §4.4; this is
   `samplers.consistency_multistep_sample` with those times). A generator trained with
   `steps = S` is trained at exactly the times of every `steps` dividing `S`."""
   from diffusion_jax.samplers import consistency    # pylint: disable=import-outside-toplevel
@@ -312,20 +311,22 @@ def dmd(process, *, teacher, teacher_process=None, steps: int = 1,
   `loss(model_fn, x0, key, cond=None, *, step=0)` with `model_fn(x, t, cond, part=...)` (a
   `DMDModel`'s apply; `part_fn` takes one part). Per example:
 
-    gen_step * (dm_weight * L_DM + regression_weight * L_reg) + fake_weight * L_fake,
+    gen_step * (dm_weight * L_DM + regression_weight * L_reg + gan_weight * L_G)
+      + fake_weight * L_fake + discriminator_weight * L_D,
 
   - `L_DM = 0.5 mean_d (x - sg(x - grad))²`, `grad = distribution_matching_grad(x, mu_real,
     mu_fake)` at `x_t = alpha(t) x + sigma(t) eps`, `t` from `dm_time_sampler` (DMD Eqs. 7-8),
     `x = G(x_in, t_i)`: the generator's x0_hat from the input at one of its `steps` times
     (`generator_times(process, steps, generator_t_max)`; drawn uniformly per example, DMD2
-    §4.5; sample with `sample(..., steps, t_max=generator_t_max)`);
+    §4.4, inputs by backward simulation §4.5; sample with `sample(..., steps=steps,
+    t_max=generator_t_max)`);
   - `L_fake`: `fake_objective`'s loss of the fake network on `sg(x)` (DMD Eq. 6; default the
     library's preset for the teacher's kind, pass the teacher's own training objective);
   - `L_reg = mean_d (G(x_T) - sg(regression_fn(x_T, cond)))²` (DMD Eq. 9, MSE for LPIPS);
   - `gen_step = 1` when `step % (fake_updates + 1) == 0`, else 0 (DMD2 §4.2, TTUR);
-  - `gan_weight > 0` (DMD2 §4.3, Eq. 5): `+ gen_step * gan_weight * L_G + discriminator_weight *
-    L_D` with the non-saturating GAN losses on the logit `D(x_t, t)` (the `'discriminator'`
-    part's output averaged over dimensions, fed `network_input` of the teacher's kind):
+  - `gan_weight > 0` (DMD2 §4.3; else `L_G = L_D = 0`): the non-saturating GAN losses on the
+    logit `D(x_t, t)` (the `'discriminator'` part's output averaged over dimensions, fed
+    `network_input` of the teacher's kind):
     `L_G = softplus(-D(x_t))` for generated `x_t = alpha x + sigma eps` (the DM's `t`, `eps`),
     `L_D = softplus(-D(alpha x0 + sigma eps')) + softplus(D(sg(x_t)))` for real `x0`.
     DMD2 puts `D` as a head on the fake score's bottleneck features; the library's networks
@@ -342,8 +343,7 @@ def dmd(process, *, teacher, teacher_process=None, steps: int = 1,
   the target are under stop_gradient) and the fake term's only fake parameters (it sees
   `sg(x)`); the teacher never receives one. `aux`: 'loss_per_example', 't' (the DM time),
   'loss_dm', 'loss_fake', 'loss_regression', 'loss_gan_generator', 'loss_discriminator' (per
-  example), 'generator_step', 'x' (the
-  generator's samples), 'x_t' and 'generator_time'.
+  example), 'generator_step', 'x' (the generator's samples), 'x_t' and 'generator_time'.
   """
   from diffusion_jax import objectives    # pylint: disable=import-outside-toplevel
   kind = _check_teacher(teacher, fake_objective)
