@@ -21,6 +21,9 @@ Methods (`ablation.runs`; pick some with `--config.ablation.methods=cd,ct`):
                weights, each round the teacher of the next
   reflow       reflow (Liu et al. 2022): a flow on the linear interpolant trained on the
                teacher's (noise, 8-step DPM-Solver++ 2M sample) pairs, sampled with Euler
+  scd, sct     continuous-time consistency distillation / training, sCM (Lu & Song 2024) on
+               TrigFlow with adaptive weighting; the EDM teacher converted exactly by log-SNR;
+               the network's time embedding at time_scale 1 (sCM §4.1's stable conditioning)
 """
 
 import ml_collections
@@ -38,6 +41,12 @@ RUNS = {
                    objective=dict(name='reflow', teacher_steps=8,
                                   teacher_sampler='dpm_solver_pp_2m'),
                    teacher=True, sampler='flow_euler'),
+    'scd': dict(process=dict(name='trigflow', sigma_data=0.5),
+                objective=dict(name='scm_distillation'), model=dict(time_scale=1.0),
+                teacher=True, sampler='consistency', times='scm'),
+    'sct': dict(process=dict(name='trigflow', sigma_data=0.5),
+                objective=dict(name='scm_training'), model=dict(time_scale=1.0),
+                sampler='consistency', times='scm'),
 }
 
 

@@ -325,6 +325,9 @@ def make_denoiser(model_fn: ModelFn, process, objective, clip_x0: float | None =
                        f'{objective.name!r}; pass them only with a kind string')
     kind, sigma_data = objective.kind, objective.sigma_data
     learned_variance = objective.learned_variance
+  if kind == 'trigflow':     # sCM's TrigFlow networks (`distill.trigflow`): their own rotation
+    from diffusion_jax.distill import trigflow  # pylint: disable=g-import-not-at-top (a cycle)
+    return trigflow.trigflow_denoiser(model_fn, process, clip_x0=clip_x0)
   _check_kind(kind)
   if kind != 'consistency':
     sigma_min = None

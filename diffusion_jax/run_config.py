@@ -232,6 +232,15 @@ def section_defaults(model_name: str | None = None) -> dict:
   return out
 
 
+def _for_objective(model, objective):
+  """The network an objective trains: sCM's (kind 'trigflow') carries its learned adaptive
+  weighting `w(tau)` beside it (`distill.trigflow.TimeWeighted`, params {'net', 'weight'})."""
+  if objective.kind == 'trigflow':
+    from diffusion_jax.distill import trigflow  # pylint: disable=g-import-not-at-top
+    return trigflow.TimeWeighted(model, time_scale=getattr(model, 'time_scale', 1000.0))
+  return model
+
+
 def build_model(model_config) -> Any:
   """The Flax module named by `model_config.name` (a `MODELS` key), its fields checked."""
   model_cfg = dict(model_config)
@@ -261,7 +270,7 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
         config.teacher, config, section_defaults(config.model.get('name')), _teacher_parts,
         same_process=config.objective.get('name') not in objectives.ANY_TEACHER_PROCESS)
   objective = _build_objective(config.objective, process, teacher)
-  model = build_model(config.model)
+  model = _for_objective(build_model(config.model), objective)
   base = None
   if 'base' in config:
     # A distillation's student may start from the teacher's weights with its own objective.
@@ -330,7 +339,7 @@ def _teacher_parts(run_config):
           _teacher_parts,
           same_process=run_config.objective.get('name') not in objectives.ANY_TEACHER_PROCESS)
     objective = _build_objective(run_config.objective, process, grand)
-    return process, objective, build_model(run_config.model)
+    return process, objective, _for_objective(build_model(run_config.model), objective)
   except ConfigError as e:
     raise ConfigError(f'config.teacher: the teacher run\'s {e}') from None
 

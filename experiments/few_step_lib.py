@@ -20,10 +20,13 @@ from diffusion_jax import samplers
 from diffusion_jax import train_loop
 from diffusion_jax.configuration import ConfigError
 from diffusion_jax.distill import progressive
+from diffusion_jax.distill import trigflow
 from experiments import ablation_lib as alib
 
 SPEC_KEYS = ('process', 'objective', 'model', 'sample', 'train', 'teacher', 'init', 'sampler',
-             'rounds', 'start_steps', 'steps_key', 'nfes', 'label')
+             'rounds', 'start_steps', 'steps_key', 'nfes', 'times')
+# `times`: how a method's sampling times depend on its steps ('scm': sCM's, `trigflow.
+# sample_times`); a progressive round samples on its own grid (`progressive.student_times`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +36,7 @@ class Stage:
   seed: int
   config: ml_collections.ConfigDict
   run_dir: str
-  cells: tuple                 # ((sampler, nfe budget, steps or None), ...)
+  cells: tuple                 # ((sampler, nfe budget, steps or None, options or None), ...)
 
 
 def _copy(config) -> ml_collections.ConfigDict:
@@ -67,7 +70,8 @@ def _student_config(base, spec: dict, seed: int, num_steps: int, teacher_dir: st
       c[section].update(spec[section])
   c.train.num_steps = int(num_steps)
   c.train.checkpoint_every = min(int(c.train.checkpoint_every), int(num_steps))
-  if c.objective.name == 'consistency_training' and 'total_steps' not in c.objective:
+  if c.objective.name in ('consistency_training', 'scm_training') and \
+      'total_steps' not in c.objective:
     c.objective.total_steps = int(num_steps)    # the curriculum spans the whole run
   c.seed = int(seed)
   if spec.get('teacher'):
@@ -95,8 +99,8 @@ def make_plan(config, workdir: str) -> list[Stage]:
   t.eval.enabled = False
   if ab.teacher_sampler not in samplers.SAMPLERS:
     raise ConfigError(f'config.ablation.teacher_sampler={ab.teacher_sampler!r}: not a sampler')
-  cells = tuple((ab.teacher_sampler, n, None) for n in nfes)
-  cells += ((t.sample.sampler, int(ab.teacher_nfe), None),)
+  cells = tuple((ab.teacher_sampler, n, None, None) for n in nfes)
+  cells += ((t.sample.sampler, int(ab.teacher_nfe), None, None),)
   plan = [Stage('teacher', 'teacher', int(ab.teacher_seed), t, teacher_dir, cells)]
   for name in methods:
     spec = _spec(ab, name)
@@ -108,7 +112,7 @@ def make_plan(config, workdir: str) -> list[Stage]:
                             max(method_nfes))
         plan.append(Stage(f'{name}_s{seed}', name, seed, c,
                           os.path.join(runs_dir, f'{name}_s{seed}'),
-                          tuple((spec['sampler'], n, None) for n in method_nfes)))
+                          tuple(_cell(spec, n) for n in method_nfes)))
         continue
       # Progressive distillation: round r halves the steps of round r - 1's student (the
       # teacher's `start_steps` before round 0); each round's student teaches the next.
@@ -128,12 +132,25 @@ def make_plan(config, workdir: str) -> list[Stage]:
         # The student samples on exactly the grid it was distilled on.
         grid = progressive.student_times(run_config.build_process(c.process), steps,
                                          c.objective.get('grid', 'uniform'))
-        c.sample.options.grid = tuple(float(x) for x in grid)
+        options = {'grid': tuple(float(x) for x in grid)}
+        c.sample.options.update(options)
         run_dir = os.path.join(runs_dir, f'{name}_s{seed}_r{r}')
-        measured = tuple((spec['sampler'], n, steps) for n in method_nfes if n == steps)
+        measured = tuple((spec['sampler'], n, steps, options) for n in method_nfes
+                         if n == steps)
         plan.append(Stage(f'{name}_s{seed}_r{r}', name, seed, c, run_dir, measured))
         previous = run_dir
   return plan
+
+
+def _cell(spec: dict, nfe: int) -> tuple:
+  """`(sampler, nfe, steps, options)` of a method at an NFE budget (steps None: the most
+  that fit, `ablation_lib.steps_for_nfe`)."""
+  if spec.get('times') is None:
+    return spec['sampler'], nfe, None, None
+  if spec['times'] != 'scm':
+    raise ConfigError(f"config.ablation.runs: times={spec['times']!r}; only 'scm' is known")
+  return spec['sampler'], nfe, nfe, {'times': tuple(float(t) for t in
+                                                    trigflow.sample_times(nfe))}
 
 
 def _train(stage: Stage) -> float:
@@ -158,7 +175,7 @@ def run_plan(plan: list[Stage], config, cache_dir: str) -> list[dict]:
   _, ab = alib.base_and_ablation(config)
   num = int(ab.num_samples)
   total = sum(s.config.train.num_steps for s in plan)
-  total += sum(alib.sample_units(n, num, s.config) for s in plan for _, n, _ in s.cells)
+  total += sum(alib.sample_units(n, num, s.config) for s in plan for _, n, *_ in s.cells)
   progress = alib.SweepProgress(total, f'few-step ablation ({len(plan)} runs)')
   metric = alib.metric_name(config)
   rows, spent = [], collections.defaultdict(float)
@@ -169,16 +186,19 @@ def run_plan(plan: list[Stage], config, cache_dir: str) -> list[dict]:
       progress.done(stage.config.train.num_steps, f'{stage.name} trained')
       setup = run_config.build(stage.config)
       final = int(stage.config.train.num_steps)
-      for sampler, nfe, steps in stage.cells:
+      for sampler, nfe, steps, options in stage.cells:
         if steps is None:
           steps, _ = alib.steps_for_nfe(sampler, setup, nfe)
         if not steps:
           continue
-        keep = 'grid' in stage.config.sample.get('options', {})   # a progressive round's grid
+        cfg = _copy(stage.config)
+        if options:
+          cfg.sample.options = dict(options)
+          cfg.sample.steps = int(steps)
         result = alib.cached(
             os.path.join(stage.run_dir, f'eval_{sampler}_{steps}.json'), final,
-            lambda: alib.measure(stage.run_dir, stage.config, sampler, steps, num, cache_dir,
-                                 keep_options=keep))
+            lambda: alib.measure(stage.run_dir, cfg, sampler, steps, num, cache_dir,
+                                 keep_options=bool(options)))
         rows.append({'method': stage.method, 'seed': stage.seed, 'stage': stage.name,
                      'sampler': sampler, 'nfe_budget': nfe, **result,
                      'ratio': result[metric] / result[f'{metric}_floor']})

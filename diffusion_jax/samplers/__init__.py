@@ -76,7 +76,9 @@ SAMPLERS = {
 SAMPLER_OPTIONS = dict(
     grid=str, spacing=str, variance=str, eta=float, rho=float, t_min=float, s_churn=float,
     order=int, method=str, variant=str, rtol=float, atol=float, solver=str, snr=float,
-    corrector_steps=int, lower_order_final=bool)
+    corrector_steps=int, lower_order_final=bool, times=tuple)
 # The types a value may have: `grid` is a name or an explicit sequence of times
-# (`grids.explicit_times`; set in a config file, or as a list in a saved config.json).
-SAMPLER_OPTION_TYPES = {**SAMPLER_OPTIONS, 'grid': str | tuple[float, ...]}
+# (`grids.explicit_times`; set in a config file, or as a list in a saved config.json);
+# `times` is the consistency sampler's own evaluation times (e.g. sCM's, `distill.trigflow`).
+SAMPLER_OPTION_TYPES = {**SAMPLER_OPTIONS, 'grid': str | tuple[float, ...],
+                        'times': tuple[float, ...]}
