@@ -33,6 +33,14 @@ prediction kind is 'mean_velocity'; it is sampled by jumps (`make_flow_map`,
 `samplers.flow_map_sample`), and the plain samplers refuse it. The paper's classifier-free
 guidance variant (§4.2) is not implemented; class labels are passed through as
 ordinary conditioning.
+
+Measured on the 2-D eight-Gaussians mixture (tests/test_distill_meanflow.py, slow; MLP, 3,000
+Adam steps; sliced Wasserstein over the data floor at 1 / 2 / 4 jumps): the network's time
+embedding matters, since the target differentiates the network in `t`: with the MLP's default
+sinusoidal `time_scale = 1000` the tangent is dominated by high frequencies and the plain loss
+(`adaptive_p = 0`) does not train (5.7: the prior's score), while `time_scale = 1` gives 1.51 /
+1.22 / 1.29. The paper's adaptive weight (`p = 1`, a robust loss whose minimiser is not the
+conditional mean of the noisy target) is worse on this low-dimensional task: 2.17 / 2.85 / 3.02.
 """
 
 import jax
