@@ -24,6 +24,9 @@ Methods (`ablation.runs`; pick some with `--config.ablation.methods=cd,ct`):
   scd, sct     continuous-time consistency distillation / training, sCM (Lu & Song 2024) on
                TrigFlow with adaptive weighting; the EDM teacher converted exactly by log-SNR;
                the network's time embedding at time_scale 1 (sCM §4.1's stable conditioning)
+  dmd          DMD2 (Yin et al. 2024): a 4-step generator and a fake score, both from the
+               teacher's weights, distribution matching with 4 fake-score updates per
+               generator update (TTUR), no GAN term; sampled at 1, 2 and 4 of its times
 """
 
 import ml_collections
@@ -47,6 +50,8 @@ RUNS = {
     'sct': dict(process=dict(name='trigflow', sigma_data=0.5),
                 objective=dict(name='scm_training'), model=dict(time_scale=1.0),
                 sampler='consistency', times='scm'),
+    'dmd': dict(objective=dict(name='dmd', steps=4, fake_updates=4), teacher=True,
+                sampler='consistency', times='dmd', nfes='1,2,4'),
 }
 
 

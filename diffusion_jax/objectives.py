@@ -449,14 +449,18 @@ OBJECTIVES = {
 # The objectives that learn from a trained model: their constructors take the teacher's
 # `parameterization.Denoiser` as `teacher=` (a run gets it from `config.teacher`).
 NEEDS_TEACHER = frozenset({'consistency_distillation', 'progressive_distillation', 'reflow',
-                           'scm_distillation'})
+                           'scm_distillation', 'dmd'})
 # Of those, the ones that use only the teacher's whole noise -> data map (not its denoiser on
 # the student's path) or convert it exactly by log-SNR (sCD), so the teacher may come from
 # another process; they take that process as `teacher_process=`.
 ANY_TEACHER_PROCESS = frozenset({'reflow', 'scm_distillation'})
+# DMD trains a fake score beside its generator with the teacher's own objective
+# (`fake_objective=`), and checks the teacher's process itself (`teacher_process=`).
+TAKES_TEACHER_OBJECTIVE = frozenset({'dmd'})
 
 # The few-step methods (`diffusion_jax.distill`) build on the record above, so they register
 # here, after it exists.
+from diffusion_jax.distill import dmd as _dmd  # noqa: E402
 from diffusion_jax.distill import progressive as _progressive  # noqa: E402
 from diffusion_jax.distill import reflow as _reflow  # noqa: E402
 from diffusion_jax.distill import trigflow as _trigflow  # noqa: E402
@@ -466,4 +470,5 @@ OBJECTIVES.update({
     'reflow': _reflow.reflow,
     'scm_training': _trigflow.scm_training,
     'scm_distillation': _trigflow.scm_distillation,
+    'dmd': _dmd.dmd,
 })

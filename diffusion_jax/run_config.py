@@ -234,10 +234,15 @@ def section_defaults(model_name: str | None = None) -> dict:
 
 def _for_objective(model, objective):
   """The network an objective trains: sCM's (kind 'trigflow') carries its learned adaptive
-  weighting `w(tau)` beside it (`distill.trigflow.TimeWeighted`, params {'net', 'weight'})."""
+  weighting `w(tau)` beside it (`distill.trigflow.TimeWeighted`, params {'net', 'weight'});
+  DMD's is a generator and a fake score (`distill.dmd.DMDModel`, {'generator', 'fake'}), both
+  started from the teacher's weights (`run_state.init_state_fn`)."""
   if objective.kind == 'trigflow':
     from diffusion_jax.distill import trigflow  # pylint: disable=g-import-not-at-top
     return trigflow.TimeWeighted(model, time_scale=getattr(model, 'time_scale', 1000.0))
+  if objective.name == 'dmd':      # a generator and a fake score, both the teacher's network
+    from diffusion_jax.distill import dmd  # pylint: disable=g-import-not-at-top
+    return dmd.dmd_model(model)
   return model
 
 
@@ -459,8 +464,10 @@ def _build_objective(section, process, teacher=None) -> objectives.Objective:
       raise ConfigError(f'config.objective.name={name!r} distils a trained model: set '
                         f'config.teacher.workdir to the teacher run')
     values['teacher'] = teacher.denoiser()
-    if name in objectives.ANY_TEACHER_PROCESS:
+    if name in objectives.ANY_TEACHER_PROCESS | objectives.TAKES_TEACHER_OBJECTIVE:
       values['teacher_process'] = teacher.process
+    if name in objectives.TAKES_TEACHER_OBJECTIVE and not teacher.objective.learned_variance:
+      values['fake_objective'] = teacher.objective
   elif teacher is not None:
     raise ConfigError(f'config.teacher is set but config.objective.name={name!r} learns from '
                       f'data alone; distillations are {sorted(objectives.NEEDS_TEACHER)}')

@@ -26,7 +26,7 @@ def init_state_fn(setup: Setup, optimizer, ema_fn):
   if isinstance(setup, latent.AutoencoderSetup):
     return latent.init_fn(setup, optimizer, ema_fn, posthoc_fn=posthoc_fn)
 
-  def init(key, pretrained=None, base=None):
+  def init(key, pretrained=None, base=None, teacher=None):
     k_params, k_state = jax.random.split(key)
     x = jax.numpy.zeros((1,) + tuple(setup.image_shape), jax.numpy.float32)
     t = jax.numpy.zeros((1,), jax.numpy.float32)
@@ -39,6 +39,9 @@ def init_state_fn(setup: Setup, optimizer, ema_fn):
                                                                          pretrained)}
     if base is not None:            # a trained run's EMA parameters (`config.base`)
       params = finetune.attach(setup.model, params, base)
+    if teacher is not None:         # DMD: generator and fake score start as the teacher
+      from diffusion_jax.distill import dmd  # pylint: disable=g-import-not-at-top
+      params = dmd.init_from_teacher(params, teacher)
     return training.init_train_state(params, optimizer, ema_fn, k_state, posthoc_fn=posthoc_fn)
   return init
 
@@ -47,6 +50,20 @@ def pretrained_params(setup: Setup):
   """The text encoder's pretrained parameters, read now (text.encoder='clip'), else None."""
   load = getattr(getattr(setup, 'text', None), 'pretrained', None)
   return None if load is None else load()
+
+
+def _is_dmd(model) -> bool:
+  from diffusion_jax.distill import dmd  # pylint: disable=g-import-not-at-top
+  return isinstance(model, dmd.DMDModel)
+
+
+def teacher_params(setup: Setup):
+  """The teacher's EMA parameters, read now, for a model that starts from them (DMD's two
+  parts); else None."""
+  teacher = getattr(setup, 'teacher', None)
+  if teacher is None or not _is_dmd(setup.model):
+    return None
+  return teacher.load()[0]
 
 
 def base_params(setup: Setup):
@@ -91,6 +108,11 @@ def _optimizer_and_ema(setup: Setup):
                                   rampup_ratio=t.ema_rampup_ratio or None)
             if t.ema_halflife_kimg > 0 else training.ema(t.ema_decay))
   frozen = getattr(setup, 'frozen', ())
+  if _is_dmd(getattr(setup, 'model', None)):
+    # DMD2's two time-scale update: the generator's optimizer moves only on its own steps.
+    from diffusion_jax.distill import dmd  # pylint: disable=g-import-not-at-top
+    parts = [training.make_optimizer(setup.optim, setup.train.num_steps) for _ in range(2)]
+    return dmd.ttur_optimizer(*parts), ema_fn
   return training.make_optimizer(setup.optim, setup.train.num_steps, frozen=frozen), ema_fn
 
 

@@ -79,6 +79,7 @@ from diffusion_jax.run_state import build_setup
 from diffusion_jax.run_state import init_state_fn
 from diffusion_jax.run_state import posthoc_tracker
 from diffusion_jax.run_state import pretrained_params
+from diffusion_jax.run_state import teacher_params
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,8 @@ def _resume_and_run(config, setup: Setup, mesh, workdir, ckpt, lock, init, targe
   if state is None:
     base = base_params(setup)
     pretrained = None if base is not None else pretrained_params(setup)
-    extra = {k: v for k, v in (('pretrained', pretrained), ('base', base)) if v is not None}
+    extra = {k: v for k, v in (('pretrained', pretrained), ('base', base),
+                               ('teacher', teacher_params(setup))) if v is not None}
     state = jax.jit(init, out_shardings=state_sh)(k_init, **extra)
     if getattr(setup, 'base', None) is not None and is_main:
       print(f'Starting from the trained run {setup.base.config.workdir}', flush=True)

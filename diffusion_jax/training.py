@@ -184,8 +184,9 @@ def make_train_step(objective, apply_fn, optimizer: optax.GradientTransformation
     cond = None if key_name is None else (
         {key_name: batch[key_name]} if key_name == 'tokens' else batch[key_name])
 
-    def model_fn(x_t, t, c):
-      return apply_fn({'params': params}, x_t, t, c, train=True, rngs={'dropout': key_dropout})
+    def model_fn(x_t, t, c, **kw):   # kw: a multi-part model's part (DMD's 'generator', 'fake')
+      return apply_fn({'params': params}, x_t, t, c, train=True, rngs={'dropout': key_dropout},
+                      **kw)
     extra = {'step': step} if takes_step else {}
     loss, _ = objective(model_fn, batch['image'], key_obj, cond, **extra)
     return loss, ({}, model_state)

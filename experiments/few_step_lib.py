@@ -19,6 +19,7 @@ from diffusion_jax import run_config
 from diffusion_jax import samplers
 from diffusion_jax import train_loop
 from diffusion_jax.configuration import ConfigError
+from diffusion_jax.distill import dmd
 from diffusion_jax.distill import progressive
 from diffusion_jax.distill import trigflow
 from experiments import ablation_lib as alib
@@ -112,7 +113,8 @@ def make_plan(config, workdir: str) -> list[Stage]:
                             max(method_nfes))
         plan.append(Stage(f'{name}_s{seed}', name, seed, c,
                           os.path.join(runs_dir, f'{name}_s{seed}'),
-                          tuple(_cell(spec, n) for n in method_nfes)))
+                          tuple(_cell(spec, n, run_config.build_process(c.process))
+                                for n in method_nfes)))
         continue
       # Progressive distillation: round r halves the steps of round r - 1's student (the
       # teacher's `start_steps` before round 0); each round's student teaches the next.
@@ -142,15 +144,18 @@ def make_plan(config, workdir: str) -> list[Stage]:
   return plan
 
 
-def _cell(spec: dict, nfe: int) -> tuple:
+def _cell(spec: dict, nfe: int, process) -> tuple:
   """`(sampler, nfe, steps, options)` of a method at an NFE budget (steps None: the most
   that fit, `ablation_lib.steps_for_nfe`)."""
   if spec.get('times') is None:
     return spec['sampler'], nfe, None, None
-  if spec['times'] != 'scm':
-    raise ConfigError(f"config.ablation.runs: times={spec['times']!r}; only 'scm' is known")
-  return spec['sampler'], nfe, nfe, {'times': tuple(float(t) for t in
-                                                    trigflow.sample_times(nfe))}
+  if spec['times'] == 'scm':
+    times = trigflow.sample_times(nfe)
+  elif spec['times'] == 'dmd':
+    times = dmd.generator_times(process, nfe)
+  else:
+    raise ConfigError(f"config.ablation.runs: times={spec['times']!r}; choose 'scm' or 'dmd'")
+  return spec['sampler'], nfe, nfe, {'times': tuple(float(t) for t in times)}
 
 
 def _train(stage: Stage) -> float:

@@ -398,3 +398,15 @@ def test_learns_a_two_mode_mixture():
   for side, m in ((right, means[1]), (~right, means[0])):
     assert np.all(np.abs(x[side].mean(0) - m) < 0.5)
     assert np.all((0.5 * np.sqrt(0.1) < x[side].std(0)) & (x[side].std(0) < 1.5 * np.sqrt(0.1)))
+
+
+def test_generator_times_on_edm_are_karras_levels():
+  # On EDM (t = sigma / 80) DMD2's positions 1, 3/4, 1/2, 1/4 are read on Karras et al.'s
+  # rho = 7 grid between sigma_min = 0.002 and sigma_max = 80, written out:
+  # sigma(u) = (0.002^(1/7) + u (80^(1/7) - 0.002^(1/7)))^7.
+  edm = processes.PROCESSES['edm']()
+  u = np.array([1.0, 0.75, 0.5, 0.25])
+  want = (0.002 ** (1 / 7) + u * (80.0 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7 / 80.0
+  np.testing.assert_allclose(dmd.generator_times(edm, 4), want, rtol=1e-9)
+  # Elsewhere the positions are the times (DMD2's 999, 749, 499, 249 of 1000).
+  np.testing.assert_allclose(dmd.generator_times(processes.PROCESSES['vp_cosine'](), 4), u)

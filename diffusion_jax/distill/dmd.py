@@ -151,20 +151,28 @@ def part_fn(model_fn, part: str):
 
 
 def generator_times(process, steps: int = 1, t_max: float | None = None) -> np.ndarray:
-  """The decreasing times the generator is trained and sampled at: `t_max (steps - i) / steps`.
+  """The decreasing times the generator is trained and sampled at: `t_max (steps - i) / steps`,
+  read on a process with alpha = 1 (EDM, VE) as positions on Karras et al.'s rho = 7 grid of
+  its noise levels (`progressive.grid_times`; uniform `t` there is uniform sigma, whose 3/4
+  step would still be at sigma 20 on EDM), as `dm_time_sampler` reads DMD's draws.
 
   One step is `[t_max]` (DMD); four are `[1, .75, .5, .25]` (DMD2 §4.4, timesteps 999, 749,
-  499, 249). Pass them as `times=` to `samplers.consistency_multistep_sample`. `t_max`
-  defaults to the process's (1); an eps- or score-prediction teacher on a VP process whose
-  `alpha(1)` is ~0 divides by it there (`x0 = (x - sigma eps) / alpha`), so give it `t_max < 1`
-  (DMD's Stable Diffusion teachers start at t = 999 / 1000 where alpha is ~0.07).
+  499, 249; on EDM sigma 80, 17.5, 2.5, 0.17). Pass them as `times=` to
+  `samplers.consistency_multistep_sample`. `t_max` defaults to the process's (1); an eps- or
+  score-prediction teacher on a VP process whose `alpha(1)` is ~0 divides by it there
+  (`x0 = (x - sigma eps) / alpha`), so give it `t_max < 1` (DMD's Stable Diffusion teachers
+  start at t = 999 / 1000 where alpha is ~0.07).
   """
   if int(steps) != steps or steps < 1:
     raise ValueError(f'generator_times: steps={steps} must be an integer >= 1')
   t_max = float(getattr(process, 't_max', 1.0) if t_max is None else t_max)
   if not 0.0 < t_max <= 1.0:
     raise ValueError(f'generator_times: t_max={t_max} must lie in (0, 1]')
-  return t_max * (int(steps) - np.arange(int(steps))) / int(steps)
+  u = t_max * (int(steps) - np.arange(int(steps))) / int(steps)
+  if _unit_alpha(process):
+    from diffusion_jax.distill import progressive  # pylint: disable=import-outside-toplevel
+    return progressive.grid_times(process, u, 'karras')
+  return u
 
 
 def sample(denoiser, process, x_T, key=None, *, steps: int = 1, cond=None,
