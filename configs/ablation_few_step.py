@@ -27,6 +27,11 @@ Methods (`ablation.runs`; pick some with `--config.ablation.methods=cd,ct`):
   dmd          DMD2 (Yin et al. 2024): a 4-step generator and a fake score, both from the
                teacher's weights, distribution matching with 4 fake-score updates per
                generator update (TTUR), no GAN term; sampled at 1, 2 and 4 of its times
+  meanflow     MeanFlow (Geng et al. 2025): the average velocity u(z, r, t) on the linear
+               interpolant, from data; plain squared loss (adaptive_p = 0) and time_scale 1
+               (the helper's 2-D study: the paper's p = 1 and a 1000x time embedding train badly)
+  shortcut     shortcut models (Frans et al. 2024): s(x, t, d), flow matching plus
+               self-consistency on a quarter of the batch, from data
 """
 
 import ml_collections
@@ -52,6 +57,10 @@ RUNS = {
                 sampler='consistency', times='scm'),
     'dmd': dict(objective=dict(name='dmd', steps=4, fake_updates=4), teacher=True,
                 sampler='consistency', times='dmd', nfes='1,2,4'),
+    'meanflow': dict(process=dict(name='linear'), objective=dict(name='meanflow', adaptive_p=0.0),
+                     model=dict(delta_input=True, time_scale=1.0), sampler='flow_map'),
+    'shortcut': dict(process=dict(name='linear'), objective=dict(name='shortcut'),
+                     model=dict(delta_input=True), sampler='flow_map'),
 }
 
 

@@ -461,8 +461,10 @@ TAKES_TEACHER_OBJECTIVE = frozenset({'dmd'})
 # The few-step methods (`diffusion_jax.distill`) build on the record above, so they register
 # here, after it exists.
 from diffusion_jax.distill import dmd as _dmd  # noqa: E402
+from diffusion_jax.distill import meanflow as _meanflow  # noqa: E402
 from diffusion_jax.distill import progressive as _progressive  # noqa: E402
 from diffusion_jax.distill import reflow as _reflow  # noqa: E402
+from diffusion_jax.distill import shortcut as _shortcut  # noqa: E402
 from diffusion_jax.distill import trigflow as _trigflow  # noqa: E402
 
 OBJECTIVES.update({
@@ -471,4 +473,6 @@ OBJECTIVES.update({
     'scm_training': _trigflow.scm_training,
     'scm_distillation': _trigflow.scm_distillation,
     'dmd': _dmd.dmd,
+    'meanflow': _meanflow.meanflow,
+    'shortcut': _shortcut.shortcut,
 })

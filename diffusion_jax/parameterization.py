@@ -301,7 +301,9 @@ def as_denoiser(denoiser) -> Denoiser:
 def make_denoiser(model_fn: ModelFn, process, objective, clip_x0: float | None = None, *,
                   sigma_data: float | None = None, learned_variance: bool = False,
                   sigma_min: float | None = None) -> Denoiser:
-  """Wraps a network into the `Denoiser` samplers consume.
+  """Wraps a network into the `Denoiser` samplers consume (for sCM's 'trigflow' kind its own
+  denoiser, `distill.trigflow`; for a flow-map kind, `FLOW_MAP_KINDS`, the `FlowMap` that only
+  `samplers.flow_map_sample` takes, every other sampler refusing it in one line).
 
   `objective` is the `objectives.Objective` the network was trained with: it says the
   prediction kind, `sigma_data` and whether the output carries a learned variance, so
@@ -328,6 +330,11 @@ def make_denoiser(model_fn: ModelFn, process, objective, clip_x0: float | None =
   if kind == 'trigflow':     # sCM's TrigFlow networks (`distill.trigflow`): their own rotation
     from diffusion_jax.distill import trigflow  # pylint: disable=g-import-not-at-top (a cycle)
     return trigflow.trigflow_denoiser(model_fn, process, clip_x0=clip_x0)
+  if kind in FLOW_MAP_KINDS:  # MeanFlow, shortcut: a FlowMap, which plain samplers refuse
+    from diffusion_jax.distill import meanflow  # pylint: disable=g-import-not-at-top
+    from diffusion_jax.distill import shortcut  # pylint: disable=g-import-not-at-top
+    build = {'mean_velocity': meanflow.make_flow_map, 'shortcut': shortcut.make_flow_map}[kind]
+    return build(model_fn, process, kind)
   _check_kind(kind)
   if kind != 'consistency':
     sigma_min = None

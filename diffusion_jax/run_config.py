@@ -35,6 +35,7 @@ from diffusion_jax.configuration import ConfigError
 from diffusion_jax.data import derived
 from diffusion_jax.data import sources
 from diffusion_jax.models import MODELS
+from diffusion_jax.models import layers
 from diffusion_jax.models.autoencoder import AUTOENCODERS
 from diffusion_jax.text import conditioning as text_conditioning
 
@@ -591,9 +592,13 @@ def check_sampler(sample: SampleConfig, process, objective: objectives.Objective
                         f'{k!r}; its options are {accepted}')
   configuration.check_keys('sample.options', sample.options, samplers.SAMPLER_OPTION_TYPES)
 
-  denoiser = parameterization.Denoiser(
-      lambda x, t, cond=None: (x, x), kind=objective.kind,
-      with_variance=(lambda x, t, cond=None: (x, x, x)) if objective.learned_variance else None)
+  if objective.kind in parameterization.FLOW_MAP_KINDS:     # MeanFlow, shortcut
+    denoiser = parameterization.FlowMap(lambda x, t, s, cond=None: x, kind=objective.kind)
+  else:
+    denoiser = parameterization.Denoiser(
+        lambda x, t, cond=None: (x, x), kind=objective.kind,
+        with_variance=(lambda x, t, cond=None: (x, x, x)) if objective.learned_variance
+        else None)
   x = jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.float32)
   try:
     jax.eval_shape(lambda x: fn(denoiser, process, x, jax.random.key(0), steps=sample.steps,
@@ -606,13 +611,17 @@ def check_sampler(sample: SampleConfig, process, objective: objectives.Objective
 def example_cond(model, batch: int = 1, condition=None, image_shape=None):
   """A `cond` of the kind `model` takes, for `init`: zeros of an image-derived `condition`'s
   shape (for images of `image_shape`), `{'tokens': [B, L]}` for a text-conditioned model,
-  labels `[B]` for a class-conditional one, else None."""
+  labels `[B]` for a class-conditional one, else None; with a second time input
+  (`delta_input`: MeanFlow, shortcut models) a zero `'delta'` beside it."""
   if condition is not None:
     return jnp.zeros((batch,) + condition.shape(image_shape), jnp.float32)
   length = getattr(model, 'context_length', 0)
   if length:
     return {'tokens': jnp.zeros((batch, length), jnp.int32)}
-  return jnp.zeros((batch,), jnp.int32) if getattr(model, 'num_classes', 0) > 0 else None
+  cond = jnp.zeros((batch,), jnp.int32) if getattr(model, 'num_classes', 0) > 0 else None
+  if getattr(model, 'delta_input', False):
+    cond = layers.with_delta(cond, jnp.zeros((batch,), jnp.float32))
+  return cond
 
 
 def _check_model(model, image_shape, condition=None):

@@ -42,7 +42,8 @@ def main(argv):
   cache_dir = config.eval.cache_dir or cli.default_cache_dir()
   with cli.user_errors():
     names = (lib.split_list(_SAMPLERS.value, 'samplers') if _SAMPLERS.value
-             else [s for s in samplers.SAMPLERS if s != 'adaptive'])
+             else [s for s in samplers.SAMPLERS
+                   if s != 'adaptive' and s not in samplers.FLOW_MAP_SAMPLERS])
     nfes = lib.split_list(_NFES.value, 'nfes', int)
     setup = run_config.build(config)
     cells = [(s, n, *lib.steps_for_nfe(s, setup, n)) for s in names for n in nfes

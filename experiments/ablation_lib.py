@@ -128,7 +128,10 @@ def nfe_of(sampler: str, setup, steps: int) -> float:
 def _traced_nfe(sampler: str, steps: int, process, kind: str, image_shape: tuple) -> float:
   out = {}
 
-  den = parameterization.Denoiser(lambda x, t, cond=None: (x, x), kind=kind)
+  if kind in parameterization.FLOW_MAP_KINDS:      # MeanFlow, shortcut: sampled by jumps
+    den = parameterization.FlowMap(lambda x, t, s, cond=None: x, kind=kind)
+  else:
+    den = parameterization.Denoiser(lambda x, t, cond=None: (x, x), kind=kind)
 
   def f(x):
     y, info = samplers.SAMPLERS[sampler](den, process, x, jax.random.key(0), steps=steps)

@@ -58,7 +58,8 @@ ADAPTIVE_RTOLS = (1e-2, 1e-3, 1e-4)
 NOTES = ('Notes: `consistency` here re-noises and denoises with the exact denoiser, which is not '
          'a consistency function, so it is not expected to converge with NFE; it is listed for '
          'its cost. Grids are each sampler\'s default (\'auto\' for DPM-Solver, '
-         'DPM-Solver++, UniPC, iPNDM and Euler, Karras for heun, trailing for ddpm/ddim); '
+         'DPM-Solver++, UniPC, iPNDM, Euler and heun (heun\'s own rule, below 20 steps: one '
+         'Euler step to log-SNR -3, then Heun; Karras from 20), trailing for ddpm/ddim); '
          'the flow_* solvers refuse this DiscreteVP (—); on this schedule the Karras grid '
          'starts at sigma/alpha = 157, where Heun with 3-5 steps overshoots. `adaptive` '
          'pays for the kinks of the DiscreteVP alpha(t) with rejected steps.'
@@ -71,11 +72,15 @@ NOTES = ('Notes: `consistency` here re-noises and denoises with the exact denois
 FEW_NOTES = ('Notes: "default now" is each sampler with no options; for DPM-Solver (1-3), '
              'DPM-Solver++, UniPC, iPNDM (also variant fixed) and Euler that is '
              '`grid=\'auto\'` (`samplers.defaults`: one step from t = 1 straight to log-SNR '
-             '-4, then uniform log-SNR up to 1.5 + 0.4 steps, below 20 steps). The DP schedule '
+             '-4, then uniform log-SNR up to 1.5 + 0.4 steps, below 20 steps); singlestep '
+             'DPM-Solver-3 takes that first step as one DDIM step up to 3 grid times (5 calls). '
+             'Heun\'s default is its own rule (`defaults`, rule \'heun\'): one Euler step from '
+             't = 1 straight to log-SNR -3, then Heun on uniform log-SNR up to steps - 2, '
+             '2 steps - 2 calls, below 20 steps. The DP schedule '
              'is searched (GITS cost, Euler steps) on 512 other prior draws (key 7) for the '
-             'step count the default run uses. Hand-picked: every grid, t_min and Karras rho '
-             'of the old options (`HAND_GRIDS`, `HAND_T_MINS`), best per NFE on these very '
-             'draws, so it is an optimistic bar.\n')
+             'step count a named grid runs at that NFE. Hand-picked: every grid, t_min and '
+             'Karras rho of the old options (`HAND_GRIDS`, `HAND_T_MINS`), best per NFE on '
+             'these very draws, so it is an optimistic bar.\n')
 
 
 def _timed(fn, *args, repeats=3):
@@ -222,10 +227,10 @@ def few_step_table(names, batch, handpicked: bool):
     got = {}
     for label, options in settings:
       got[label] = [err(name, n, options) for n in FEW_NFES]
-    if 'grid' in params:           # the DP schedule of the same steps as the default run
-      errs = []
+    if 'grid' in params:           # the DP schedule of the steps a named grid runs at n
+      errs = []                    # (the 'auto' jump of heun / DPM-Solver-3 saves calls)
       for n in FEW_NFES:
-        steps = _steps_for(samplers.SAMPLERS[name], den, proc, x_T, n, {})
+        steps = _steps_for(samplers.SAMPLERS[name], den, proc, x_T, n, {'grid': 'log_snr'})
         if steps is None:
           errs.append(None)
           continue
@@ -311,7 +316,8 @@ def compiled_vs_python(nfe: int = 50, batch: int = 256, dim: int = 64):
 def main(argv):
   del argv
   names = _SAMPLERS.value or [n for n in samplers.SAMPLERS if 'sampler' not in
-                              inspect.signature(samplers.SAMPLERS[n]).parameters]
+                              inspect.signature(samplers.SAMPLERS[n]).parameters
+                              and n not in samplers.FLOW_MAP_SAMPLERS]
   names = names + [n for n in OPTIONS if _SAMPLERS.value is None]
   nfes = [int(n) for n in _NFES.value]
   machine = (f'{platform.processor() or platform.machine()}, {jax.devices()[0].platform} '

@@ -93,7 +93,8 @@ STRENGTH_ONE_DEFAULT = ('ddpm',)
 
 @pytest.mark.parametrize('name', [n if n in STRENGTH_ONE_DEFAULT else
                                   pytest.param(n, marks=pytest.mark.slow)
-                                  for n in samplers.SAMPLERS])
+                                  for n in samplers.SAMPLERS
+                                  if n not in samplers.FLOW_MAP_SAMPLERS])
 def test_strength_one_is_plain_sampling_from_the_same_draw(name):
   """Strength 1 on DiscreteVP: the same output as the sampler called on `alpha(1) x0 +
   sigma(1) eps` (same key halves), to float32 rounding of the two compiled programs."""

@@ -51,7 +51,7 @@ def test_a_distillation_uses_the_teacher_runs_ema_denoiser(teacher_run, tmp_path
   t = jnp.linspace(0.1, 0.9, 5)
   got = setup.teacher.denoiser()(x, t)
   want = direct(x, t)
-  for a, b in zip(got, want):
+  for a, b in zip(got, want, strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert setup.teacher.denoiser().kind == 'edm' and setup.teacher.loaded_step == step == 3
   # It trains through the loop, and every checkpoint says which teacher step it learnt from.

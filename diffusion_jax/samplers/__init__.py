@@ -37,6 +37,7 @@ from diffusion_jax.samplers.ode import flow_euler_sample
 from diffusion_jax.samplers.ode import flow_heun_sample
 from diffusion_jax.samplers.ode import flow_midpoint_sample
 from diffusion_jax.samplers.ode import flow_rk4_sample
+from diffusion_jax.samplers.flow_map import flow_map_sample
 from diffusion_jax.samplers.ode import flow_sample
 from diffusion_jax.samplers.ode import heun_sample
 from diffusion_jax.samplers.ode import velocity
@@ -69,7 +70,11 @@ SAMPLERS = {
     'pc': pc_sample,
     'consistency': consistency_multistep_sample,
     'adaptive': adaptive_sample,
+    'flow_map': flow_map_sample,
 }
+# The samplers of a `parameterization.FlowMap` (MeanFlow, shortcut models) rather than of a
+# denoiser; every other sampler refuses a FlowMap in one line, and these refuse a denoiser.
+FLOW_MAP_SAMPLERS = ('flow_map',)
 
 # The keyword options a run's config may set (`config.sample.options`), name -> type; a sampler
 # takes those of them in its signature, and an unset one keeps the sampler's default.
