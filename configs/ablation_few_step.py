@@ -74,7 +74,7 @@ def get_config(arg: str = 'digits') -> ml_collections.ConfigDict:
     c.model = digits.model_section(name='mlp', hidden=128, depth=3)
     c.train.update(batch_size=512, log_every=250)
     c.sample.update(clip_x0=0.0, batch_size=5000, grid_size=2000)
-    teacher_steps, student_steps, num = 3000, 1500, 5000
+    teacher_steps, student_steps, num = 2000, 1000, 5000
   c.train.update(num_steps=teacher_steps, checkpoint_every=500)
   c.eval.enabled = False
   c.ablation = ml_collections.ConfigDict(dict(
