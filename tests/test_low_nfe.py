@@ -160,3 +160,94 @@ def test_a_stored_schedule_is_a_grid(tmp_path):
   with pytest.raises(ValueError, match=r'schedule .*schedule.json: has 3 times for steps=3, '
                                        r'not steps=4'):
     samplers.dpm_solver_pp_2m_sample(den, PROC, x_T, steps=4, grid=path)
+
+
+def _heun_written_out(den, x, t):
+  """Karras et al. (2022, Alg. 2) without churn in `y = x / alpha`, `s = sigma / alpha`, on the
+  times `t`, the first interval an Euler step, then `x0_hat` at the last time (written out from
+  the denoiser and the process, not through the sampler)."""
+  a = np.asarray(PROC.alpha(jnp.asarray(t)))
+  s = np.asarray(PROC.sigma(jnp.asarray(t))) / a
+  traj = [x]
+  for i in range(len(t) - 1):
+    d1 = den(x, t[i])[1]
+    y = x / a[i] + (s[i + 1] - s[i]) * d1
+    if i > 0:                                   # Heun: the trapezoid with the slope at the end
+      d2 = den(a[i + 1] * y, t[i + 1])[1]
+      y = x / a[i] + (s[i + 1] - s[i]) * 0.5 * (d1 + d2)
+    x = a[i + 1] * y
+    traj.append(x)
+  return den(x, t[-1])[0], traj
+
+
+def test_heun_auto_is_one_euler_jump_then_heun_written_out():
+  """Heun's default below 20 steps: t = 1, then uniform log-SNR from -3 (-4 from 15 steps) to
+  steps - 2 (5 steps: -3, -1, 1, 3); the first step Euler, the rest Heun, then x0_hat: 2 * 5 - 2
+  = 8 calls. From 20 steps on, and with final='t_min', it is the Karras grid, all Heun."""
+  with jax.enable_x64(True):
+    den = analytic.gmm_denoiser(W, MEANS, S2, PROC)
+    x_T = jax.random.normal(jax.random.key(1), (32, 2), jnp.float64)
+    t = defaults.auto_times(PROC, 5, rule='heun')
+    assert t[0] == 1.0
+    np.testing.assert_allclose(_lam(t[1:]), [-3.0, -1.0, 1.0, 3.0], atol=1e-9)
+    # From 15 steps the jump is to -4, and the end 15 - 2 = 13 is past lambda(t_min) ~ 9.21.
+    t15 = defaults.auto_times(PROC, 15, rule='heun')
+    assert t15[0] == 1.0 and t15[-1] == PROC.t_min
+    np.testing.assert_allclose(_lam(t15[1:]), np.linspace(-4.0, _lam(PROC.t_min), 14), atol=1e-9)
+    x, info = samplers.heun_sample(den, PROC, x_T, steps=5, return_trajectory=True)
+    assert info['nfe'] == 8
+    want, traj = _heun_written_out(den, x_T, t)
+    np.testing.assert_allclose(info['trajectory'][1], traj[1], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(x, want, rtol=1e-10, atol=1e-10)
+    for steps, final in ((20, 'data'), (4, 't_min')):
+      a = samplers.heun_sample(den, PROC, x_T, steps=steps, final=final)
+      b = samplers.heun_sample(den, PROC, x_T, steps=steps, final=final, grid='karras')
+      np.testing.assert_array_equal(a[0], b[0])
+      assert a[1]['nfe'] == b[1]['nfe'] == 2 * steps - (final == 'data')
+
+
+def test_dpm_solver_3_auto_takes_the_jump_as_ddim_up_to_3_steps():
+  """Singlestep DPM-Solver-3 on 'auto' with 3 grid times (t = 1, log-SNR -4, 2.7): the jump is
+  one DDIM step, x_1 = alpha_1 x0_hat + sigma_1 eps_hat at t = 1 (Song et al. 2021, Eq. 12), so
+  1 + 3 + 1 = 5 calls; from 4 grid times on every step is third order (3 * 3 + 1 = 10 calls),
+  as on the same grid given explicitly."""
+  with jax.enable_x64(True):
+    den = analytic.gmm_denoiser(W, MEANS, S2, PROC)
+    x_T = jax.random.normal(jax.random.key(1), (32, 2), jnp.float64)
+    x, info = samplers.dpm_solver_3_sample(den, PROC, x_T, steps=3, return_trajectory=True)
+    assert info['nfe'] == 5
+    t1 = defaults.auto_times(PROC, 3)[1]
+    np.testing.assert_allclose(_lam(t1), -4.0, atol=1e-9)
+    x0, eps = den(x_T, 1.0)
+    np.testing.assert_allclose(info['trajectory'][1], PROC.alpha(t1) * x0 + PROC.sigma(t1) * eps,
+                               rtol=1e-10, atol=1e-10)
+    a = samplers.dpm_solver_3_sample(den, PROC, x_T, steps=4)
+    b = samplers.dpm_solver_3_sample(den, PROC, x_T, steps=4,
+                                     grid=tuple(defaults.auto_times(PROC, 4)))
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1]['nfe'] == b[1]['nfe'] == 10
+
+
+# The bar for the staged samplers, with the old defaults' errors and the best hand-picked old
+# options (c6cd45a: every grid x t_min x Karras rho of the benchmark's sweep) written out, as
+# measured on the benchmark's draws: (name, target NFE, steps, old default, best hand-picked).
+# Heun's old default is Karras (rho 7) at 3 / 5 steps (5 / 9 calls); its best hand-picked are
+# 'trailing' (3 steps) and 't' with t_min = 0.08 (5 steps). DPM-Solver-3's old default is
+# uniform log-SNR (2 / 4 steps); its hand-picked bars are the issue's (0.86 / 0.16).
+STAGED_BARS = [('heun', 5, 3, 4.325, 0.441), ('heun', 10, 6, 1.832, 0.207),
+               pytest.param('dpm_solver_3', 5, 3, 36.5, 0.86, marks=pytest.mark.slow),
+               pytest.param('dpm_solver_3', 10, 4, 0.375, 0.16, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize('name,nfe,steps,old,hand', STAGED_BARS)
+def test_staged_samplers_meet_the_few_step_bar(benchmark_problem, name, nfe, steps, old, hand):
+  """The no-option default at the most steps whose NFE fits: at most half the old default's
+  error and no more than the best hand-picked old option's (the reference here is DPM-Solver++
+  3M on 400 steps; the benchmark's Heun on 4,000 differs from it by < 1e-6)."""
+  den, x_T, ref = benchmark_problem
+  fn = samplers.SAMPLERS[name]
+  with jax.enable_x64(True):
+    x, info = fn(den, PROC, x_T, steps=steps)
+    assert info['nfe'] <= nfe
+    err = float(jnp.sqrt(jnp.mean(jnp.sum((x - ref) ** 2, -1))))
+    assert err <= min(0.5 * old, hand), (name, nfe, err)

@@ -23,6 +23,7 @@ import numpy as np
 
 from diffusion_jax.parameterization import expand_like
 from diffusion_jax.samplers import _common
+from diffusion_jax.samplers import defaults
 
 
 def euler_step(denoiser, x, t, alpha_next, sigma_next, cond=None):
@@ -36,17 +37,24 @@ def euler_step(denoiser, x, t, alpha_next, sigma_next, cond=None):
   return alpha_next * x0 + sigma_next * eps
 
 
-def heun_step(denoiser, x, t, alpha, s, t_next, alpha_next, s_next, cond=None):
+def heun_step(denoiser, x, t, alpha, s, t_next, alpha_next, s_next, cond=None, euler=None):
   """One Heun step of `dy/ds = eps_hat` from `(t, alpha, s)` to `(t_next, alpha_next, s_next)`,
   `s = sigma / alpha > 0` at both (Karras et al. 2022, Alg. 2, lines 5-8): an Euler step to
   `s_next` corrected with the slope there (trapezoid). 2 calls.
 
   `t`, `t_next` are scalars or `[B]`; the coefficients are scalars or broadcast against `x`.
+  `euler` (a boolean scalar, traced or not; None: never) returns the Euler step uncorrected
+  where true, with 1 call (`lax.cond` skips the corrector's).
   """
   _, d1 = denoiser(x, t, cond)
   y_euler = x / alpha + (s_next - s) * d1
-  _, d2 = denoiser(alpha_next * y_euler, t_next, cond)
-  return alpha_next * (x / alpha + (s_next - s) * 0.5 * (d1 + d2))
+
+  def corrected(_):
+    _, d2 = denoiser(alpha_next * y_euler, t_next, cond)
+    return alpha_next * (x / alpha + (s_next - s) * 0.5 * (d1 + d2))
+  if euler is None:
+    return corrected(None)
+  return jax.lax.cond(euler, lambda _: alpha_next * y_euler, corrected, None)
 
 
 def euler_sample(denoiser, process, x_T, key=None, *, steps: int, cond=None,
@@ -79,7 +87,7 @@ def _churn_gammas(s: np.ndarray, steps: int, s_churn, s_tmin, s_tmax):
 
 
 def heun_sample(denoiser, process, x_T, key=None, *, steps: int, cond=None,
-                grid: str = 'karras', t_min=None, t_max: float = 1.0, rho: float = 7.0,
+                grid: str = 'auto', t_min=None, t_max: float = 1.0, rho: float = 7.0,
                 final: str = 'data', s_churn: float = 0.0, s_tmin: float = 0.0,
                 s_tmax: float = float('inf'), s_noise: float = 1.0,
                 return_trajectory: bool = False):
@@ -89,11 +97,28 @@ def heun_sample(denoiser, process, x_T, key=None, *, steps: int, cond=None,
   `s_hat = s_i (1 + gamma)`, `gamma = min(s_churn / steps, sqrt 2 - 1)`, by adding
   `sqrt(s_hat² - s_i²) s_noise` fresh noise (in `x / alpha`); then an Euler step to
   `s_{i+1}` is corrected with the slope there (trapezoid). The step to data (sigma = 0) is
-  Euler (Alg. 2, line 8). Calls: `2 steps - 1` with `final='data'`, `2 steps` otherwise.
-  `s_churn = 0` (the default) is deterministic and needs no key.
+  Euler (Alg. 2, line 8). Calls: `2 steps - 1` with `final='data'`, `2 steps` otherwise, one
+  fewer on the few-step 'auto' grid. `s_churn = 0` (the default) is deterministic and needs no
+  key.
+
+  Default grid 'auto' (`samplers.defaults`, rule 'heun'): below 20 steps with `final='data'`,
+  the first step goes from `t_max` straight down to log-SNR -3 (-4 from 15 steps on) as one
+  Euler step, then Heun steps on a uniform log-SNR grid up to `steps - 2`: `2 steps - 2` calls.
+  At that noise level `x0_hat` hardly moves, so Euler is exact up to its change (Heun's
+  trapezoid over so long a step is not: it weights the slope at the low end by half), and the
+  long first step saves the steps a grid from the prior's noise level spends there. On the
+  benchmark mixture: 0.21 / 0.062 at 4 / 10 calls, against 4.3 / 1.8 at 5 / 9 on the Karras
+  grid. Otherwise (20 steps or more, or `final='t_min'`, the convergence setting) 'auto' is
+  'karras'. Any other grid is Heun throughout.
   """
   if s_churn < 0 or s_noise < 0:
     raise ValueError(f's_churn={s_churn} and s_noise={s_noise} must be >= 0')
+  first_euler = False
+  if isinstance(grid, str) and grid == 'auto':
+    first_euler = defaults.auto_jumps(process, steps, t_min=t_min, t_max=t_max, final=final,
+                                      rule='heun')
+    grid = (tuple(defaults.auto_times(process, steps, t_min=t_min, t_max=t_max, rule='heun'))
+            if final == 'data' and steps < defaults.AUTO_MAX_STEPS else 'karras')
   g = _common.make_grid(process, steps, x_T, grid, t_min, t_max, rho, final)
   _common.require_finite_log_snr(g, 'heun_sample')
   stochastic = s_churn > 0
@@ -123,13 +148,15 @@ def heun_sample(denoiser, process, x_T, key=None, *, steps: int, cond=None,
             jnp.where(churned, a_hat, a_i), jnp.where(churned, s_hat, s_i))
 
   def step(x, inputs):
-    t_i, a_i, s_i, t_n, a_n, s_n, gamma, k = inputs
+    t_i, a_i, s_i, t_n, a_n, s_n, gamma, k, euler = inputs
     x_hat, t_hat, a_hat, s_hat = churn(x, t_i, a_i, s_i, gamma, k)
-    return heun_step(denoiser, x_hat, t_hat, a_hat, s_hat, t_n, a_n, s_n, cond)
+    return heun_step(denoiser, x_hat, t_hat, a_hat, s_hat, t_n, a_n, s_n, cond,
+                     euler if first_euler else None)
 
-  xs = (t[:-1], alpha[:-1], s[:-1], t[1:], alpha[1:], s[1:], gam[:-1], keys[:-1])
+  euler = np.arange(n - 1) < int(first_euler)        # the jump, if any, is one Euler step
+  xs = (t[:-1], alpha[:-1], s[:-1], t[1:], alpha[1:], s[1:], gam[:-1], keys[:-1], euler)
   x, traj = _common.scan(step, x_T, xs, return_trajectory)
-  calls = 2 * (n - 1)
+  calls = 2 * (n - 1) - int(first_euler)
   if g.to_data:
     x, t_last, _, _ = churn(x, t[-1], alpha[-1], s[-1], gam[-1], keys[-1])
   else:
