@@ -277,6 +277,10 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
         same_process=config.objective.get('name') not in objectives.ANY_TEACHER_PROCESS)
   objective = _build_objective(config.objective, process, teacher)
   model = _for_objective(build_model(config.model), objective)
+  if objective.kind in parameterization.FLOW_MAP_KINDS and not getattr(model, 'delta_input',
+                                                                         False):
+    raise ConfigError(f'config.objective.name={objective.name!r} feeds the network a second '
+                      f'time (cond["delta"]): set config.model.delta_input=True')
   base = None
   if 'base' in config:
     # A distillation's student may start from the teacher's weights with its own objective.
