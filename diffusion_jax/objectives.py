@@ -454,6 +454,11 @@ NEEDS_TEACHER = frozenset({'consistency_distillation', 'progressive_distillation
 # the student's path) or convert it exactly by log-SNR (sCD), so the teacher may come from
 # another process; they take that process as `teacher_process=`.
 ANY_TEACHER_PROCESS = frozenset({'reflow', 'scm_distillation'})
+# Objectives whose networks map noise to data in one or a few jumps (consistency models, DMD
+# generators, MeanFlow, shortcut models): not denoisers of the probability-flow ODE, so no
+# distillation can learn from them as a teacher.
+FEW_STEP_MAPS = frozenset({'consistency_training', 'consistency_distillation', 'scm_training',
+                           'scm_distillation', 'dmd', 'meanflow', 'shortcut'})
 # DMD trains a fake score beside its generator with the teacher's own objective
 # (`fake_objective=`), and checks the teacher's process itself (`teacher_process=`).
 TAKES_TEACHER_OBJECTIVE = frozenset({'dmd'})

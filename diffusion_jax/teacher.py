@@ -30,6 +30,7 @@ import ml_collections
 
 from diffusion_jax import configuration
 from diffusion_jax import finetune
+from diffusion_jax import objectives
 from diffusion_jax import parameterization
 from diffusion_jax.configuration import ConfigError
 
@@ -108,6 +109,11 @@ def build_teacher(section, config, defaults: dict, build_parts, *,
       raise ConfigError(f'config.teacher.workdir={teacher.workdir!r} is a run with '
                         f'config.{name}: a teacher must be a whole class-conditional or '
                         f'unconditional network (no adapter, no text encoder)')
+  kind_of = run_config.get('objective', {}).get('name')
+  if kind_of in objectives.FEW_STEP_MAPS:
+    raise ConfigError(f'config.teacher.workdir={teacher.workdir!r} trained {kind_of!r}, a '
+                      f'few-step map from noise to data, not a denoiser of the probability-flow '
+                      f'ODE: a teacher must be a diffusion or flow model')
   if same_process:
     check_same_process(config, run_config, workdir, defaults)
   process, objective, model = build_parts(run_config)

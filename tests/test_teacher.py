@@ -125,3 +125,14 @@ def test_reflow_may_straighten_a_teacher_of_another_process(tmp_path):
   with pytest.raises(ConfigError, match=r"config.process.name='linear' but the teacher run .* "
                      r"has 'edm'"):
     run_config.build(c)
+
+
+def test_a_few_step_map_cannot_teach(tmp_path):
+  # A consistency model (or a DMD generator, a MeanFlow or shortcut model) maps noise to data
+  # in jumps; its "denoiser" is not the PF-ODE's, so a distillation from it would be wrong.
+  teacher = _toy(objective=dict(name='consistency_training', total_steps=3))
+  c = _toy(objective=dict(name='consistency_distillation'))
+  c.teacher = dict(workdir=_written(tmp_path, teacher))
+  with pytest.raises(ConfigError, match=r"trained 'consistency_training', a few-step map from "
+                     r"noise to data, not a denoiser of the probability-flow ODE"):
+    run_config.build(c)
