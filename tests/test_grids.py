@@ -52,7 +52,7 @@ def test_karras_grid_is_edm_eq5_without_duplicated_or_zero_length_last_step():
   # The 'edm' grid is the same on the EDM process; Heun on it costs 2 * 18 - 1 = 35 calls.
   np.testing.assert_allclose(samplers.time_grid(proc, 18, 'edm').sigma, expected, rtol=1e-5)
   den, count = st.counting(analytic.gaussian_denoiser(np.zeros(2), np.ones(2), proc))
-  x, info = jax.jit(lambda x: samplers.heun_sample(den, proc, x, steps=18,
+  x, info = jax.jit(lambda x: samplers.heun_sample(den, proc, x, steps=18, grid='karras',
                                                    return_trajectory=True))(jnp.ones((3, 2)))
   jax.effects_barrier()
   assert info['nfe'] == 35 == count()

@@ -426,8 +426,8 @@ def test_heun_adds_no_noise_at_levels_without_churn():
     g = karras_grid(proc, STEPS)
     x_T = jnp.asarray(x_prior(proc), jnp.float32)
     trajs = [np.asarray(samplers.heun_sample(
-        jax_denoiser(proc), proc, x_T, jax.random.key(3), steps=STEPS, s_churn=5.0,
-        s_tmax=10.0, s_noise=noise, return_trajectory=True)[1]['trajectory'])
+        jax_denoiser(proc), proc, x_T, jax.random.key(3), steps=STEPS, grid='karras',
+        s_churn=5.0, s_tmax=10.0, s_noise=noise, return_trajectory=True)[1]['trajectory'])
         for noise in (0.0, 1.0)]
     first_churned = int(np.argmax(g.sigma <= 10.0))          # 2: levels 80, 30 have none
     assert first_churned == 2
