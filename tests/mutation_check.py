@@ -676,6 +676,32 @@ MUTATIONS = [
 ]
 
 
+# Issue 24, Heun's and DPM-Solver-3's few-step defaults (helper H, 12 of 12 killed).
+T_H = ['tests/test_low_nfe.py']
+MUTATIONS += [
+    (S + 'defaults.py', 'HEUN_JUMP_LOG_SNR = -3.0', 'HEUN_JUMP_LOG_SNR = -2.0', T_H),
+    (S + 'defaults.py', 'HEUN_END_OFFSET, HEUN_END_SLOPE = -2.0, 1.0',
+     'HEUN_END_OFFSET, HEUN_END_SLOPE = -1.0, 1.0', T_H),
+    (S + 'defaults.py', 'HEUN_SHORT_JUMP_STEPS, HEUN_SHORT_JUMP_LOG_SNR = 15, -4.0',
+     'HEUN_SHORT_JUMP_STEPS, HEUN_SHORT_JUMP_LOG_SNR = 15, -5.0', T_H),
+    (S + 'defaults.py',
+     'jump = HEUN_JUMP_LOG_SNR if steps < HEUN_SHORT_JUMP_STEPS else HEUN_SHORT_JUMP_LOG_SNR',
+     'jump = HEUN_JUMP_LOG_SNR', T_H),
+    (S + 'defaults.py', 'DPM3_DDIM_JUMP_MAX_STEPS = 3', 'DPM3_DDIM_JUMP_MAX_STEPS = 4', T_H),
+    (S + 'defaults.py', 'return bool(lam[0] < jump and lam[1] == jump)', 'return False', T_H),
+    (S + 'ode.py', 'euler = np.arange(n - 1) < int(first_euler)',
+     'euler = np.arange(n - 1) <= int(first_euler)', T_H),
+    (S + 'ode.py', 'return jax.lax.cond(euler, lambda _: alpha_next * y_euler, corrected, None)',
+     'return jax.lax.cond(euler, corrected, lambda _: alpha_next * y_euler, None)', T_H),
+    (S + 'ode.py', 'calls = 2 * (n - 1) - int(first_euler)', 'calls = 2 * (n - 1)', T_H),
+    (S + 'ode.py', "if final == 'data' and steps < defaults.AUTO_MAX_STEPS else 'karras')",
+     "if final == 'data' else 'karras')", T_H),
+    (S + 'dpm_solver.py', 'return jax.lax.cond(first_order, lambda: A * x + B * eps_s,',
+     'return jax.lax.cond(first_order, lambda: A * x - B * eps_s,', T_H),
+    (S + 'dpm_solver.py', 'calls = order * (t.shape[0] - 1) - (order - 1) * int(first_ddim)',
+     'calls = order * (t.shape[0] - 1) - order * int(first_ddim)', T_H),
+]
+
 # Issue 22, the few-step methods (diffusion_jax/distill, samplers/flow_map.py, the models'
 # second time input); each helper checked its own on a private copy, all killed.
 PD, RF = 'diffusion_jax/distill/progressive.py', 'diffusion_jax/distill/reflow.py'
