@@ -271,7 +271,7 @@ def figure(rows: list[dict], config, path: str) -> None:
                label=f'teacher, NFE {ab.teacher_nfe} ({best[0]["sampler"]})')
   ax.axhline(1.0, color='0.7', ls=':', lw=1, label='floor')
   ax.set(xscale='log', yscale='log', xlabel='NFE', ylabel=f'{alib.metric_name(config)} / floor')
-  ax.set_xticks(sorted({int(r['nfe']) for r in rows}))
+  ax.set_xticks(sorted({int(r['nfe']) for r in rows if r['nfe_budget'] != int(ab.teacher_nfe)}))
   ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
   ax.legend(fontsize=7)
   fig.tight_layout()
