@@ -176,8 +176,12 @@ def _train(stage: Stage) -> float:
   return spent
 
 
-def run_plan(plan: list[Stage], config, cache_dir: str) -> list[dict]:
-  """Trains and measures every stage; returns one row per (stage, cell)."""
+def run_plan(plan: list[Stage], config, cache_dir: str, *, report_only: bool = False
+             ) -> list[dict]:
+  """Trains and measures every stage; returns one row per (stage, cell). `report_only`
+  trains and measures nothing: the rows of the cells already measured."""
+  if report_only:
+    return _cached_rows(plan, config)
   _, ab = alib.base_and_ablation(config)
   num = int(ab.num_samples)
   total = sum(s.config.train.num_steps for s in plan)
@@ -211,6 +215,34 @@ def run_plan(plan: list[Stage], config, cache_dir: str) -> list[dict]:
         progress.done(alib.sample_units(nfe, num, stage.config), f'{stage.name} {sampler}@{nfe}')
   finally:
     progress.close()
+  for r in rows:
+    r['train_seconds'] = spent[(r['method'], r['seed'])]
+  return rows
+
+
+def _cached_rows(plan: list[Stage], config) -> list[dict]:
+  """The rows of the trained stages' measured cells (their cached `eval_*.json`)."""
+  metric = alib.metric_name(config)
+  rows, spent = [], collections.defaultdict(float)
+  for stage in plan:
+    seconds = os.path.join(stage.run_dir, 'train_seconds.json')
+    if not (alib.is_trained(stage.run_dir, stage.config) and os.path.exists(seconds)):
+      continue
+    with open(seconds, encoding='utf-8') as f:
+      spent[(stage.method, stage.seed)] += float(json.load(f)['seconds'])
+    setup = None
+    for sampler, nfe, steps, _ in stage.cells:
+      if steps is None:
+        setup = setup or run_config.build(stage.config)
+        steps, _ = alib.steps_for_nfe(sampler, setup, nfe)
+      path = os.path.join(stage.run_dir, f'eval_{sampler}_{steps}.json')
+      if not steps or not os.path.exists(path):
+        continue
+      with open(path, encoding='utf-8') as f:
+        result = json.load(f)
+      rows.append({'method': stage.method, 'seed': stage.seed, 'stage': stage.name,
+                   'sampler': sampler, 'nfe_budget': nfe, **result,
+                   'ratio': result[metric] / result[f'{metric}_floor']})
   for r in rows:
     r['train_seconds'] = spent[(r['method'], r['seed'])]
   return rows
