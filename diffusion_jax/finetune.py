@@ -103,26 +103,37 @@ def _jsonable(v):
   return json.loads(json.dumps(v, default=list))
 
 
+def first_difference(config, other_config, section: str, defaults: dict, skip=()):
+  """`(dotted key, mine, theirs)` of the first key (sorted) of `section` whose value differs
+  between two run configs, an absent key read as `defaults` says (else 'absent'); keys in
+  `skip` are not compared. None when the sections agree."""
+  mine = _flat(config.get(section, {}), f'{section}.')
+  theirs = _flat(other_config.get(section, {}), f'{section}.')
+  for key, value in defaults.items():
+    if key.startswith(section + '.'):
+      mine.setdefault(key, value)
+      theirs.setdefault(key, value)
+  for key in sorted(set(mine) | set(theirs)):
+    if key in skip:
+      continue
+    a = _jsonable(mine[key]) if key in mine else 'absent'
+    b = _jsonable(theirs[key]) if key in theirs else 'absent'
+    if a != b:
+      return key, a, b
+  return None
+
+
 def check_same_network(config, base_config, workdir: str, defaults: dict,
                        compared=COMPARED) -> None:
   """The first key of the `compared` sections (model, process, objective, text) that differs
   from the base run's (`defaults`: dotted key -> what an absent key means) is a one-line
   `ConfigError`."""
   for section in compared:
-    mine = _flat(config.get(section, {}), f'{section}.')
-    theirs = _flat(base_config.get(section, {}), f'{section}.')
-    for key, value in defaults.items():
-      if key.startswith(section + '.'):
-        mine.setdefault(key, value)
-        theirs.setdefault(key, value)
-    for key in sorted(set(mine) | set(theirs)):
-      if key in MAY_DIFFER:
-        continue
-      a = _jsonable(mine[key]) if key in mine else 'absent'
-      b = _jsonable(theirs[key]) if key in theirs else 'absent'
-      if a != b:
-        raise ConfigError(f'config.{key}={a!r} but the base run in {workdir} has {b!r}: an '
-                          f'adapter or fine-tune needs the base\'s own network and process')
+    diff = first_difference(config, base_config, section, defaults, skip=MAY_DIFFER)
+    if diff is not None:
+      key, a, b = diff
+      raise ConfigError(f'config.{key}={a!r} but the base run in {workdir} has {b!r}: an '
+                        f'adapter or fine-tune needs the base\'s own network and process')
 
 
 def build_base(section, config, defaults: dict, compared=COMPARED) -> BaseParts:

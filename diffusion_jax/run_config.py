@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import configuration
+from diffusion_jax import distill
 from diffusion_jax import ema as ema_lib
 from diffusion_jax import evaluation
 from diffusion_jax import finetune
@@ -233,20 +234,6 @@ def section_defaults(model_name: str | None = None) -> dict:
   return out
 
 
-def _for_objective(model, objective):
-  """The network an objective trains: sCM's (kind 'trigflow') carries its learned adaptive
-  weighting `w(tau)` beside it (`distill.trigflow.TimeWeighted`, params {'net', 'weight'});
-  DMD's is a generator and a fake score (`distill.dmd.DMDModel`, {'generator', 'fake'}), both
-  started from the teacher's weights (`run_state.init_state_fn`)."""
-  if objective.kind == 'trigflow':
-    from diffusion_jax.distill import trigflow  # pylint: disable=g-import-not-at-top
-    return trigflow.TimeWeighted(model, time_scale=getattr(model, 'time_scale', 1000.0))
-  if objective.name == 'dmd':      # a generator and a fake score, both the teacher's network
-    from diffusion_jax.distill import dmd  # pylint: disable=g-import-not-at-top
-    return dmd.dmd_model(model)
-  return model
-
-
 def build_model(model_config) -> Any:
   """The Flax module named by `model_config.name` (a `MODELS` key), its fields checked."""
   model_cfg = dict(model_config)
@@ -272,11 +259,10 @@ def build(config: ml_collections.ConfigDict, *, image_shape=None, source=None) -
   process = build_process(config.process)
   teacher = None
   if 'teacher' in config:
-    teacher = teacher_lib.build_teacher(
-        config.teacher, config, section_defaults(config.model.get('name')), _teacher_parts,
-        same_process=config.objective.get('name') not in objectives.ANY_TEACHER_PROCESS)
+    teacher = teacher_lib.build_teacher(config.teacher, config,
+                                        section_defaults(config.model.get('name')), _teacher_parts)
   objective = _build_objective(config.objective, process, teacher)
-  model = _for_objective(build_model(config.model), objective)
+  model = distill.network_for(build_model(config.model), objective)
   if objective.kind in parameterization.FLOW_MAP_KINDS and not getattr(model, 'delta_input',
                                                                          False):
     raise ConfigError(f'config.objective.name={objective.name!r} feeds the network a second '
@@ -344,12 +330,11 @@ def _teacher_parts(run_config):
     process = build_process(run_config.process)
     grand = None
     if 'teacher' in run_config:
-      grand = teacher_lib.build_teacher(
-          run_config.teacher, run_config, section_defaults(run_config.model.get('name')),
-          _teacher_parts,
-          same_process=run_config.objective.get('name') not in objectives.ANY_TEACHER_PROCESS)
+      grand = teacher_lib.build_teacher(run_config.teacher, run_config,
+                                        section_defaults(run_config.model.get('name')),
+                                        _teacher_parts)
     objective = _build_objective(run_config.objective, process, grand)
-    return process, objective, _for_objective(build_model(run_config.model), objective)
+    return process, objective, distill.network_for(build_model(run_config.model), objective)
   except ConfigError as e:
     raise ConfigError(f'config.teacher: the teacher run\'s {e}') from None
 
@@ -464,18 +449,7 @@ def _build_objective(section, process, teacher=None) -> objectives.Objective:
   `teacher` run's denoiser (`teacher.TeacherParts`) as `teacher=`."""
   values = dict(section)
   name = configuration.choice('objective.name', values.pop('name'), objectives.OBJECTIVES)
-  if name in objectives.NEEDS_TEACHER:
-    if teacher is None:
-      raise ConfigError(f'config.objective.name={name!r} distils a trained model: set '
-                        f'config.teacher.workdir to the teacher run')
-    values['teacher'] = teacher.denoiser()
-    if name in objectives.ANY_TEACHER_PROCESS | objectives.TAKES_TEACHER_OBJECTIVE:
-      values['teacher_process'] = teacher.process
-    if name in objectives.TAKES_TEACHER_OBJECTIVE and not teacher.objective.learned_variance:
-      values['fake_objective'] = teacher.objective
-  elif teacher is not None:
-    raise ConfigError(f'config.teacher is set but config.objective.name={name!r} learns from '
-                      f'data alone; distillations are {sorted(objectives.NEEDS_TEACHER)}')
+  values.update(teacher_lib.objective_values(name, teacher))
   try:
     return objectives.make_objective(name, process, **values)
   except (TypeError, ValueError) as e:

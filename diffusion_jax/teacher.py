@@ -84,12 +84,12 @@ class TeacherParts:
     return dataclasses.replace(template, fn=fn, with_variance=None)
 
 
-def build_teacher(section, config, defaults: dict, build_parts, *,
-                  same_process: bool = True) -> TeacherParts:
+def build_teacher(section, config, defaults: dict, build_parts) -> TeacherParts:
   """Validates `config.teacher` against the run's `config`; `build_parts(run_config) ->
   (process, objective, model)` builds the teacher's own pieces (run_config's builders).
   `defaults` (dotted key -> value an absent key means) as for `finetune.check_same_network`.
-  `same_process=False` (`objectives.ANY_TEACHER_PROCESS`) lets the teacher's process differ."""
+  The teacher's process must be the run's unless the run's objective is in
+  `objectives.ANY_TEACHER_PROCESS` (reflow, sCD: they solve the teacher on its own process)."""
   teacher = configuration.from_section(TeacherConfig, 'teacher', section)
   if not teacher.workdir:
     raise ConfigError('config.teacher.workdir is empty: name the trained run to distil from')
@@ -114,27 +114,42 @@ def build_teacher(section, config, defaults: dict, build_parts, *,
     raise ConfigError(f'config.teacher.workdir={teacher.workdir!r} trained {kind_of!r}, a '
                       f'few-step map from noise to data, not a denoiser of the probability-flow '
                       f'ODE: a teacher must be a diffusion or flow model')
-  if same_process:
+  if config.get('objective', {}).get('name') not in objectives.ANY_TEACHER_PROCESS:
     check_same_process(config, run_config, workdir, defaults)
   process, objective, model = build_parts(run_config)
   return TeacherParts(teacher, run_config, workdir, process, objective, model)
 
 
+def objective_values(name: str, parts: TeacherParts | None) -> dict:
+  """The arguments a distillation objective `name` takes from its teacher (`{}` for one that
+  learns from data alone): `teacher`, the teacher's denoiser; `teacher_process` where the
+  objective solves the teacher on its own process (or, for DMD, scores on it); `fake_objective`,
+  the teacher's objective, which DMD's fake score trains with. One-line errors for a
+  distillation without a teacher and a teacher without a distillation."""
+  if name not in objectives.NEEDS_TEACHER:
+    if parts is not None:
+      raise ConfigError(f'config.teacher is set but config.objective.name={name!r} learns from '
+                        f'data alone; distillations are {sorted(objectives.NEEDS_TEACHER)}')
+    return {}
+  if parts is None:
+    raise ConfigError(f'config.objective.name={name!r} distils a trained model: set '
+                      f'config.teacher.workdir to the teacher run')
+  values = {'teacher': parts.denoiser()}
+  if name in objectives.ANY_TEACHER_PROCESS | objectives.TAKES_TEACHER_OBJECTIVE:
+    values['teacher_process'] = parts.process
+  if name in objectives.TAKES_TEACHER_OBJECTIVE and not parts.objective.learned_variance:
+    values['fake_objective'] = parts.objective
+  return values
+
+
 def check_same_process(config, teacher_config, workdir: str, defaults: dict) -> None:
   """The first key of `config.process` that differs from the teacher run's is a one-line
   `ConfigError`: a distillation follows the teacher's own noising process."""
-  mine = finetune._flat(config.get('process', {}), 'process.')   # pylint: disable=protected-access
-  theirs = finetune._flat(teacher_config.get('process', {}), 'process.')  # pylint: disable=protected-access
-  for key, value in defaults.items():
-    if key.startswith('process.'):
-      mine.setdefault(key, value)
-      theirs.setdefault(key, value)
-  for key in sorted(set(mine) | set(theirs)):
-    a = finetune._jsonable(mine[key]) if key in mine else 'absent'   # pylint: disable=protected-access
-    b = finetune._jsonable(theirs[key]) if key in theirs else 'absent'  # pylint: disable=protected-access
-    if a != b:
-      raise ConfigError(f'config.{key}={a!r} but the teacher run in {workdir} has {b!r}: a '
-                        f'distillation needs the teacher\'s own process')
+  diff = finetune.first_difference(config, teacher_config, 'process', defaults)
+  if diff is not None:
+    key, a, b = diff
+    raise ConfigError(f'config.{key}={a!r} but the teacher run in {workdir} has {b!r}: a '
+                      f'distillation needs the teacher\'s own process')
 
 
 # (teacher kind, student kind) whose network outputs mean the same but for the output's
