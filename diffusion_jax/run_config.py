@@ -356,7 +356,7 @@ def _build_adapter(config, model, base, image_shape, condition):
     wrapped = lora_lib.LoraModel(model, cfg)
     x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
-    cond = example_cond(model, 1, condition, image_shape)
+    cond = layers.example_cond(model, 1, condition, image_shape)
     abstract = jax.eval_shape(lambda x, t, c: model.init(jax.random.key(0), x, t, c), x, t, cond)
     lora_lib.lora_targets(abstract['params'], cfg)
   except ConfigError:
@@ -586,27 +586,11 @@ def check_sampler(sample: SampleConfig, process, objective: objectives.Objective
                       f'{str(e).splitlines()[0]}') from None
 
 
-def example_cond(model, batch: int = 1, condition=None, image_shape=None):
-  """A `cond` of the kind `model` takes, for `init`: zeros of an image-derived `condition`'s
-  shape (for images of `image_shape`), `{'tokens': [B, L]}` for a text-conditioned model,
-  labels `[B]` for a class-conditional one, else None; with a second time input
-  (`delta_input`: MeanFlow, shortcut models) a zero `'delta'` beside it."""
-  if condition is not None:
-    return jnp.zeros((batch,) + condition.shape(image_shape), jnp.float32)
-  length = getattr(model, 'context_length', 0)
-  if length:
-    return {'tokens': jnp.zeros((batch, length), jnp.int32)}
-  cond = jnp.zeros((batch,), jnp.int32) if getattr(model, 'num_classes', 0) > 0 else None
-  if getattr(model, 'delta_input', False):
-    cond = layers.with_delta(cond, jnp.zeros((batch,), jnp.float32))
-  return cond
-
-
 def _check_model(model, image_shape, condition=None):
   """Traces `model.init` abstractly (no compile, no allocation) to surface config errors now."""
   x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.float32)
-  cond = example_cond(model, 1, condition, image_shape)
+  cond = layers.example_cond(model, 1, condition, image_shape)
   try:
     jax.eval_shape(lambda x, t, c: model.init(jax.random.key(0), x, t, c), x, t, cond)
   except (ValueError, TypeError) as e:

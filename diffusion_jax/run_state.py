@@ -12,8 +12,8 @@ from diffusion_jax import ema as ema_lib
 from diffusion_jax import finetune
 from diffusion_jax import latent
 from diffusion_jax import parallel
-from diffusion_jax import run_config
 from diffusion_jax import training
+from diffusion_jax.models import layers
 from diffusion_jax.run_config import Setup
 from diffusion_jax.run_config import build
 from diffusion_jax.text import conditioning as text_conditioning
@@ -30,7 +30,7 @@ def init_state_fn(setup: Setup, optimizer, ema_fn):
     k_params, k_state = jax.random.split(key)
     x = jax.numpy.zeros((1,) + tuple(setup.image_shape), jax.numpy.float32)
     t = jax.numpy.zeros((1,), jax.numpy.float32)
-    cond = run_config.example_cond(setup.model, 1, getattr(setup, 'condition', None),
+    cond = layers.example_cond(setup.model, 1, getattr(setup, 'condition', None),
                                    setup.image_shape)
     params = setup.model.init({'params': k_params}, x, t, cond)['params']
     if pretrained is not None and base is None:   # pretrained text weights replace random ones

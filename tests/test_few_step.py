@@ -11,6 +11,7 @@ import pytest
 
 from configs import ablation_few_step
 from diffusion_jax import run_config
+from diffusion_jax.models import layers
 from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.configuration import ConfigError
 from diffusion_jax.distill import dmd
@@ -52,7 +53,7 @@ def test_a_two_time_network_needs_its_delta_input():
                      r"second time .*: set config.model.delta_input=True"):
     run_config.build(c)
   c.model.delta_input = True
-  cond = run_config.example_cond(run_config.build(c).model)
+  cond = layers.example_cond(run_config.build(c).model)
   assert set(cond) == {'delta'} and cond['delta'].shape == (1,)
 
 

@@ -21,6 +21,7 @@ from diffusion_jax import train_loop
 from diffusion_jax import training
 from diffusion_jax.configuration import ConfigError
 from diffusion_jax.data import sources
+from diffusion_jax.models import layers
 from diffusion_jax.models import text as text_models
 from diffusion_jax.models.dit import DiT
 from diffusion_jax.text import conditioning as text_conditioning
@@ -177,7 +178,7 @@ def test_guided_sampling_uses_the_negative_prompt_and_encodes_once():
   model = setup.model
   key = jax.random.key(0)
   x = jnp.zeros((1, 8, 8, 1))
-  params = model.init(key, x, jnp.zeros((1,)), run_config.example_cond(model))['params']
+  params = model.init(key, x, jnp.zeros((1,)), layers.example_cond(model))['params']
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   params = jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, p.shape)
@@ -245,7 +246,7 @@ def _sub_jaxprs(values):
 def test_sampling_a_text_model_needs_prompts():
   setup = _setup()
   params = setup.model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)),
-                            run_config.example_cond(setup.model))['params']
+                            layers.example_cond(setup.model))['params']
   fn = generation.make_sample_fn(setup)
   z = jnp.zeros((2, 8, 8, 1))
   with pytest.raises(ValueError, match='text-conditioned .* needs prompts'):

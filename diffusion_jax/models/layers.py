@@ -124,7 +124,7 @@ def parse_cond(name: str, cond: Any, batch: int, num_classes: int, context_dim: 
   if delta_input:
     if delta is None:
       raise ValueError(f'{name}: delta_input=True needs cond["delta"] of shape [B] = ({batch},) '
-                       f'(layers.with_delta(cond, delta)).')
+                       f'(with_delta(cond, delta)).')
     delta = jnp.asarray(delta)
     if delta.shape not in ((batch,), ()) or not jnp.issubdtype(delta.dtype, jnp.floating):
       raise ValueError(f'{name}: cond["delta"] must be floating of shape [B] = ({batch},) or a '
@@ -270,3 +270,19 @@ class CrossAttention(nn.Module):
     h = attention(q, k, v, mask)                            # [B, T, N, D]
     return nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype,
                            kernel_init=initializers.zeros, name='out')(h)  # [B, T, C]
+
+
+def example_cond(model, batch: int = 1, condition=None, image_shape=None):
+  """A `cond` of the kind `model` takes, for `init`: zeros of an image-derived `condition`'s
+  shape (for images of `image_shape`), `{'tokens': [B, L]}` for a text-conditioned model,
+  labels `[B]` for a class-conditional one, else None; with a second time input
+  (`delta_input`: MeanFlow, shortcut models) a zero `'delta'` beside it."""
+  if condition is not None:
+    return jnp.zeros((batch,) + condition.shape(image_shape), jnp.float32)
+  length = getattr(model, 'context_length', 0)
+  if length:
+    return {'tokens': jnp.zeros((batch, length), jnp.int32)}
+  cond = jnp.zeros((batch,), jnp.int32) if getattr(model, 'num_classes', 0) > 0 else None
+  if getattr(model, 'delta_input', False):
+    cond = with_delta(cond, jnp.zeros((batch,), jnp.float32))
+  return cond
